@@ -1,0 +1,28 @@
+"""RL algorithms in pure torch: advantages, policy losses, KL, the normalisation contract, CP helpers.
+
+Nothing here imports megatron, ray or vllm; process groups are passed in. Start with
+`normalization.py` (the loss-normalisation contract) and `losses.py` (the loss registry).
+"""
+from megatron_rl.algorithms.advantages import ADVANTAGE_ESTIMATORS, compute_advantages, register_advantage_estimator
+from megatron_rl.algorithms.context_parallel import (
+    cp_chunk_ranges,
+    cp_local_positions,
+    gather_from_cp,
+    merge_cp_parts,
+    reduce_sequence_sums,
+    reduce_sequence_sums_differentiable,
+    split_for_cp,
+)
+from megatron_rl.algorithms.kl import KL_ESTIMATORS, kl_estimate
+from megatron_rl.algorithms.losses import (
+    LOSS_REGISTRY,
+    LossSpec,
+    get_loss_spec,
+    policy_loss,
+    policy_loss_share,
+    register_loss,
+)
+from megatron_rl.algorithms.metrics import LossMetrics
+from megatron_rl.algorithms.normalization import AGGREGATIONS, GlobalBatchCounts, token_weights
+
+# --- dynamic sampling / LSPO (owned by the sampling module) ---
