@@ -26,3 +26,21 @@ from megatron_rl.algorithms.metrics import LossMetrics
 from megatron_rl.algorithms.normalization import AGGREGATIONS, GlobalBatchCounts, token_weights
 
 # --- dynamic sampling / LSPO (owned by the sampling module) ---
+from megatron_rl.algorithms.dynamic_sampling import (
+    DynamicSamplingCapWarning,
+    DynamicSamplingConfig,
+    FilledBatch,
+    GroupOutcome,
+    SamplingMetrics,
+    fill_batch,
+    reward_variance_mask,
+    select_round,
+)
+from megatron_rl.algorithms.lspo import LengthQuantiles, LSPOConfig, empirical_quantiles, lspo_keep_mask
+from megatron_rl.algorithms.overlong import (
+    OverlongConfig,
+    apply_overlong_penalty,
+    apply_truncation_mask,
+    soft_overlong_penalty,
+)
+from megatron_rl.algorithms.rank0 import Rank0DecisionError, broadcast_indices, decide_on_rank0, select_on_rank0
