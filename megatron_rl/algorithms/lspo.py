@@ -21,7 +21,7 @@ Quantile definition (`quantile_method`):
 - "inverted_cdf" (default; the paper's Q above): with the n values sorted ascending x_(1) <= ... <= x_(n),
   Q(a) = x_(k) with k = ceil(n * a) (1-based), so Q is always one of the batch's own values. Equivalent to
   `numpy.quantile(x, a, method="inverted_cdf")`. n * a is rounded to 9 decimals before the ceil so that float
-  noise (10 * 0.3 == 3.0000000000000004) does not move the threshold by a whole rank.
+  noise (25 * 0.28 == 7.000000000000001) does not move the threshold by a whole rank.
 - "linear": `torch.quantile(..., interpolation="linear")` (numpy's default), for matching other implementations.
 
 Consequences of the inclusive comparisons, all covered by tests/unit/algorithms/test_lspo_quantiles.py:

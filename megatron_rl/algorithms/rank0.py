@@ -15,6 +15,7 @@ forever on a broadcast that never comes. Without an initialised process group bo
 """
 from __future__ import annotations
 
+import pickle
 import traceback
 from typing import Any, Callable, Sequence
 
@@ -55,7 +56,9 @@ def decide_on_rank0(decide_fn: Callable[..., Any], *args, group=None, src: int =
     error: BaseException | None = None
     if dist.get_rank() == src:
         try:
-            box[0] = ("ok", decide_fn(*args, **kwargs))
+            result = decide_fn(*args, **kwargs)
+            # pickled here, inside the try, so an unpicklable result is reported to the other ranks too
+            box[0] = ("ok", pickle.dumps(result))
         except BaseException as exc:  # noqa: BLE001 - the other ranks must hear about any failure, then we re-raise
             error = exc
             box[0] = ("error", "".join(traceback.format_exception(exc)))
@@ -65,7 +68,7 @@ def decide_on_rank0(decide_fn: Callable[..., Any], *args, group=None, src: int =
         raise error
     if status == "error":
         raise Rank0DecisionError(f"the decision failed on rank {src}; its traceback:\n{value}")
-    return value
+    return result if dist.get_rank() == src else pickle.loads(value)
 
 
 def select_on_rank0(select_fn: Callable[..., Any], *args, group=None, src: int = 0, **kwargs) -> torch.Tensor:

@@ -84,6 +84,13 @@ def _rank_fn():
         except Rank0DecisionError as e:
             errors.append(("Rank0DecisionError", "bad rollout" in str(e) or "rank 0" in str(e)))
     out["errors"] = errors
+    try:  # a result that cannot be pickled fails on rank 0 before the broadcast, not inside it
+        decide_on_rank0(lambda: (lambda: 1))
+        out["unpicklable"] = "no error"
+    except Rank0DecisionError:
+        out["unpicklable"] = "Rank0DecisionError"
+    except Exception as e:  # noqa: BLE001 - rank 0 sees pickle's own error type
+        out["unpicklable"] = "local " + type(e).__name__
 
     # 5. the group still works afterwards (no half-finished collective left behind)
     t = torch.tensor([float(rank)])
@@ -115,8 +122,10 @@ def test_every_rank_ends_with_rank0_selection():
         assert r["sum_after"] == 0.0 + 1.0 + 2.0
 
     assert results[0]["errors"] == [("ValueError", "bad rollout on the deciding rank")] * 2
+    assert results[0]["unpicklable"].startswith("local ")
     for r in results[1:]:
         assert r["errors"] == [("Rank0DecisionError", True)] * 2
+        assert r["unpicklable"] == "Rank0DecisionError"
 
 
 def test_without_a_process_group_the_decision_runs_locally():

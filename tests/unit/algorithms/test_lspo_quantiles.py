@@ -37,7 +37,11 @@ def test_ten_prompts_linear_interpolation():
 
 
 def test_float_noise_does_not_shift_a_rank():
-    # 10 * 0.3 == 3.0000000000000004 in floats; a naive ceil would pick x_(4).
+    # 25 * 0.28 == 7.000000000000001 and 100 * 0.55 == 55.00000000000001 in floats: a naive ceil would pick
+    # x_(8) and x_(56) instead of x_(7) and x_(55).
+    assert empirical_quantiles(torch.arange(1.0, 26.0), [0.28]).item() == 7.0
+    assert empirical_quantiles(torch.arange(1.0, 101.0), [0.55]).item() == 55.0
+    assert kept([float(x) for x in range(1, 26)], LSPOConfig(low_quantile=0.28))[1].low == 7.0
     assert empirical_quantiles(torch.arange(1.0, 11.0), [0.3]).item() == 3.0
     # 20 * 0.95 == 19: L_max first removes something at n = 20 (the single longest prompt).
     keep, q = kept([float(x) for x in range(1, 21)])
