@@ -1,0 +1,40 @@
+"""A small deterministic policy-loss batch shared by the loss tests (unit and distributed).
+
+Rows are 4 prompts x 4 responses. Lengths include an empty response, length-1 and length-2 responses and a
+full-width one; one group has all-equal rewards (so its GRPO advantages are 0). The per-row scale of
+logp - logp_old ranges from 1e-5 to 0.3 so that every loss has both clipped and unclipped sequences/tokens
+(GSPO's eps is 3e-4, LUSPO's 2e-3, the token losses' 0.2); seed 1 gives every loss tokens clipped low,
+clipped high and unclipped (the reference tests assert it, so a changed seed cannot make them vacuous).
+"""
+import torch
+
+from megatron_rl.algorithms import compute_advantages
+
+GROUP_SIZE = 4
+LOG_RATIO_SCALES = (0.1, 1e-5, 0.3, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 0.1, 0.3, 0.3, 1e-5, 0.3, 1e-3, 3e-4, 1e-2)
+
+
+def make_batch(seed: int = 1, rows: int = 16, width: int = 16, dtype=torch.float64) -> dict:
+    """Tensors of one full (single-process) batch: log_probs, old_log_probs, rollout_log_probs, ref_log_probs,
+    entropy, response_mask [rows, width]; rewards, advantages [rows]; token_advantages [rows, width]."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, width + 1, (rows,), generator=g)
+    lengths[:4] = torch.tensor([0, 1, 2, width])  # empty, length-1, length-2, full
+    mask = torch.arange(width)[None, :] < lengths[:, None]
+    log_probs = -torch.rand(rows, width, generator=g, dtype=dtype) * 3 - 0.05
+    scales = torch.tensor(LOG_RATIO_SCALES, dtype=dtype).repeat(rows // len(LOG_RATIO_SCALES) + 1)[:rows]
+    # a per-row drift plus per-token noise, both at the row's scale: sequence ratios then land on both sides of 1.
+    drift = scales * torch.randn(rows, 1, generator=g, dtype=dtype).squeeze(1)
+    old_log_probs = log_probs - drift[:, None] - scales[:, None] * torch.randn(rows, width, generator=g, dtype=dtype)
+    rollout_log_probs = old_log_probs + 0.3 * torch.randn(rows, width, generator=g, dtype=dtype)
+    ref_log_probs = log_probs + 0.2 * torch.randn(rows, width, generator=g, dtype=dtype)
+    entropy = torch.rand(rows, width, generator=g, dtype=dtype) * 2
+    rewards = torch.randint(0, 2, (rows,), generator=g).to(dtype)
+    rewards[4:8] = 1.0  # one group with all-equal rewards
+    advantages = compute_advantages("grpo", rewards, GROUP_SIZE)
+    token_advantages = advantages[:, None] + 0.5 * torch.randn(rows, width, generator=g, dtype=dtype)
+    return dict(
+        log_probs=log_probs, old_log_probs=old_log_probs, rollout_log_probs=rollout_log_probs,
+        ref_log_probs=ref_log_probs, entropy=entropy, response_mask=mask, rewards=rewards,
+        advantages=advantages, token_advantages=token_advantages,
+    )
