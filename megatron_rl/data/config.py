@@ -1,0 +1,76 @@
+"""Settings of a prompt dataset (one typed block of the trainer's config tree)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Layout = Literal["dapo", "simple"]
+OnProblem = Literal["error", "skip"]
+
+
+@dataclass
+class PromptDataConfig:
+    """Where the prompts are and how to read them.
+
+    path: a .parquet, .jsonl or .json file, or a list of them (one format), read with ``datasets``.
+    layout: "dapo" -- the DAPO-Math-17k / AIME-2024 layout: ``prompt`` is a list of chat messages
+      {role, content}, the ground truth is ``reward_model.ground_truth``, optional ``data_source``, ``ability``,
+      ``extra_info`` columns; "simple" -- a text prompt column and an answer column.
+    prompt_key / ground_truth_key: column names; None means the layout's default ("prompt" and
+      "reward_model.ground_truth" for dapo, "prompt" and "answer" for simple). A dotted key reads a struct field.
+    data_source: used when the file has no ``data_source`` column (it selects the verifier of the "default"
+      reward: "synthetic/arithmetic", "synthetic/countdown", anything else is math).
+    max_prompt_len: prompts longer than this many tokens (after the chat template) are an error, or are
+      skipped and reported with on_overlong="skip". None: no limit.
+    on_invalid: rows with a missing/empty prompt or ground truth or a malformed message list: "error" (default,
+      all problems listed) or "skip" (counted and listed in the dataset report and the log).
+    apply_chat_template: render prompts with ``tokenizer.apply_chat_template(..., add_generation_prompt=True)``;
+      False tokenizes the raw text (the simple layout's text, or a dapo prompt's message contents joined).
+    system_prompt: prepended as a system message when the prompt has none.
+    prompt_template: simple layout only; "{prompt}" is replaced by the row's text (other braces are literal,
+      e.g. "{prompt} Put the final answer in \\boxed{}.").
+    max_examples: read only the first N rows (a quick evaluation subset).
+    cache_dir: ``datasets`` cache directory (default: its own).
+    """
+
+    path: str | list[str] = ""
+    layout: Layout = "dapo"
+    prompt_key: str | None = None
+    ground_truth_key: str | None = None
+    data_source: str = ""
+    max_prompt_len: int | None = None
+    on_invalid: OnProblem = "error"
+    on_overlong: OnProblem = "error"
+    apply_chat_template: bool = True
+    system_prompt: str | None = None
+    prompt_template: str = "{prompt}"
+    max_examples: int | None = None
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        if not self.path:
+            raise ValueError("data.path is required: a .parquet/.jsonl/.json file or a list of them")
+        if self.layout not in ("dapo", "simple"):
+            raise ValueError(f"data.layout must be 'dapo' or 'simple', got {self.layout!r}")
+        for name in ("on_invalid", "on_overlong"):
+            if getattr(self, name) not in ("error", "skip"):
+                raise ValueError(f"data.{name} must be 'error' or 'skip', got {getattr(self, name)!r}")
+        if self.max_prompt_len is not None and self.max_prompt_len < 1:
+            raise ValueError(f"data.max_prompt_len must be >= 1 or None, got {self.max_prompt_len}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ValueError(f"data.max_examples must be >= 1 or None, got {self.max_examples}")
+        if "{prompt}" not in self.prompt_template:
+            raise ValueError(f"data.prompt_template must contain '{{prompt}}', got {self.prompt_template!r}")
+        if self.layout == "dapo" and self.prompt_template != "{prompt}":
+            raise ValueError("data.prompt_template applies to the simple layout only; a dapo prompt is already a "
+                             "list of chat messages (use data.system_prompt, or rewrite the file)")
+
+    @property
+    def resolved_prompt_key(self) -> str:
+        return self.prompt_key or "prompt"
+
+    @property
+    def resolved_ground_truth_key(self) -> str:
+        if self.ground_truth_key:
+            return self.ground_truth_key
+        return "reward_model.ground_truth" if self.layout == "dapo" else "answer"

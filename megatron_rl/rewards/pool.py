@@ -1,0 +1,261 @@
+"""A process pool that scores responses with a per-call timeout and never lets one response stall training.
+
+    with RewardPool("math", num_workers=4, timeout_s=10) as pool:
+        scores, metrics = pool.score([RewardItem(response, ground_truth), ...])   # or (response, gt) tuples
+
+Every item gets a score: a reward that raises, returns garbage or times out scores 0.0 and is counted in the
+returned :class:`RewardMetrics` (``reward/num_errors``, ``reward/num_timeouts``) and logged once per call.
+
+Timeouts are enforced twice. In the worker, a soft SIGALRM timeout interrupts any Python-level work after
+``timeout_s`` (see worker.py); here, a worker still busy ``kill_grace_s`` later (stuck in C code, signals blocked)
+is SIGKILLed and replaced. Why processes and not threads: math-verify/sympy hold the GIL and cannot be
+interrupted from another thread, and math-verify's own signal timeouts raise ValueError outside a main thread.
+
+Workers are fresh interpreters (``python -m megatron_rl.rewards.worker``): not forked (forking a trainer that
+holds torch/Ray threads can deadlock) and not multiprocessing "spawn" children (those re-import the caller's main
+script, torch and all, and fail in a script without an ``if __name__ == "__main__"`` guard). They get the parent's
+``sys.path``, ask the kernel to kill them if the parent dies (PR_SET_PDEATHSIG), and are shut down by ``close()``
+(also on ``with`` exit, garbage collection and interpreter exit): no orphans.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from multiprocessing.connection import Connection, wait
+from typing import Any, Callable, Sequence
+
+from megatron_rl.rewards.registry import resolve_reward_fn
+from megatron_rl.rewards.types import RewardItem, RewardMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class RewardPoolError(RuntimeError):
+    """The pool itself cannot work (a worker cannot start): not a per-item reward failure."""
+
+
+class _Worker:
+    """One worker process, its socket and the task it is running (at most one at a time)."""
+
+    def __init__(self, spec: str, fn_kwargs: dict, timeout_s: float):
+        parent_end, child_end = socket.socketpair()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path or os.getcwd() for path in sys.path))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "megatron_rl.rewards.worker", str(child_end.fileno())],
+            pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, env=env,
+        )
+        child_end.close()  # so that the worker's death reads as EOF here
+        self.conn = Connection(parent_end.detach())
+        self.conn.send((spec, fn_kwargs, timeout_s, os.getpid()))
+        self.started_at = time.monotonic()
+        self.ready = False
+        self.task: int | None = None
+        self.assigned_at = math.inf
+        self.deadline = math.inf
+
+    def assign(self, task: int, payload: tuple, hard_timeout_s: float) -> None:
+        self.task, self.assigned_at = task, time.monotonic()
+        self.deadline = self.assigned_at + hard_timeout_s
+        self.conn.send((task, payload))
+
+    def release(self) -> None:
+        self.task, self.assigned_at, self.deadline = None, math.inf, math.inf
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, join_s: float = 2.0) -> None:
+        """Ask an idle worker to exit, kill it if it does not, and reap it."""
+        if self.alive() and self.task is None:
+            try:
+                self.conn.send(None)
+                self.process.wait(join_s)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+
+    def kill(self) -> None:
+        if self.alive():
+            self.process.kill()
+        self.process.wait()
+        self.conn.close()
+
+
+def _kill_processes(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+class RewardPool:
+    """Score (response, ground truth) pairs in ``num_workers`` processes with a per-call timeout.
+
+    reward_fn: a built-in name ("default", "math", "format", "arithmetic", "countdown"), an import path
+      "package.module:function", or a module-level function; validated here, before any worker starts.
+    fn_kwargs: options bound to every call (e.g. {"extraction": "lenient"} for "math").
+    timeout_s: per-call soft timeout; kill_grace_s: extra time before a stuck worker is killed and replaced.
+    startup_timeout_s: a worker that is not ready after this long is a RewardPoolError (broken environment).
+    """
+
+    def __init__(
+        self,
+        reward_fn: str | Callable[..., Any] = "default",
+        num_workers: int = 2,
+        timeout_s: float = 10.0,
+        *,
+        fn_kwargs: dict[str, Any] | None = None,
+        kill_grace_s: float = 1.0,
+        startup_timeout_s: float = 120.0,
+    ):
+        if num_workers < 1:
+            raise ValueError(f"reward num_workers must be >= 1, got {num_workers}")
+        if not timeout_s > 0:
+            raise ValueError(f"reward timeout_s must be > 0, got {timeout_s}")
+        if kill_grace_s < 0:
+            raise ValueError(f"reward kill_grace_s must be >= 0, got {kill_grace_s}")
+        self.reward = resolve_reward_fn(reward_fn, fn_kwargs)
+        self.num_workers = num_workers
+        self.timeout_s = float(timeout_s)
+        self.kill_grace_s = float(kill_grace_s)
+        self.startup_timeout_s = float(startup_timeout_s)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._processes: list = []  # every process ever started; the finalizer kills the live ones
+        self._finalizer = weakref.finalize(self, _kill_processes, self._processes)
+        self._workers = [self._start_worker() for _ in range(num_workers)]
+
+    def _start_worker(self) -> _Worker:
+        worker = _Worker(self.reward.spec, self.reward.fn_kwargs, self.timeout_s)
+        self._processes[:] = [p for p in self._processes if p.poll() is None] + [worker.process]
+        return worker
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [worker.process.pid for worker in self._workers]
+
+    def score(self, items: Sequence[RewardItem | tuple[str, str]]) -> tuple[list[float], RewardMetrics]:
+        """Scores in the order of ``items`` and the metrics of this call. Never raises for a bad response."""
+        payloads = [_payload(index, item) for index, item in enumerate(items)]
+        with self._lock:
+            if self._closed:
+                raise RewardPoolError("RewardPool.score called after close()")
+            started = time.perf_counter()
+            scores, metrics = self._run(payloads)
+            metrics.wall_s = time.perf_counter() - started
+        if metrics.num_timeouts or metrics.num_errors:
+            logger.warning(
+                "reward %s: %d of %d calls timed out and %d failed (scored 0); first: %s",
+                self.reward.spec, metrics.num_timeouts, metrics.num_items, metrics.num_errors,
+                metrics.problem_examples[0] if metrics.problem_examples else "",
+            )
+        return scores, metrics
+
+    def _run(self, payloads: list[tuple]) -> tuple[list[float], RewardMetrics]:
+        metrics = RewardMetrics(num_items=len(payloads))
+        scores = [0.0] * len(payloads)
+        pending = deque(range(len(payloads)))
+        remaining = len(payloads)
+
+        def finish(worker: _Worker, status: str, score: float, message: str, seconds: float) -> None:
+            nonlocal remaining
+            task = worker.task
+            worker.release()
+            remaining -= 1
+            metrics.max_call_s = max(metrics.max_call_s, seconds)
+            if status == "ok":
+                scores[task] = score
+                metrics.score_sum += score
+                return
+            if status == "timeout":
+                metrics.num_timeouts += 1
+            else:
+                metrics.num_errors += 1
+            metrics.record_problem(f"item {task} ({status}): {message}; response starts "
+                                   f"{payloads[task][0][:80]!r}")
+
+        while remaining:
+            for worker in self._workers:
+                if worker.ready and worker.task is None and pending:
+                    task = pending.popleft()
+                    worker.assign(task, payloads[task], self.timeout_s + self.kill_grace_s)
+            waiting = [w for w in self._workers if not w.ready or w.task is not None]
+            deadline = min([w.deadline for w in waiting] +
+                           [w.started_at + self.startup_timeout_s for w in waiting if not w.ready])
+            for conn in wait([w.conn for w in waiting], timeout=max(0.0, deadline - time.monotonic())):
+                worker = next(w for w in self._workers if w.conn is conn)
+                try:
+                    message = conn.recv()
+                except (EOFError, OSError):
+                    self._on_worker_death(worker, metrics, finish)
+                    continue
+                if message[0] == "ready":
+                    worker.ready = True
+                elif message[0] == "init_error":
+                    raise RewardPoolError(f"reward worker could not load {self.reward.spec!r}:\n{message[1]}")
+                else:
+                    task, status, score, text, seconds = message
+                    assert task == worker.task, f"reward worker answered task {task}, expected {worker.task}"
+                    finish(worker, status, score, text, seconds)
+            now = time.monotonic()
+            for worker in list(self._workers):
+                if worker.task is not None and now >= worker.deadline:
+                    self._replace(worker, metrics)
+                    finish(worker, "timeout", 0.0, f"still running {now - worker.assigned_at:.1f}s after start "
+                           f"(timeout_s + kill_grace_s): worker killed and replaced", now - worker.assigned_at)
+                elif not worker.ready and now - worker.started_at > self.startup_timeout_s:
+                    raise RewardPoolError(f"a reward worker for {self.reward.spec!r} was not ready after "
+                                          f"{self.startup_timeout_s:g}s (startup_timeout_s)")
+        return scores, metrics
+
+    def _on_worker_death(self, worker: _Worker, metrics: RewardMetrics, finish) -> None:
+        if worker.task is None:
+            worker.kill()
+            raise RewardPoolError(f"a reward worker for {self.reward.spec!r} exited during start-up "
+                                  f"(exit code {worker.process.returncode}); see its stderr above")
+        self._replace(worker, metrics)
+        finish(worker, "error", 0.0, f"worker process died (exit code {worker.process.returncode})",
+               time.monotonic() - worker.assigned_at)
+
+    def _replace(self, worker: _Worker, metrics: RewardMetrics) -> None:
+        worker.kill()
+        metrics.num_worker_restarts += 1
+        self._workers[self._workers.index(worker)] = self._start_worker()
+
+    def close(self) -> None:
+        """Stop every worker (graceful, then SIGKILL) and reap it. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for worker in self._workers:
+                worker.stop()
+            self._finalizer()
+
+    def __enter__(self) -> RewardPool:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _payload(index: int, item: RewardItem | tuple[str, str]) -> tuple:
+    """(response, ground_truth, data_source, extra_info), checked here so a data bug fails loudly and early."""
+    if isinstance(item, tuple):
+        if len(item) != 2:
+            raise TypeError(f"reward item {index}: a tuple must be (response, ground_truth), got {len(item)} fields")
+        item = RewardItem(*item)
+    if not isinstance(item, RewardItem):
+        raise TypeError(f"reward item {index}: expected RewardItem or (response, ground_truth), got {type(item).__name__}")
+    if not isinstance(item.response, str) or not isinstance(item.ground_truth, str):
+        raise TypeError(f"reward item {index}: response and ground_truth must be str, got "
+                        f"{type(item.response).__name__} and {type(item.ground_truth).__name__}")
+    return item.response, item.ground_truth, item.data_source, item.extra_info
