@@ -1,0 +1,114 @@
+"""The parallel layout of a Megatron world (TP x PP x CP x DP for dense parts, ETP x EP x EDP for experts) and
+its validation against a world size and a model architecture.
+
+Everything here is arithmetic: it runs before any process group or model exists, so a layout that cannot work
+fails in milliseconds with a message naming the setting to change.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_rl.models.qwen_arch import QwenArch
+
+
+class ParallelLayoutError(ValueError):
+    """A parallel layout that does not fit the world size or the model (the message names the setting)."""
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """tp: tensor parallel; pp: pipeline parallel; cp: context parallel; ep: expert parallel;
+    etp: tensor parallel inside each expert (1 is the usual choice for fine-grained MoE such as Qwen3-MoE);
+    vpp: virtual pipeline stages per rank (interleaved 1F1B) or None;
+    sequence_parallel: None = on exactly when tp > 1 (Megatron requires it for MoE with TP)."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    etp: int = 1
+    vpp: int | None = None
+    sequence_parallel: bool | None = None
+
+    def __post_init__(self):
+        for name in ("tp", "pp", "cp", "ep", "etp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ParallelLayoutError(f"parallel.{name} must be a positive integer, got {value!r}")
+        if self.vpp is not None and (not isinstance(self.vpp, int) or self.vpp < 1):
+            raise ParallelLayoutError(f"parallel.vpp must be a positive integer or null, got {self.vpp!r}")
+        if self.vpp is not None and self.vpp > 1 and self.pp == 1:
+            raise ParallelLayoutError("parallel.vpp > 1 needs parallel.pp > 1 (virtual stages interleave pipeline stages)")
+        if self.sequence_parallel and self.tp == 1:
+            raise ParallelLayoutError("parallel.sequence_parallel=true needs parallel.tp > 1")
+
+    @property
+    def use_sequence_parallel(self) -> bool:
+        return self.tp > 1 if self.sequence_parallel is None else bool(self.sequence_parallel)
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks spanned by one replica of the dense part: TP x PP x CP."""
+        return self.tp * self.pp * self.cp
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """DP size for `world_size`, after checking both the dense and the expert decompositions divide it."""
+        if world_size % self.model_parallel_size:
+            raise ParallelLayoutError(
+                f"world size {world_size} is not divisible by tp*pp*cp = {self.tp}*{self.pp}*{self.cp} = "
+                f"{self.model_parallel_size}; change the number of GPUs/ranks or the parallel sizes"
+            )
+        expert_span = self.etp * self.ep * self.pp
+        if world_size % expert_span:
+            raise ParallelLayoutError(
+                f"world size {world_size} is not divisible by etp*ep*pp = {self.etp}*{self.ep}*{self.pp} = "
+                f"{expert_span}; change parallel.ep / parallel.etp"
+            )
+        dp = world_size // self.model_parallel_size
+        return dp
+
+    def validate_for_arch(self, arch: QwenArch) -> None:
+        """Check every size the model's shapes impose; raise naming the first that does not divide."""
+
+        def need(cond: bool, msg: str):
+            if not cond:
+                raise ParallelLayoutError(msg)
+
+        need(arch.num_attention_heads % self.tp == 0,
+             f"parallel.tp={self.tp} does not divide num_attention_heads={arch.num_attention_heads}")
+        need(arch.num_kv_heads % self.tp == 0,
+             f"parallel.tp={self.tp} does not divide num_key_value_heads (query groups)={arch.num_kv_heads}")
+        need(arch.ffn_hidden_size % self.tp == 0,
+             f"parallel.tp={self.tp} does not divide intermediate_size={arch.ffn_hidden_size}")
+        need(arch.vocab_size % self.tp == 0,
+             f"parallel.tp={self.tp} does not divide vocab_size={arch.vocab_size} (vocab-parallel embedding)")
+        stages = self.pp * (self.vpp or 1)
+        need(arch.num_layers % stages == 0,
+             f"pipeline stages pp*vpp={stages} do not divide num_hidden_layers={arch.num_layers}")
+        need(arch.num_layers // stages >= 1, "more pipeline stages than layers")
+        if arch.moe is None:
+            need(self.ep == 1, f"parallel.ep={self.ep} needs a MoE model; {arch.model_type} has no experts")
+            need(self.etp == 1, f"parallel.etp={self.etp} needs a MoE model; {arch.model_type} has no experts")
+        else:
+            need(arch.moe.num_experts % self.ep == 0,
+                 f"parallel.ep={self.ep} does not divide num_experts={arch.moe.num_experts}")
+            need(arch.moe.expert_ffn_hidden_size % self.etp == 0,
+                 f"parallel.etp={self.etp} does not divide moe_intermediate_size={arch.moe.expert_ffn_hidden_size}")
+
+    def validate(self, world_size: int, arch: QwenArch | None = None) -> int:
+        """Validate against the world (and the model when given); return the data-parallel size."""
+        dp = self.data_parallel_size(world_size)
+        if arch is not None:
+            self.validate_for_arch(arch)
+        return dp
+
+    def describe(self, world_size: int) -> str:
+        dp = self.data_parallel_size(world_size)
+        parts = [f"TP={self.tp}", f"PP={self.pp}", f"CP={self.cp}", f"DP={dp}"]
+        if self.ep > 1 or self.etp > 1:
+            parts += [f"EP={self.ep}", f"ETP={self.etp}"]
+        if self.vpp:
+            parts.append(f"VPP={self.vpp}")
+        if self.use_sequence_parallel:
+            parts.append("SP")
+        return " x ".join(parts[:4]) + ("" if len(parts) == 4 else ", " + ", ".join(parts[4:]))
