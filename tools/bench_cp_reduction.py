@@ -114,7 +114,8 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
+    python, cores = platform.python_version(), os.cpu_count()
+    return f"{platform.node()}: {cpu}, {cores} cores, Python {python}, torch {torch.__version__}"
 
 
 def main(argv=None) -> None:

@@ -202,9 +202,10 @@ def policy_loss_share(
         # Padding may hold garbage (even NaN); zero it before any arithmetic so it cannot reach values or grads.
         return torch.where(mask, x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
 
-    logp, old = valid(log_probs), valid(old_log_probs)
+    # old/rollout/reference log-probs and advantages are data: no gradient flows into them.
+    logp, old = valid(log_probs), valid(old_log_probs.detach())
     log_ratio = logp - old
-    adv = advantages.to(dtype)
+    adv = advantages.detach().to(dtype)
     adv = valid(adv[:, None].expand_as(logp) if adv.dim() == 1 else adv)
     m = mask.to(dtype)
 
@@ -225,14 +226,14 @@ def policy_loss_share(
 
     metrics = LossMetrics()
     if rollout_log_probs is not None:
-        rollout = valid(rollout_log_probs)
+        rollout = valid(rollout_log_probs.detach())
         metrics.add("rollout_kl", (kl_estimate(rollout, old, "k3") * m).sum(), m.sum())
         if tis_cap is not None:
             tis_weight = torch.exp((old - rollout).clamp(max=_LOG_RATIO_CLAMP)).clamp(max=tis_cap)
             per_token = per_token * tis_weight
             metrics.add("tis_weight_mean", (tis_weight * m).sum(), m.sum())
     if ref_log_probs is not None:
-        kl = kl_estimate(logp, valid(ref_log_probs), kl_estimator)
+        kl = kl_estimate(logp, valid(ref_log_probs.detach()), kl_estimator)
         metrics.add("kl", (kl.detach() * m).sum(), m.sum())
         if kl_coef > 0:
             per_token = per_token + kl_coef * kl

@@ -275,3 +275,17 @@ def test_float32_inputs_compute_in_float32_and_match_float64():
         assert loss32.dtype == torch.float32
         # float32 rounding of the inputs and the sums (~1e-7 relative per term over ~100 terms)
         torch.testing.assert_close(loss32.double(), loss64, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_flows_only_into_log_probs_and_entropy():
+    b = make_batch()
+    leaves = {k: b[k].clone().requires_grad_() for k in ("log_probs", "old_log_probs", "advantages",
+                                                          "ref_log_probs", "rollout_log_probs", "entropy")}
+    loss, _ = policy_loss("dapo", leaves["log_probs"], leaves["old_log_probs"], leaves["advantages"],
+                          b["response_mask"], kl_coef=0.1, ref_log_probs=leaves["ref_log_probs"], tis_cap=2.0,
+                          rollout_log_probs=leaves["rollout_log_probs"], entropy_coef=0.01,
+                          entropy=leaves["entropy"])
+    loss.backward()
+    assert leaves["log_probs"].grad is not None and leaves["entropy"].grad is not None
+    for data in ("old_log_probs", "advantages", "ref_log_probs", "rollout_log_probs"):
+        assert leaves[data].grad is None, data

@@ -1,6 +1,5 @@
 """Bad input to the losses gives a clear error naming the field (and the fix), before any computation."""
 import pytest
-import torch
 
 from megatron_rl.algorithms import GlobalBatchCounts, policy_loss, policy_loss_share
 from tests.unit.algorithms.loss_batches import make_batch
