@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from megatron_rl.data.synthetic.arithmetic import arithmetic_reward
 from megatron_rl.data.synthetic.countdown import countdown_reward
-from megatron_rl.rewards.math_reward import math_reward
+from megatron_rl.rewards.math_reward import math_reward, warm_up
 
 VERIFIERS_BY_DATA_SOURCE = {
     "synthetic/arithmetic": arithmetic_reward,
@@ -20,3 +20,6 @@ def default_reward(response: str, ground_truth: str, data_source: str = "") -> f
     if verifier is not None:
         return verifier(response, ground_truth)
     return math_reward(response, ground_truth)
+
+
+default_reward.warmup = warm_up

@@ -105,6 +105,15 @@ def _lenient_match(tail: str, ground_truth: str) -> bool:
     return bool(predicted and gold and verify(list(gold), predicted, timeout_seconds=None))
 
 
+def warm_up() -> None:
+    """Import math-verify/sympy and fill their lazy caches (~0.3 s) so that the first timed call does not pay it.
+    Reward workers call a reward function's ``warmup`` attribute once before taking work."""
+    is_equivalent("\\frac{1}{2}", "0.5")
+
+
+math_reward.warmup = warm_up
+
+
 def format_reward(response: str, ground_truth: str) -> float:
     """1.0 when the response states a final answer in the boxed or "Answer:" format, else 0.0 (ignores
     correctness; ``ground_truth`` is accepted so that it has the reward-function signature)."""

@@ -9,6 +9,9 @@ named either by a built-in name (``BUILTIN_REWARDS``) or by ``"package.module:fu
 from the config (``fn_kwargs``) are bound as keyword arguments. It must return a finite number (bool counts);
 anything else is a reward error (scored 0 and counted, see RewardPool).
 
+A function may carry a ``warmup`` attribute: a no-argument callable each worker runs once at start-up, outside
+the timeout (the math reward uses it to load sympy, so the first timed call does not pay ~0.3 s of imports).
+
 Functions run in separate worker processes that import them again by path, so they must live in an importable
 module: not in ``__main__``, not a lambda or a nested function.
 """
@@ -126,14 +129,15 @@ def resolve_reward_fn(spec: str | Callable[..., Any], fn_kwargs: dict[str, Any] 
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # some builtins have no inspectable signature: trust them
         return RewardFunction(spec=path, fn=fn, fn_kwargs=fn_kwargs)
+    passed_fields = _accepted_fields(signature)
     try:
-        signature.bind("response", "ground_truth", **fn_kwargs)
+        signature.bind("response", "ground_truth", **dict.fromkeys(passed_fields), **fn_kwargs)
     except TypeError as error:
         raise RewardFunctionError(
             f"reward function {spec!r} has signature {fn.__name__}{signature}, which cannot be called as "
             f"fn(response, ground_truth{''.join(f', {k}=...' for k in fn_kwargs)}) ({error}); expected {_EXPECTED}"
         ) from error
-    return RewardFunction(spec=path, fn=fn, fn_kwargs=fn_kwargs, passed_fields=_accepted_fields(signature))
+    return RewardFunction(spec=path, fn=fn, fn_kwargs=fn_kwargs, passed_fields=passed_fields)
 
 
 def _accepted_fields(signature: inspect.Signature) -> tuple[str, ...]:

@@ -84,6 +84,9 @@ def worker_main(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then closes the pool
     try:
         reward = resolve_reward_fn(spec, fn_kwargs)
+        warmup = getattr(reward.fn, "warmup", None)
+        if callable(warmup):
+            warmup()
     except BaseException:  # noqa: BLE001
         conn.send(("init_error", traceback.format_exc()))
         return
