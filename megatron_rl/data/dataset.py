@@ -46,9 +46,7 @@ class DataReport:
     skipped: list[RowIssue] = field(default_factory=list)
 
     def summary(self) -> str:
-        reasons = Counter(issue.reason if "longer than" not in issue.reason else "prompt too long"
-                          for issue in self.skipped)
-        counts = ", ".join(f"{n} x {reason}" for reason, n in reasons.most_common())
+        counts = ", ".join(f"{n} {kind}" for kind, n in sorted(Counter(i.kind for i in self.skipped).items()))
         return (f"{self.path}: kept {self.num_examples} of {self.num_rows} rows"
                 + (f"; skipped {len(self.skipped)} ({counts}): {list_issues(self.skipped)}" if self.skipped else ""))
 
@@ -93,7 +91,7 @@ def build_prompt_dataset(config: PromptDataConfig, tokenizer: Any) -> PromptData
     texts = [render_prompt(tokenizer, r.messages, config.apply_chat_template) for r in records]
     token_ids = tokenize_prompts(tokenizer, texts, config.apply_chat_template)
     overlong = [RowIssue(r.row, config.resolved_prompt_key, f"prompt is {len(ids)} tokens, longer than "
-                         f"data.max_prompt_len={config.max_prompt_len}")
+                         f"data.max_prompt_len={config.max_prompt_len}", kind="overlong")
                 for r, ids in zip(records, token_ids)
                 if config.max_prompt_len is not None and len(ids) > config.max_prompt_len]
     _apply_policy(overlong, config.on_overlong, "data.on_overlong", "over-long prompts", where)

@@ -13,11 +13,13 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class RowIssue:
-    """Row ``row`` (0-based, in file order) cannot be used because of ``column``: ``reason``."""
+    """Row ``row`` (0-based, in file order) cannot be used because of ``column``: ``reason``.
+    kind: "invalid" (malformed/missing/empty) or "overlong" (prompt longer than data.max_prompt_len)."""
 
     row: int
     column: str
     reason: str
+    kind: str = "invalid"
 
     def __str__(self) -> str:
         return f"row {self.row}, column {self.column!r}: {self.reason}"
