@@ -31,6 +31,7 @@ class HFCheckpointReader:
 
     def __init__(self, hf_dir: str | os.PathLike):
         self.dir = os.fspath(hf_dir)
+        self._handles: dict[str, object] = {}
         index_path = os.path.join(self.dir, INDEX_FILE)
         single_path = os.path.join(self.dir, SINGLE_FILE)
         if os.path.isfile(index_path):
@@ -40,14 +41,13 @@ class HFCheckpointReader:
                 raise CheckpointError(f"{index_path} has no 'weight_map'")
             self._file_of = dict(weight_map)
         elif os.path.isfile(single_path):
-            with safe_open(single_path, "pt") as f:
-                self._file_of = {name: SINGLE_FILE for name in f.keys()}
+            self._file_of = {}
+            self._file_of = {name: SINGLE_FILE for name in self._handle(SINGLE_FILE).keys()}
         else:
             raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {self.dir}: not a safetensors HF checkpoint")
         missing_files = sorted({fn for fn in self._file_of.values() if not os.path.isfile(os.path.join(self.dir, fn))})
         if missing_files:
             raise CheckpointError(f"{self.dir}: shard file(s) listed in the index are missing: {missing_files}")
-        self._handles: dict[str, object] = {}
 
     def names(self) -> list[str]:
         return list(self._file_of)
