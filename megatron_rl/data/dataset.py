@@ -64,6 +64,9 @@ class PromptDataset:
     def __getitem__(self, index: int) -> PromptExample:
         return self.examples[index]
 
+    def __iter__(self):
+        return iter(self.examples)
+
     def select(self, indices: list[int]) -> list[PromptExample]:
         return [self.examples[i] for i in indices]
 

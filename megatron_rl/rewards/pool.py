@@ -147,9 +147,13 @@ class RewardPool:
         payloads = [_payload(index, item) for index, item in enumerate(items)]
         with self._lock:
             if self._closed:
-                raise RewardPoolError("RewardPool.score called after close()")
+                raise RewardPoolError("RewardPool.score called after close() or after a RewardPoolError")
             started = time.perf_counter()
-            scores, metrics = self._run(payloads)
+            try:
+                scores, metrics = self._run(payloads)
+            except BaseException:  # a broken pool, or Ctrl-C mid-batch: tasks are in flight, stop everything
+                self._shutdown()
+                raise
             metrics.wall_s = time.perf_counter() - started
         if metrics.num_timeouts or metrics.num_errors:
             logger.warning(
@@ -183,10 +187,18 @@ class RewardPool:
                                    f"{payloads[task][0][:80]!r}")
 
         while remaining:
-            for worker in self._workers:
+            for worker in list(self._workers):
                 if worker.ready and worker.task is None and pending:
+                    if not worker.alive():  # died while idle (OOM killer, ...): nothing of ours was lost
+                        self._replace(worker, metrics)
+                        continue
                     task = pending.popleft()
-                    worker.assign(task, payloads[task], self.timeout_s + self.kill_grace_s)
+                    try:
+                        worker.assign(task, payloads[task], self.timeout_s + self.kill_grace_s)
+                    except OSError:  # died just now: the task never reached it
+                        worker.release()
+                        pending.appendleft(task)
+                        self._replace(worker, metrics)
             waiting = [w for w in self._workers if not w.ready or w.task is not None]
             deadline = min([w.deadline for w in waiting] +
                            [w.started_at + self.startup_timeout_s for w in waiting if not w.ready])
@@ -233,12 +245,15 @@ class RewardPool:
     def close(self) -> None:
         """Stop every worker (graceful, then SIGKILL) and reap it. Idempotent."""
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            for worker in self._workers:
-                worker.stop()
-            self._finalizer()
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for worker in self._workers:
+            worker.stop()
+        self._finalizer()
 
     def __enter__(self) -> RewardPool:
         return self

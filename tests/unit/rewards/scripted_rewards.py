@@ -54,3 +54,14 @@ def one_argument_reward(response):
 
 
 not_a_function = 42
+
+
+def reward_with_broken_warmup(response, ground_truth):
+    return 0.0
+
+
+def _broken_warmup():
+    raise OSError("model file for the reward is missing")
+
+
+reward_with_broken_warmup.warmup = _broken_warmup

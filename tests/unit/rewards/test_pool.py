@@ -70,6 +70,28 @@ def test_pool_keeps_working_after_failures_and_keeps_order(pool):
     assert metrics.num_timeouts == metrics.num_errors == metrics.num_worker_restarts == 0
 
 
+def test_a_worker_killed_while_idle_is_replaced_without_losing_items(pool):
+    victim = pool.worker_pids[0]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _running(victim) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    scores, metrics = pool.score([("Answer: 2", "2"), ("Answer: 3", "2"), ("Answer: 4", "4")])
+    assert scores == [1.0, 0.0, 1.0]
+    assert metrics.num_worker_restarts == 1 and metrics.num_errors == 0 and metrics.num_timeouts == 0
+    assert victim not in pool.worker_pids
+
+
+def test_a_worker_that_cannot_start_is_a_pool_error_and_the_pool_closes():
+    broken = RewardPool("tests.unit.rewards.scripted_rewards:reward_with_broken_warmup", num_workers=1)
+    pids = broken.worker_pids
+    with pytest.raises(RewardPoolError, match="(?s)could not load.*model file for the reward is missing"):
+        broken.score([("a", "b")])
+    assert not any(_running(pid) for pid in pids)
+    with pytest.raises(RewardPoolError, match="after close"):
+        broken.score([("a", "b")])
+
+
 def test_empty_batch(pool):
     scores, metrics = pool.score([])
     assert scores == [] and metrics.num_items == 0
