@@ -24,6 +24,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
 BUILTIN_REWARDS: dict[str, str] = {
     "default": "megatron_rl.rewards.default:default_reward",
     "math": "megatron_rl.rewards.math_reward:math_reward",
@@ -151,7 +153,7 @@ def _accepted_fields(signature: inspect.Signature) -> tuple[str, ...]:
 
 def check_score(value: Any) -> float:
     """The reward value as a float; a ValueError for anything that is not a finite real number."""
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         return float(value)
     if isinstance(value, numbers.Real):
         score = float(value)

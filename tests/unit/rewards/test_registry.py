@@ -69,7 +69,7 @@ def test_options_are_bound():
 
 
 @pytest.mark.parametrize("value, expected", [(1, 1.0), (True, 1.0), (0.25, 0.25), (np.float32(0.5), 0.5),
-                                             (np.int64(2), 2.0)])
+                                             (np.int64(2), 2.0), (np.bool_(True), 1.0)])
 def test_check_score_accepts_real_numbers(value, expected):
     assert check_score(value) == expected
 
