@@ -39,7 +39,13 @@ class Completion:
     """One sampled response to one prompt.
 
     prompt_index: position of the prompt in the request list; sample_index: 0..n-1 within that prompt.
-    logprobs[t] is the sampling policy's log-probability of token_ids[t] (same length as token_ids).
+    logprobs[t] is the sampling policy's log-probability of token_ids[t] (same length as token_ids); what "the
+    sampling policy" means is the engine's `logprobs_mode` (see megatron_rl/rollout/config.py: by default after
+    temperature / top-k / top-p).
+    finish_reason: "stop" (an end-of-sequence token or a stop string; the stop tokens are in token_ids),
+    "length" (max_tokens reached) or "abort".
+    engine_id: the engine that produced it; timings: seconds, e.g. "engine_generate_s" (the wall time of the engine
+    call that produced it, shared by that call's batch) and "pool_generate_s" (the whole pool call).
     """
 
     prompt_index: int
@@ -56,3 +62,32 @@ class Completion:
     def truncated(self) -> bool:
         """True when generation hit max_tokens instead of a stop token."""
         return self.finish_reason == "length"
+
+
+@dataclass
+class WeightSyncStats:
+    """What one `RolloutPool.update_weights` call moved and how long it took.
+
+    seconds: wall time of the whole call, including pulling the buckets from the caller's iterator (so the
+        trainer's export is in it when the iterator is `export_hf_weights`); num_bytes: sum of the tensors' sizes,
+        sent once into the transport whatever the number of engines; engine_seconds: each engine's time from the
+        start of its update to its finish (receive + load + finalize + prefix-cache reset).
+    """
+
+    version: int
+    num_buckets: int
+    num_tensors: int
+    num_bytes: int
+    seconds: float
+    engine_seconds: dict[int, float] = field(default_factory=dict)
+    restarted_engines: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PoolStats:
+    """Health counters of a rollout pool since it started."""
+
+    restarts: int = 0  # engines replaced (died, hung or failed to answer)
+    timeouts: int = 0  # shares of a generate call that exceeded request_timeout_s
+    engine_failures: int = 0  # engine deaths / engine-core crashes seen
+    reissued_shares: int = 0  # shares of prompts sent again after a failure

@@ -1,0 +1,164 @@
+"""Settings of the rollout pool: the vLLM settings of one engine, and the pool of engines around them.
+
+`EngineConfig.llm_kwargs()` and `EngineConfig.process_env()` are the single source of an engine's settings: the pool's
+engines and the benchmark's bare `vllm.LLM` baseline both use them, so a comparison between the two is like for like.
+
+Log-prob semantics (`EngineConfig.logprobs_mode`, passed to vLLM as `logprobs_mode`, see vLLM's
+`ModelConfig.logprobs_mode` docstring):
+- "processed_logprobs" (our default): log-probabilities of the distribution the token was actually sampled from,
+  i.e. after temperature, top-k and top-p (the truncated distribution renormalised). With top_p=1 and top_k=-1 this is
+  exactly log_softmax(logits / T), which is what the Megatron actor recomputes at temperature T, so the two can be
+  compared token by token (the mismatch metric, `megatron_rl.rollout.mismatch`). With top-k/top-p truncation the
+  rollout log-probs are those of the truncated policy (>= the actor's untruncated ones).
+- "raw_logprobs" (vLLM's own default): log_softmax(logits), before temperature and truncation. Comparable with the
+  actor only when it recomputes at T = 1.
+For greedy sampling (temperature 0) both modes give log_softmax(logits).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
+DEVICES = ("cpu", "gpu")
+# The worker extension that gives every vLLM worker the weight-sync methods (importable by name in the worker).
+WORKER_EXTENSION = "megatron_rl.rollout.worker_extension.WeightSyncExtension"
+
+
+def _fail(field_name: str, problem: str, fix: str) -> None:
+    raise ValueError(f"{field_name}: {problem}; {fix}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """One vLLM engine (one Ray actor; on GPU it owns `tensor_parallel_size` GPUs).
+
+    model: HF folder the engine starts from (weights, config, tokenizer); later weights arrive by weight sync.
+    dtype: vLLM dtype ("auto", "float32", "bfloat16", ...). Use "float32" for the tiny test models: fp32 log-probs
+        match transformers to ~1e-5.
+    cpu_kv_cache_gib: CPU only, KV-cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE). Set it explicitly: vLLM
+        otherwise sizes it from the machine's memory. 1 GiB is plenty for tiny models.
+    gpu_memory_utilization: GPU only, the fraction of GPU memory vLLM may use (weights + KV cache).
+    cpus_per_engine: Ray CPU resources reserved for each engine (CPU device: also its torch threads).
+    env: extra environment variables for the engine process (e.g. VLLM_CPU_OMP_THREADS_BIND).
+    engine_kwargs: extra keyword arguments for `vllm.LLM` (an escape hatch; they override ours).
+    """
+
+    model: str
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+    logprobs_mode: str = "processed_logprobs"
+    seed: int = 0
+    cpu_kv_cache_gib: int = 1
+    gpu_memory_utilization: float = 0.85
+    cpus_per_engine: int = 1
+    env: Mapping[str, str] = field(default_factory=dict)
+    engine_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.model:
+            _fail("engine.model", "is empty", "give the HF model folder the engines start from")
+        if self.tensor_parallel_size < 1:
+            _fail("engine.tensor_parallel_size", f"must be >= 1, got {self.tensor_parallel_size}", "use 1 or more")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            _fail("engine.logprobs_mode", f"unknown mode {self.logprobs_mode!r}", f"use one of {LOGPROBS_MODES}")
+        if self.cpu_kv_cache_gib < 1 or int(self.cpu_kv_cache_gib) != self.cpu_kv_cache_gib:
+            _fail(
+                "engine.cpu_kv_cache_gib", f"must be a whole number of GiB >= 1, got {self.cpu_kv_cache_gib}",
+                "VLLM_CPU_KVCACHE_SPACE takes whole GiB",
+            )
+        if not 0 < self.gpu_memory_utilization <= 1:
+            _fail("engine.gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}", "e.g. 0.85")
+        if self.cpus_per_engine < 1:
+            _fail("engine.cpus_per_engine", f"must be >= 1, got {self.cpus_per_engine}", "use 1 or more")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            _fail("engine.max_model_len", f"must be >= 2, got {self.max_model_len}", "or None for the model's own")
+
+    def llm_kwargs(self, device: str) -> dict[str, Any]:
+        """Keyword arguments for `vllm.LLM(**kwargs)` on `device` ("cpu" or "gpu")."""
+        _check_device(device)
+        kwargs: dict[str, Any] = dict(
+            model=self.model,
+            dtype=self.dtype,
+            tensor_parallel_size=self.tensor_parallel_size,
+            enforce_eager=self.enforce_eager,
+            enable_prefix_caching=self.enable_prefix_caching,
+            logprobs_mode=self.logprobs_mode,
+            seed=self.seed,
+            worker_extension_cls=WORKER_EXTENSION,
+        )
+        if self.max_model_len is not None:
+            kwargs["max_model_len"] = self.max_model_len
+        if self.max_num_seqs is not None:
+            kwargs["max_num_seqs"] = self.max_num_seqs
+        if device == "gpu":
+            kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
+            if self.tensor_parallel_size > 1:
+                # vLLM's Ray executor places the TP workers in the placement group the engine actor runs in.
+                kwargs["distributed_executor_backend"] = "ray"
+        kwargs.update(self.engine_kwargs)
+        return kwargs
+
+    def process_env(self, device: str) -> dict[str, str]:
+        """Environment of the engine process; must be set before `vllm` is imported there."""
+        _check_device(device)
+        env = {
+            # Engine core in the actor's own process: ~2 s start instead of 12-20 s with a separate core process.
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        if device == "cpu":
+            env.update(
+                VLLM_CPU_KVCACHE_SPACE=str(int(self.cpu_kv_cache_gib)),
+                VLLM_CPU_NUM_OF_RESERVED_CPU="0",
+                # vLLM-CPU otherwise drops to 1 torch thread "for serving"; give the engine the CPUs it reserved.
+                OMP_NUM_THREADS=str(self.cpus_per_engine),
+            )
+        env.update({str(k): str(v) for k, v in self.env.items()})
+        return env
+
+
+@dataclass(frozen=True)
+class RolloutPoolConfig:
+    """A pool of `num_engines` identical engines on `device`.
+
+    request_timeout_s: one engine's share of a `generate` call must come back within this time, or the engine is
+        taken for hung: killed, restarted with the current weights, and its prompts re-issued.
+    max_attempts: how many times one share of prompts is tried (1 = no retry) before `generate` raises.
+    startup_timeout_s: an engine (re)start, including the replay of the current weights, must finish within this.
+    weight_sync_timeout_s: one engine's part of an `update_weights` call must finish within this.
+    transport: how weights travel to the engines (see `megatron_rl.rollout.weight_transport.TRANSPORTS`).
+    """
+
+    engine: EngineConfig
+    num_engines: int = 1
+    device: str = "cpu"
+    request_timeout_s: float = 600.0
+    max_attempts: int = 3
+    startup_timeout_s: float = 300.0
+    weight_sync_timeout_s: float = 600.0
+    transport: str = "object_store"
+
+    def __post_init__(self):
+        _check_device(self.device)
+        if self.num_engines < 1:
+            _fail("rollout.num_engines", f"must be >= 1, got {self.num_engines}", "use 1 or more")
+        for name in ("request_timeout_s", "startup_timeout_s", "weight_sync_timeout_s"):
+            if not getattr(self, name) > 0:
+                _fail(f"rollout.{name}", f"must be > 0, got {getattr(self, name)}", "give seconds")
+        if self.max_attempts < 1:
+            _fail("rollout.max_attempts", f"must be >= 1, got {self.max_attempts}", "1 means no retry")
+        if self.device == "cpu" and self.engine.tensor_parallel_size != 1:
+            _fail(
+                "engine.tensor_parallel_size", f"is {self.engine.tensor_parallel_size} on device 'cpu'",
+                "the CPU pool runs one in-process vLLM worker per engine: use tensor_parallel_size=1 and more engines",
+            )
+
+
+def _check_device(device: str) -> None:
+    if device not in DEVICES:
+        _fail("rollout.device", f"unknown device {device!r}", f"use one of {DEVICES}")

