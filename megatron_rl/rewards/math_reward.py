@@ -108,7 +108,8 @@ def _lenient_match(tail: str, ground_truth: str) -> bool:
 def warm_up() -> None:
     """Import math-verify/sympy and fill their lazy caches (~0.3 s) so that the first timed call does not pay it.
     Reward workers call a reward function's ``warmup`` attribute once before taking work."""
-    is_equivalent("\\frac{1}{2}", "0.5")
+    for answer, ground_truth in (("\\frac{1}{2}", "0.5"), ("x = 5", "5"), ("3\\sqrt{2}", "\\sqrt{18}"), ("(1,2)", "[1,2]")):
+        is_equivalent(answer, ground_truth)
 
 
 math_reward.warmup = warm_up

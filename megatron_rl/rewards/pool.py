@@ -8,7 +8,8 @@ returned :class:`RewardMetrics` (``reward/num_errors``, ``reward/num_timeouts``)
 
 Timeouts are enforced twice. In the worker, a soft SIGALRM timeout interrupts any Python-level work after
 ``timeout_s`` (see worker.py); here, a worker still busy ``kill_grace_s`` later (stuck in C code, signals blocked)
-is SIGKILLed and replaced. Why processes and not threads: math-verify/sympy hold the GIL and cannot be
+is SIGKILLed and replaced. A worker that dies (segfault, OOM killer) is replaced too; the item it was running is
+retried once on another worker and is a reward error if it kills that one as well. Why processes and not threads: math-verify/sympy hold the GIL and cannot be
 interrupted from another thread, and math-verify's own signal timeouts raise ValueError outside a main thread.
 
 Workers are fresh interpreters (``python -m megatron_rl.rewards.worker``): not forked (forking a trainer that
@@ -36,6 +37,10 @@ from megatron_rl.rewards.registry import resolve_reward_fn
 from megatron_rl.rewards.types import RewardItem, RewardMetrics
 
 logger = logging.getLogger(__name__)
+
+
+# A worker that dies before it is ready this many times in a row means the environment is broken.
+MAX_STARTUP_DEATHS = 3
 
 
 class RewardPoolError(RuntimeError):
@@ -82,11 +87,17 @@ class _Worker:
                 pass
         self.kill()
 
-    def kill(self) -> None:
+    def kill(self, exit_wait_s: float = 0.0) -> int:
+        """Kill (after ``exit_wait_s`` for a worker already on its way out), reap, and return the exit code."""
+        if exit_wait_s and self.alive():
+            try:
+                self.process.wait(exit_wait_s)
+            except subprocess.TimeoutExpired:
+                pass
         if self.alive():
             self.process.kill()
-        self.process.wait()
         self.conn.close()
+        return self.process.wait()
 
 
 def _kill_processes(processes: list[subprocess.Popen]) -> None:
@@ -129,6 +140,7 @@ class RewardPool:
         self.startup_timeout_s = float(startup_timeout_s)
         self._lock = threading.Lock()
         self._closed = False
+        self._startup_deaths = 0
         self._processes: list = []  # every process ever started; the finalizer kills the live ones
         self._finalizer = weakref.finalize(self, _kill_processes, self._processes)
         self._workers = [self._start_worker() for _ in range(num_workers)]
@@ -168,6 +180,7 @@ class RewardPool:
         scores = [0.0] * len(payloads)
         pending = deque(range(len(payloads)))
         remaining = len(payloads)
+        retried: set[int] = set()  # items whose worker died under them once already
 
         def finish(worker: _Worker, status: str, score: float, message: str, seconds: float) -> None:
             nonlocal remaining
@@ -207,10 +220,11 @@ class RewardPool:
                 try:
                     message = conn.recv()
                 except (EOFError, OSError):
-                    self._on_worker_death(worker, metrics, finish)
+                    self._on_worker_death(worker, metrics, finish, pending, retried)
                     continue
                 if message[0] == "ready":
                     worker.ready = True
+                    self._startup_deaths = 0
                 elif message[0] == "init_error":
                     raise RewardPoolError(f"reward worker could not load {self.reward.spec!r}:\n{message[1]}")
                 else:
@@ -228,14 +242,29 @@ class RewardPool:
                                           f"{self.startup_timeout_s:g}s (startup_timeout_s)")
         return scores, metrics
 
-    def _on_worker_death(self, worker: _Worker, metrics: RewardMetrics, finish) -> None:
-        if worker.task is None:
-            worker.kill()
-            raise RewardPoolError(f"a reward worker for {self.reward.spec!r} exited during start-up "
-                                  f"(exit code {worker.process.returncode}); see its stderr above")
-        self._replace(worker, metrics)
-        finish(worker, "error", 0.0, f"worker process died (exit code {worker.process.returncode})",
-               time.monotonic() - worker.assigned_at)
+    def _on_worker_death(self, worker: _Worker, metrics: RewardMetrics, finish, pending: deque,
+                         retried: set[int]) -> None:
+        """A worker's socket closed: replace the worker. An item it was running is retried once on another
+        worker (the death may have come from outside: the OOM killer, an operator); if it kills a worker again
+        it is a reward error."""
+        exit_code = worker.kill(exit_wait_s=1.0)
+        task = worker.task
+        if task is None:
+            self._startup_deaths += 0 if worker.ready else 1
+            if self._startup_deaths >= MAX_STARTUP_DEATHS:
+                raise RewardPoolError(f"reward workers for {self.reward.spec!r} died during start-up "
+                                      f"{self._startup_deaths} times in a row (last exit code {exit_code}); see "
+                                      f"their stderr above")
+            self._replace(worker, metrics)
+        elif task not in retried:
+            retried.add(task)
+            worker.release()
+            pending.appendleft(task)
+            self._replace(worker, metrics)
+        else:
+            self._replace(worker, metrics)
+            finish(worker, "error", 0.0, f"worker process died twice on this item (exit code {exit_code})",
+                   time.monotonic() - worker.assigned_at)
 
     def _replace(self, worker: _Worker, metrics: RewardMetrics) -> None:
         worker.kill()

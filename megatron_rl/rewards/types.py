@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # How many timeout/error messages a RewardMetrics keeps verbatim (the counts are always complete).
-MAX_PROBLEM_EXAMPLES = 5
+MAX_PROBLEM_EXAMPLES = 10
 
 
 @dataclass(frozen=True)

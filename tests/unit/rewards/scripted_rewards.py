@@ -7,7 +7,7 @@ import os
 import signal
 import time
 
-from megatron_rl.rewards.math_reward import math_reward
+from megatron_rl.rewards.math_reward import math_reward, warm_up
 
 SLEEP = "<<sleep>>"        # interruptible: the worker's soft timeout ends it
 STUCK = "<<stuck>>"        # SIGALRM blocked, as if stuck in C code: only the parent's hard kill ends it
@@ -38,6 +38,9 @@ def scripted_reward(response, ground_truth):
     if response == EXIT:
         os._exit(3)
     return math_reward(response, ground_truth)
+
+
+scripted_reward.warmup = warm_up  # load sympy before the first timed call, as the built-in math reward does
 
 
 def fields_reward(response, ground_truth, data_source, extra_info):

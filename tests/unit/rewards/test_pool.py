@@ -38,7 +38,7 @@ def test_table_with_timeouts_and_errors_is_scored_and_counted(pool):
         ((scripted.RAISE, "1"), "error"),
         ((scripted.RETURN_STRING, "1"), "error"),
         ((scripted.RETURN_NAN, "1"), "error"),
-        ((scripted.EXIT, "1"), "error"),                          # the worker dies: replaced
+        ((scripted.EXIT, "1"), "error"),                          # kills its worker, and the retry's
     ]
     items = table[:10] + [item for item, _ in failures] + table[10:]
     pids_before = set(pool.worker_pids)
@@ -51,15 +51,16 @@ def test_table_with_timeouts_and_errors_is_scored_and_counted(pool):
     assert metrics.num_items == len(items)
     assert metrics.num_timeouts == sum(kind == "timeout" for _, kind in failures) == 4
     assert metrics.num_errors == sum(kind == "error" for _, kind in failures) == 4
-    assert metrics.num_worker_restarts == 2  # the stuck worker (killed) and the exiting one
+    assert metrics.num_worker_restarts == 3  # the stuck worker (killed), the exiting one and its retry
     assert metrics.mean_score == pytest.approx(sum(expected) / len(items))
     assert metrics.max_call_s >= TIMEOUT_S
     assert any("RuntimeError: deliberate failure" in m for m in metrics.problem_examples)
+    assert any("worker process died twice on this item" in m for m in metrics.problem_examples)
     assert metrics.to_dict()["reward/num_timeouts"] == 4.0
     # The misbehaving calls would run 60 s (or forever); finishing far sooner proves they were cut at the
     # timeout. Loose bound: this machine is shared (2 cores), the expected time is ~5 s.
     assert elapsed < 30.0
-    assert len(set(pool.worker_pids) - pids_before) == 2
+    assert len(set(pool.worker_pids) - pids_before) in (2, 3)  # the retry may land on the first replacement
     assert not any(_running(pid) for pid in pids_before - set(pool.worker_pids))  # killed and reaped
 
 
@@ -72,12 +73,13 @@ def test_pool_keeps_working_after_failures_and_keeps_order(pool):
 
 def test_a_worker_killed_while_idle_is_replaced_without_losing_items(pool):
     victim = pool.worker_pids[0]
+    print("DEBUG victim", victim, [(w.process.pid, w.ready, w.task) for w in pool._workers], file=sys.stderr)
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while _running(victim) and time.monotonic() < deadline:
         time.sleep(0.02)
     scores, metrics = pool.score([("Answer: 2", "2"), ("Answer: 3", "2"), ("Answer: 4", "4")])
-    assert scores == [1.0, 0.0, 1.0]
+    assert scores == [1.0, 0.0, 1.0], metrics
     assert metrics.num_worker_restarts == 1 and metrics.num_errors == 0 and metrics.num_timeouts == 0
     assert victim not in pool.worker_pids
 
