@@ -10,6 +10,8 @@ import sys
 # subcommand name -> module under megatron_rl.commands
 COMMANDS = {
     "verify-model": "verify_model",
+    "convert-to-hf": "convert_to_hf",
+    "convert-from-hf": "convert_from_hf",
 }
 
 DESCRIPTION = """\

@@ -124,7 +124,9 @@ def _parity_rank(hf_dir: str, layout_fields: dict, input_ids: torch.Tensor, chec
     return {"logits": logits if is_reporter else None, "export_ok": export_ok if torch.distributed.get_rank() == 0 else None}
 
 
-def hf_logits(hf_dir: str, input_ids: torch.Tensor) -> torch.Tensor:
+def hf_logits(hf_dir: str, input_ids: torch.Tensor, weights_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """transformers logits in fp32; `weights_dtype` first rounds every weight to that dtype (e.g. bfloat16) so the
+    reference sees the same weights as a model loaded from a lower-precision checkpoint."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -132,6 +134,9 @@ def hf_logits(hf_dir: str, input_ids: torch.Tensor) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     model.eval()
     with torch.no_grad():
+        if weights_dtype is not None:
+            for param in model.parameters():
+                param.copy_(param.to(weights_dtype))
         return model(input_ids=input_ids).logits.float()
 
 

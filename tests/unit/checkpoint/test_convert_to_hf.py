@@ -1,0 +1,135 @@
+"""convert_to_hf on single-process checkpoints laid out like Megatron's (see dcp_fixtures.py): exact tensors,
+dtype handling, sharding, and a clear refusal of every kind of mismatched or incomplete input."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from megatron_rl.checkpoint.convert import convert_to_hf
+from megatron_rl.checkpoint.dcp_reader import DistCheckpointError
+from megatron_rl.checkpoint.format import (
+    CheckpointFormatError,
+    CheckpointInfo,
+    arch_summary,
+    copy_hf_side_files,
+    write_info,
+)
+from megatron_rl.checkpoint.model_ckpt import SHARDED_STATE_DICT_METADATA
+from megatron_rl.models.hf_io import HFCheckpointReader
+from megatron_rl.models.qwen_arch import ModelConfigError, load_arch
+from tests.unit.checkpoint.dcp_fixtures import megatron_key_tensors, write_dcp
+
+
+def make_checkpoint(hf_dir, out, *, stack_layers=False, tensors=None):
+    write_dcp(os.path.join(out, "model"), tensors if tensors is not None else megatron_key_tensors(hf_dir, stack_layers))
+    copy_hf_side_files(hf_dir, os.path.join(out, "hf_config"))
+    write_info(out, CheckpointInfo(arch=arch_summary(load_arch(hf_dir)), layout={"tp": 1}, world_size=1,
+                                   dtype="float32", sharded_metadata=dict(SHARDED_STATE_DICT_METADATA)))
+    return out
+
+
+def assert_same_tensors(a_dir, b_dir, dtype=None):
+    a, b = HFCheckpointReader(a_dir), HFCheckpointReader(b_dir)
+    assert sorted(a.names()) == sorted(b.names())
+    for name in a.names():
+        want = a.get(name) if dtype is None else a.get(name).to(dtype)
+        got = b.get(name)
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("arch,stack", [("qwen2", False), ("qwen3", True), ("qwen3_moe", False)])
+def test_exact_roundtrip_of_every_tensor_and_side_file(tiny_model, tmp_path, arch, stack):
+    hf = tiny_model(arch)
+    ckpt = make_checkpoint(hf, str(tmp_path / "ckpt"), stack_layers=stack)
+    report = convert_to_hf(ckpt, tmp_path / "out", progress=False)
+    assert_same_tensors(hf, tmp_path / "out")
+    assert report.num_tensors == len(HFCheckpointReader(hf).names())
+    assert json.load(open(tmp_path / "out" / "config.json")) == json.load(open(os.path.join(hf, "config.json")))
+    for name in ("tokenizer.json", "generation_config.json"):
+        assert open(os.path.join(hf, name), "rb").read() == open(tmp_path / "out" / name, "rb").read()
+
+
+def test_bf16_output_and_multiple_shards_with_index(tiny_model, tmp_path):
+    hf = tiny_model("qwen3_moe")
+    ckpt = make_checkpoint(hf, str(tmp_path / "ckpt"))
+    report = convert_to_hf(ckpt, tmp_path / "out", dtype="bfloat16", max_shard_bytes=100_000, progress=False)
+    assert len(report.files) > 1 and os.path.isfile(tmp_path / "out" / "model.safetensors.index.json")
+    assert_same_tensors(hf, tmp_path / "out", dtype=torch.bfloat16)
+    assert json.load(open(tmp_path / "out" / "config.json"))["dtype"] == "bfloat16"
+
+
+def test_tied_embeddings_write_no_lm_head(tiny_model, tmp_path):
+    hf = tiny_model("qwen3", tie_word_embeddings=True)
+    convert_to_hf(make_checkpoint(hf, str(tmp_path / "ckpt")), tmp_path / "out", progress=False)
+    assert "lm_head.weight" not in HFCheckpointReader(tmp_path / "out").names()
+    assert_same_tensors(hf, tmp_path / "out")
+
+
+def test_config_of_another_model_is_refused_naming_fields(tiny_model, tmp_path):
+    ckpt = make_checkpoint(tiny_model("qwen3"), str(tmp_path / "ckpt"))
+    with pytest.raises(ModelConfigError, match=r"(?s)does not match the checkpoint's model.*num_layers: 2 != 4"):
+        convert_to_hf(ckpt, tmp_path / "out", hf_config_dir=tiny_model("qwen3", num_layers=4), progress=False)
+    with pytest.raises(ModelConfigError, match="model_type: 'qwen3' != 'qwen3_moe'"):
+        convert_to_hf(ckpt, tmp_path / "out", hf_config_dir=tiny_model("qwen3_moe"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_tensors_that_disagree_with_the_config_are_refused(tiny_model, tmp_path):
+    hf = tiny_model("qwen3")
+    tensors = megatron_key_tensors(hf)
+    missing = dict(tensors)
+    del missing["decoder.layers.1.self_attention.k_layernorm.weight"]
+    with pytest.raises(DistCheckpointError, match=r"1 tensor\(s\) the config needs are not in the checkpoint, e\.g\. "
+                                                 r"\['decoder\.layers\.1\.self_attention\.k_layernorm\.weight'\]"):
+        convert_to_hf(make_checkpoint(hf, str(tmp_path / "a"), tensors=missing), tmp_path / "out", progress=False)
+    extra = {**tensors, "decoder.layers.1.mlp.router.weight": torch.zeros(4, 64)}
+    with pytest.raises(DistCheckpointError, match="not explained by the config, e.g. \\['decoder.layers.1.mlp.router.weight'\\]"):
+        convert_to_hf(make_checkpoint(hf, str(tmp_path / "b"), tensors=extra), tmp_path / "out", progress=False)
+    wrong = {**tensors, "decoder.final_layernorm.weight": torch.zeros(65)}
+    with pytest.raises(DistCheckpointError, match=r"decoder\.final_layernorm\.weight: checkpoint \(65,\), config\.json implies \(64,\)"):
+        convert_to_hf(make_checkpoint(hf, str(tmp_path / "c"), tensors=wrong), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_or_truncated_shard_files_are_refused_before_writing(tiny_model, tmp_path):
+    hf = tiny_model("qwen3")
+    ckpt = make_checkpoint(hf, str(tmp_path / "ckpt"))
+    data = sorted(f for f in os.listdir(os.path.join(ckpt, "model")) if f.endswith(".distcp"))[0]
+    path = os.path.join(ckpt, "model", data)
+    backup = str(tmp_path / "backup")
+    shutil.copyfile(path, backup)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(DistCheckpointError, match=f"{data} is truncated"):
+        convert_to_hf(ckpt, tmp_path / "out", progress=False)
+    os.remove(path)
+    with pytest.raises(DistCheckpointError, match=rf"missing: \['{data}'\]"):
+        convert_to_hf(ckpt, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_data_fails_without_leaving_an_output_folder(tiny_model, tmp_path):
+    ckpt = make_checkpoint(tiny_model("qwen3"), str(tmp_path / "ckpt"))
+    data = sorted(f for f in os.listdir(os.path.join(ckpt, "model")) if f.endswith(".distcp"))[0]
+    path = os.path.join(ckpt, "model", data)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:  # same length, garbage payload: found only while converting
+        f.write(b"\x00" * size)
+    with pytest.raises(DistCheckpointError, match="cannot read"):
+        convert_to_hf(ckpt, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unfinished_checkpoint_and_existing_output_are_refused(tiny_model, tmp_path):
+    hf = tiny_model("qwen3")
+    unfinished = make_checkpoint(hf, str(tmp_path / "step_5.tmp-20250101-000000-1"))
+    with pytest.raises(CheckpointFormatError, match="did not finish"):
+        convert_to_hf(unfinished, tmp_path / "out", progress=False)
+    ckpt = make_checkpoint(hf, str(tmp_path / "ckpt"))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        convert_to_hf(ckpt, tmp_path / "out", progress=False)
+    convert_to_hf(ckpt, tmp_path / "out", progress=False, overwrite=True)
+    assert_same_tensors(hf, tmp_path / "out")
