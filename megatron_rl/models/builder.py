@@ -12,8 +12,8 @@ The mapping from HF Qwen to Megatron-Core (what makes logits equal, see tests/di
 - Tied embeddings: `share_embeddings_and_output_weights`.
 
 The layer spec is Megatron's local spec on CPU (or whenever Transformer Engine is not importable) and the
-Transformer-Engine spec otherwise. With context parallelism and no TE, core attention is replaced by
-`megatron_rl.parallel.cp_attention.ContextParallelAttention` (the local spec refuses CP).
+Transformer-Engine spec otherwise. Without TE, core attention is `megatron_rl.parallel.torch_attention.
+TorchCoreAttention` (SDPA), because the local spec's attention refuses packed sequences and context parallelism.
 """
 from __future__ import annotations
 
@@ -133,12 +133,12 @@ def block_spec(config, *, use_transformer_engine: bool | None = None, vp_stage: 
 
     use_te = transformer_engine_available() if use_transformer_engine is None else use_transformer_engine
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage)
-    if config.context_parallel_size > 1 and not use_te:
-        from megatron_rl.parallel.cp_attention import ContextParallelAttention
+    if not use_te:
+        from megatron_rl.parallel.torch_attention import TorchCoreAttention
 
         spec = copy.deepcopy(spec)
         for layer_spec in spec.layer_specs:
-            layer_spec.submodules.self_attention.submodules.core_attention = ContextParallelAttention
+            layer_spec.submodules.self_attention.submodules.core_attention = TorchCoreAttention
     return spec
 
 

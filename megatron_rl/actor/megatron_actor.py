@@ -1,0 +1,312 @@
+"""The Megatron training actor: one instance per rank of a TP x PP x CP x EP x DP world.
+
+Usable directly under torchrun / `spawn_ranks` and as a Ray actor (megatron_rl/actor/ray_group.py wraps it):
+every rank receives the same `ActorBatch` and calls the same method; results that live on one rank (gathered
+log-probs) come back on global rank 0, reduced metrics come back on every rank.
+
+    actor = MegatronActor(ActorConfig(model_path=..., layout=ParallelLayout(tp=2)))
+    actor.setup()                                   # process groups, model, HF weights, DDP, optimizer
+    logps = actor.compute_log_probs(batch)          # forward only, through the pipeline schedule
+    metrics = actor.train_step(batch)               # one optimizer step over the global batch
+    for bucket in actor.export_hf_weights():        # full HF-named tensors for weight sync
+        ...
+
+Loss scaling follows the contract in megatron_rl/algorithms/normalization.py: the policy loss returns each
+micro-batch's additive share of the global loss; Megatron is configured to sum (not average) gradients over
+DP x CP and not to divide by the number of micro-batches (`calculate_per_token_loss=True`, and a
+`finalize_model_grads_func` that does not rescale by token counts).
+"""
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from megatron_rl.actor.batch import ActorBatch, MicroBatch, build_microbatch, plan_microbatches
+from megatron_rl.actor.config import ActorConfig
+from megatron_rl.actor.logprobs import token_entropy, token_log_probs
+from megatron_rl.algorithms import GlobalBatchCounts, LossMetrics, policy_loss_share
+from megatron_rl.models.hf_io import HFCheckpointReader
+from megatron_rl.models.qwen_arch import load_arch
+from megatron_rl.parallel.schedule import run_schedule
+
+
+def _finalize_grads_without_token_scaling(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
+    """Megatron's grad finalisation (DP/CP all-reduce, SP norm grads, tied embeddings) without the division by
+    the step's token count: our loss shares already carry their global normaliser."""
+    from megatron.core.distributed import finalize_model_grads
+
+    return finalize_model_grads(model, num_tokens=None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
+
+
+class MegatronActor:
+    def __init__(self, config: ActorConfig):
+        self.config = config
+        self.arch = load_arch(config.model_path)  # bad configs fail here, before any process group exists
+        self.model: list = []
+        self.optimizer = None
+        self.scheduler = None
+        self.steps_done = 0
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def setup(self) -> "MegatronActor":
+        """Create process groups, build and load the model, wrap it in DDP, build the optimizer.
+
+        Collective: every rank of the (already initialised) torch.distributed world calls it.
+        """
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from megatron.core.rerun_state_machine import RerunMode, initialize_rerun_state_machine
+
+        from megatron_rl.models.builder import build_model_chunks, transformer_config
+        from megatron_rl.models.weight_transfer import load_hf_weights
+        from megatron_rl.parallel.state import initialize_parallel
+
+        cfg, arch = self.config, self.arch
+        reader = HFCheckpointReader(cfg.model_path)
+        reader.validate(arch)
+        cfg.layout.validate(dist.get_world_size(), arch)
+        self.dp_size = initialize_parallel(cfg.layout, seed=cfg.seed)
+        initialize_rerun_state_machine(mode=RerunMode.DISABLED)  # the optimizer asks for it; explicit = no warning
+        self.transformer_config = transformer_config(
+            arch, cfg.layout, dtype=cfg.dtype, moe_aux_loss_coeff=cfg.moe_aux_loss_coeff, recompute=cfg.recompute,
+            calculate_per_token_loss=True,
+        )
+        chunks = build_model_chunks(arch, self.transformer_config)
+        load_hf_weights(chunks, arch, reader)
+        reader.close()
+        opt = cfg.optimizer
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=opt.distributed_optimizer,
+            check_for_nan_in_grad=True,
+        )
+        self.model = [
+            DistributedDataParallel(config=self.transformer_config, ddp_config=ddp_config, module=chunk) for chunk in chunks
+        ]
+        self.transformer_config.finalize_model_grads_func = _finalize_grads_without_token_scaling
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer=opt.name, sgd_momentum=0.0, lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
+                adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps, clip_grad=opt.clip_grad,
+                bf16=cfg.dtype == "bfloat16", params_dtype=self.transformer_config.params_dtype,
+                use_distributed_optimizer=opt.distributed_optimizer,
+            ),
+            self.model,
+        )
+        decay_steps = opt.decay_steps or 10**9
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if opt.warmup_steps else opt.lr, max_lr=opt.lr, min_lr=opt.min_lr,
+            lr_warmup_steps=opt.warmup_steps, lr_decay_steps=max(decay_steps, opt.warmup_steps + 1),
+            lr_decay_style=opt.decay_style, start_wd=opt.weight_decay, end_wd=opt.weight_decay,
+            wd_incr_steps=1, wd_incr_style="constant",
+        )
+        self._groups = {
+            "dp": ps.get_data_parallel_group(), "cp": ps.get_context_parallel_group(),
+            "pp": ps.get_pipeline_model_parallel_group(), "tp": ps.get_tensor_model_parallel_group(),
+        }
+        return self
+
+    # ------------------------------------------------------------------------------------------ micro-batches
+    def _my_microbatches(self, batch: ActorBatch) -> list[MicroBatch]:
+        from megatron.core import parallel_state as ps
+
+        if len(batch) == 0:
+            raise ValueError("the batch has no sequences")
+        layout = self.config.layout
+        multiple = layout.pp if len(self.model) > 1 else 1  # the interleaved schedule needs M % pp == 0
+        plan = plan_microbatches(
+            batch.sequence_lengths, self.dp_size, self.config.max_tokens_per_microbatch, multiple_of=multiple
+        )
+        mine = plan[ps.get_data_parallel_rank()]
+        return [
+            build_microbatch(batch, ids, packing=self.config.packing, tp=layout.tp, cp=layout.cp,
+                             cp_rank=ps.get_context_parallel_rank())
+            for ids in mine
+        ]
+
+    def _forward(self, mb: MicroBatch, model):
+        tokens, positions = mb.tokens, mb.positions
+        if torch.cuda.is_available():
+            tokens, positions = tokens.cuda(non_blocking=True), positions.cuda(non_blocking=True)
+        return model(tokens, positions, attention_mask=None, packed_seq_params=mb.packed_seq_params)
+
+    def _selected_logits(self, mb: MicroBatch, output: torch.Tensor):
+        logits = output.reshape(-1, output.shape[-1])
+        index = mb.label_index.to(logits.device)
+        return logits.index_select(0, index), mb.labels.reshape(-1).to(logits.device).index_select(0, index)
+
+    @staticmethod
+    def _dense(mb: MicroBatch, values: torch.Tensor) -> torch.Tensor:
+        """[n] values at (rows, cols) -> [B, R] (differentiable w.r.t. values; zeros elsewhere)."""
+        out = values.new_zeros(mb.mask.shape)
+        return out.index_put((mb.rows.to(values.device), mb.cols.to(values.device)), values)
+
+    # ------------------------------------------------------------------------------------ forward-only pass
+    @torch.no_grad()
+    def compute_log_probs(self, batch: ActorBatch, *, with_entropy: bool = False):
+        """Per-sequence response log-probs (and entropies) under the current weights.
+
+        Returns on global rank 0 a list with one [len(response_i)] tensor per sequence (a tuple
+        (log_probs, entropies) per sequence when with_entropy), None on other ranks. Collective.
+        """
+        from megatron.core import parallel_state as ps
+
+        microbatches = self._my_microbatches(batch)
+        temperature = self.config.temperature
+
+        def forward_step(mb, model):
+            output = self._forward(mb, model)
+
+            def collect(out, non_loss_data=False):
+                logits, labels = self._selected_logits(mb, out)
+                logp = token_log_probs(logits, labels, temperature).cpu()
+                ent = token_entropy(logits, temperature).cpu() if with_entropy else None
+                ids = torch.tensor(mb.sample_ids, dtype=torch.long)[mb.rows] if mb.rows.numel() else mb.rows
+                return ids, mb.cols, logp, ent
+
+            return output, collect
+
+        for chunk in self.model:
+            chunk.eval()
+        outputs = run_schedule(
+            self.model, microbatches, forward_step, seq_length=max(mb.tokens.shape[-1] for mb in microbatches),
+            micro_batch_size=max(mb.tokens.shape[0] for mb in microbatches), forward_only=True, collect_outputs=True,
+        )
+        holds = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+        pieces = outputs if holds else []
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(pieces, gathered, dst=0)
+        if dist.get_rank() != 0:
+            return None
+        logps = [torch.full((r.numel(),), float("nan")) for r in batch.response_ids]
+        ents = [torch.full((r.numel(),), float("nan")) for r in batch.response_ids] if with_entropy else None
+        for rank_pieces in gathered:
+            for ids, cols, logp, ent in rank_pieces:
+                for i in ids.unique().tolist():
+                    sel = ids == i
+                    logps[i][cols[sel]] = logp[sel]
+                    if with_entropy:
+                        ents[i][cols[sel]] = ent[sel]
+        missing = [i for i, lp in enumerate(logps) if torch.isnan(lp).any()]
+        if missing:
+            raise RuntimeError(f"log-probs missing for sequences {missing[:5]}: the micro-batch plan lost tokens")
+        return list(zip(logps, ents)) if with_entropy else logps
+
+    # ----------------------------------------------------------------------------------------- train step
+    def train_step(self, batch: ActorBatch, *, max_response_length: int | None = None) -> dict[str, float]:
+        """One optimizer step over the whole batch with the configured policy loss. Collective.
+
+        batch needs old_log_probs and advantages (or token_advantages). max_response_length: Dr.GRPO's constant
+        (the generation limit); default the loss settings' value, else the longest response in the batch.
+        Returns metrics identical on every rank: loss (the full-batch loss), grad_norm, lr, the loss metrics
+        (clip fractions, ratios, KL, entropy), token counts and timings.
+        """
+        from megatron.core import parallel_state as ps
+
+        cfg = self.config
+        batch.require("old_log_probs")
+        if batch.advantages is None and batch.token_advantages is None:
+            raise ValueError("train_step needs batch.advantages (per sequence) or batch.token_advantages")
+        start = time.perf_counter()
+        microbatches = self._my_microbatches(batch)
+        limit = max_response_length or cfg.loss.max_response_length or max(batch.max_response_length, 1)
+        counts = GlobalBatchCounts.from_masks(
+            [mb.mask for mb in microbatches], dp_group=self._groups["dp"], cp_group=self._groups["cp"],
+            max_response_length=limit,
+        )
+        cp_group = self._groups["cp"] if cfg.layout.cp > 1 else None
+        present = {name for name in ("ref_log_probs", "rollout_log_probs") if getattr(batch, name) is not None}
+
+        def forward_step(mb, model):
+            output = self._forward(mb, model)
+            return output, partial(self._loss, mb, counts, cp_group, present)
+
+        for chunk in self.model:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = run_schedule(
+            self.model, microbatches, forward_step, seq_length=max(mb.tokens.shape[-1] for mb in microbatches),
+            micro_batch_size=max(mb.tokens.shape[0] for mb in microbatches), forward_only=False,
+        )
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if update_ok:
+            self.scheduler.step(increment=1)
+        self.steps_done += 1
+
+        # Loss and metrics live on the last pipeline stage: reduce over DP x CP there, then share over PP.
+        summary = None
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            loss = sum(float(o["share"]) for o in outputs)
+            metrics = LossMetrics()
+            for o in outputs:
+                metrics.merge(o["metrics"])
+            loss_t = torch.tensor([loss], dtype=torch.float64)
+            for group in (self._groups["dp"], self._groups["cp"]):
+                if dist.get_world_size(group) > 1:
+                    dist.all_reduce(loss_t, group=group)
+            summary = {"loss": float(loss_t), **metrics.reduce(self._groups["dp"], self._groups["cp"]).means()}
+        holder = [summary]
+        pp_group = self._groups["pp"]
+        if dist.get_world_size(pp_group) > 1:
+            last = dist.get_process_group_ranks(pp_group)[-1]
+            dist.broadcast_object_list(holder, src=last, group=pp_group)
+        elapsed = time.perf_counter() - start
+        model_tokens = torch.tensor([sum(mb.num_model_tokens for mb in microbatches)], dtype=torch.float64)
+        dist.all_reduce(model_tokens)  # every rank's tokens: TP ranks see the same tokens, so divide by TP x PP
+        tokens = float(model_tokens) / (cfg.layout.tp * cfg.layout.pp)
+        return {
+            **holder[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "update_skipped": float(not update_ok),
+            "num_sequences": float(counts.num_sequences),
+            "num_response_tokens": float(counts.num_tokens),
+            "num_microbatches": float(len(microbatches)),
+            "model_tokens": tokens,
+            "step_seconds": elapsed,
+            "tokens_per_second": tokens / elapsed if elapsed > 0 else float("nan"),
+        }
+
+    def _loss(self, mb: MicroBatch, counts, cp_group, present: set, output):
+        """Megatron's loss_func for one micro-batch: (share, local token count, {share, metrics})."""
+        loss_cfg, temperature = self.config.loss, self.config.temperature
+        if mb.num_rows == 0:
+            # A dummy micro-batch (this DP rank has fewer sequences than micro-batches): one fully masked row
+            # keeps the collectives inside the loss and the metric names identical on every rank.
+            zero = output.sum() * 0.0
+            row = zero.reshape(1, 1)
+            inputs = {name: row.detach() for name in present}
+            share, metrics = policy_loss_share(
+                loss_cfg.name, row, row.detach(), zero.detach().reshape(1), torch.zeros(1, 1, dtype=torch.bool),
+                counts=counts, cp_group=cp_group, entropy=row, **inputs, **loss_cfg.options(),
+            )
+            return share + zero, torch.zeros((), dtype=torch.int), {"share": share.detach(), "metrics": metrics}
+        logits, labels = self._selected_logits(mb, output)
+        logp = self._dense(mb, token_log_probs(logits, labels, temperature))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and loss_cfg.entropy_coef != 0):
+            entropy = self._dense(mb, token_entropy(logits, temperature))
+        device = logp.device
+        fields = {k: v.to(device) for k, v in mb.fields.items()}
+        advantages = fields.get("token_advantages") if mb.advantages is None else mb.advantages.to(device)
+        share, metrics = policy_loss_share(
+            loss_cfg.name, logp, fields["old_log_probs"], advantages, mb.mask.to(device), counts=counts,
+            cp_group=cp_group, entropy=entropy, **{name: fields[name] for name in present}, **loss_cfg.options(),
+        )
+        return share, mb.mask.sum().to(torch.int), {"share": share.detach(), "metrics": metrics}
+
+    # ------------------------------------------------------------------------------------------- weights
+    def export_hf_weights(self, *, bucket_bytes: int = 256 * 1024**2, dst: int | None = 0):
+        """Buckets of full HF-named tensors (collective; see models/weight_transfer.export_hf_weights)."""
+        from megatron_rl.models.weight_transfer import export_hf_weights
+
+        return export_hf_weights([m.module for m in self.model], self.arch, bucket_bytes=bucket_bytes, dst=dst)
+
+    def shutdown(self) -> None:
+        from megatron_rl.parallel.state import destroy_parallel
+
+        destroy_parallel()
