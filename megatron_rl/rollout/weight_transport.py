@@ -21,7 +21,7 @@ from __future__ import annotations
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -144,7 +144,7 @@ class ObjectStoreTransport(WeightTransport):
         self._pending, self._current = [], []
 
 
-class NcclBroadcastTransport(WeightTransport):
+def nccl_broadcast_transport() -> WeightTransport:
     """GPU, trainer and engines on separate GPUs: NCCL broadcast from trainer rank 0 to every engine worker.
 
     Not implemented (needs CUDA GPUs to write and test; nothing here pretends to work). The missing pieces:
@@ -158,17 +158,14 @@ class NcclBroadcastTransport(WeightTransport):
     - replay: not possible from the engines alone; the pool must ask the trainer to re-export (or keep a pinned
       host copy).
     """
-
-    name = "nccl"
-
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError(
-            "the 'nccl' weight transport is not implemented yet: it needs CUDA GPUs and the NCCL group described "
-            "in NcclBroadcastTransport's docstring; use transport='object_store' (works on GPU too, through host memory)"
-        )
+    raise NotImplementedError(
+        "the 'nccl' weight transport is not implemented yet: it needs CUDA GPUs and the NCCL group described in "
+        "megatron_rl.rollout.weight_transport.nccl_broadcast_transport; use transport='object_store' (it works on "
+        "GPU too, through host memory)"
+    )
 
 
-class CudaIpcTransport(WeightTransport):
+def cuda_ipc_transport() -> WeightTransport:
     """GPU, colocated (trainer and engine share GPUs): CUDA IPC handles of the bucket's tensors.
 
     Not implemented (needs CUDA GPUs). The missing pieces: send_bucket flattens the bucket into one CUDA buffer,
@@ -177,18 +174,17 @@ class CudaIpcTransport(WeightTransport):
     the trainer frees the buffer after every engine acknowledged the bucket. vLLM 0.32's weight_transfer backend
     "ipc" implements the same idea.
     """
-
-    name = "cuda_ipc"
-
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError(
-            "the 'cuda_ipc' weight transport is not implemented yet: it needs colocated CUDA GPUs (see "
-            "CudaIpcTransport's docstring); use transport='object_store'"
-        )
+    raise NotImplementedError(
+        "the 'cuda_ipc' weight transport is not implemented yet: it needs colocated CUDA GPUs (see "
+        "megatron_rl.rollout.weight_transport.cuda_ipc_transport); use transport='object_store'"
+    )
 
 
-TRANSPORTS: dict[str, type[WeightTransport]] = {
-    cls.name: cls for cls in (ObjectStoreTransport, NcclBroadcastTransport, CudaIpcTransport)
+# name -> factory of the sender half. The GPU entries name their missing pieces in their docstrings.
+TRANSPORTS: dict[str, Callable[[], WeightTransport]] = {
+    ObjectStoreTransport.name: ObjectStoreTransport,
+    "nccl": nccl_broadcast_transport,
+    "cuda_ipc": cuda_ipc_transport,
 }
 
 

@@ -179,6 +179,32 @@ def test_generate_logprobs_match_transformers(setup, reference):
     assert reference.max_abs_diff(completions, TEMPERATURE) <= TOL
 
 
+def test_top_p_logprobs_are_those_of_the_truncated_policy(setup, reference):
+    """logprobs_mode="processed_logprobs" reports the distribution actually sampled from: with top-p, the nucleus
+    renormalised, log p_t - log sum_{kept} p (vLLM's rule, vllm/v1/sample/ops/topk_topp_sampler.py: sort ascending,
+    drop the tokens whose cumulative probability is <= 1 - top_p)."""
+    arch, _, pool, prompts, _ = setup
+    if arch != "qwen3":
+        pytest.skip("sampler semantics do not depend on the architecture")
+    top_p = 0.7
+    completions = pool.generate(prompts[:2], _sampling(top_p=top_p))
+    worst = 0.0
+    for c in completions:
+        ids = torch.tensor([c.prompt_token_ids + c.token_ids])
+        with torch.no_grad():
+            logits = reference.model(ids).logits[0, len(c.prompt_token_ids) - 1 : -1] / TEMPERATURE
+        probs = torch.softmax(logits.double(), dim=-1)
+        sorted_probs, order = probs.sort(dim=-1)
+        drop_sorted = sorted_probs.cumsum(dim=-1) <= 1 - top_p
+        drop_sorted[:, -1] = False
+        kept = torch.ones_like(probs, dtype=torch.bool).scatter(-1, order, ~drop_sorted)
+        chosen = torch.tensor(c.token_ids).unsqueeze(-1)
+        assert kept.gather(-1, chosen).all(), "a token outside the nucleus was sampled"
+        expected = (probs.gather(-1, chosen).squeeze(-1) / (probs * kept).sum(-1)).log()
+        worst = max(worst, float((expected - torch.tensor(c.logprobs, dtype=torch.float64)).abs().max()))
+    assert worst <= TOL
+
+
 def test_seeds_and_stop_strings(setup):
     _, _, pool, prompts, _ = setup
     first = pool.generate(prompts[:3], _sampling())

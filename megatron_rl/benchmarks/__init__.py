@@ -1,0 +1,1 @@
+"""Benchmark logic (functions that return table rows); thin CLIs in tools/ print them."""
