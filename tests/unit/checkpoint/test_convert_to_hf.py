@@ -1,4 +1,4 @@
-"""convert_to_hf on single-process checkpoints laid out like Megatron's (see dcp_fixtures.py): exact tensors,
+"""convert_to_hf on single-process checkpoints laid out like Megatron's (see helpers.py): exact tensors,
 dtype handling, sharding, and a clear refusal of every kind of mismatched or incomplete input."""
 import json
 import os
@@ -19,7 +19,7 @@ from megatron_rl.checkpoint.format import (
 from megatron_rl.checkpoint.model_ckpt import SHARDED_STATE_DICT_METADATA
 from megatron_rl.models.hf_io import HFCheckpointReader
 from megatron_rl.models.qwen_arch import ModelConfigError, load_arch
-from tests.unit.checkpoint.dcp_fixtures import megatron_key_tensors, write_dcp
+from tests.unit.checkpoint.helpers import assert_same_tensors, megatron_key_tensors, write_dcp
 
 
 def make_checkpoint(hf_dir, out, *, stack_layers=False, tensors=None):
@@ -28,15 +28,6 @@ def make_checkpoint(hf_dir, out, *, stack_layers=False, tensors=None):
     write_info(out, CheckpointInfo(arch=arch_summary(load_arch(hf_dir)), layout={"tp": 1}, world_size=1,
                                    dtype="float32", sharded_metadata=dict(SHARDED_STATE_DICT_METADATA)))
     return out
-
-
-def assert_same_tensors(a_dir, b_dir, dtype=None):
-    a, b = HFCheckpointReader(a_dir), HFCheckpointReader(b_dir)
-    assert sorted(a.names()) == sorted(b.names())
-    for name in a.names():
-        want = a.get(name) if dtype is None else a.get(name).to(dtype)
-        got = b.get(name)
-        assert got.dtype == want.dtype and torch.equal(got, want), name
 
 
 @pytest.mark.parametrize("arch,stack", [("qwen2", False), ("qwen3", True), ("qwen3_moe", False)])

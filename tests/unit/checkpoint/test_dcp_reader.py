@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_rl.checkpoint.dcp_reader import DistCheckpointError, DistCheckpointReader
-from tests.unit.checkpoint.dcp_fixtures import write_dcp
+from tests.unit.checkpoint.helpers import write_dcp
 
 
 @pytest.fixture()

@@ -1,4 +1,5 @@
-"""Helpers that write small PyTorch-DCP folders in one process, laid out like Megatron's torch_dist checkpoints.
+"""Test helpers: small PyTorch-DCP folders written in one process, laid out like Megatron's torch_dist checkpoints,
+and an exact comparison of two HF folders.
 
 The key layout is built here independently of megatron_rl.checkpoint.sharded_keys, from the Megatron-Core 0.16.1
 sources (transformer_block.py, mlp.py, moe/experts.py): fused-norm names, per-layer or layer-stacked keys and
@@ -64,3 +65,13 @@ def megatron_key_tensors(hf_dir: str, stack_layers: bool = False) -> dict[str, t
         for key, by_layer in stacked.items():
             out[key] = torch.stack([by_layer[i] for i in sorted(by_layer)])
     return out
+
+
+def assert_same_tensors(a_dir, b_dir, dtype=None):
+    """Both HF folders hold the same tensor names, and every tensor of b equals a's (cast to `dtype`) bit for bit."""
+    a, b = HFCheckpointReader(a_dir), HFCheckpointReader(b_dir)
+    assert sorted(a.names()) == sorted(b.names())
+    for name in a.names():
+        want = a.get(name) if dtype is None else a.get(name).to(dtype)
+        got = b.get(name)
+        assert got.dtype == want.dtype and torch.equal(got, want), name
