@@ -1,0 +1,111 @@
+"""Longer rollout-pool scenarios (marked slow; each starts its own engines):
+
+- weights exported by `export_hf_weights` from a sharded Megatron Qwen3-MoE (EP=2 over two gloo ranks, parameters
+  changed in Megatron) reach the engines, whose log-probs then match transformers on the exported tensors (1e-4);
+- a hung engine (answer later than request_timeout_s) is killed and restarted, its share re-issued, and after
+  max_attempts the pool raises; the pool works afterwards;
+- logprobs_mode="raw_logprobs" reports log_softmax(logits) (temperature 1) whatever the sampling temperature;
+- samples do not depend on the number of engines (per-prompt seeds).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_rl.rollout import EngineConfig, RolloutError, RolloutPool, RolloutPoolConfig, SamplingConfig
+from megatron_rl.rollout.ray_cluster import local_ray_cluster
+from tests.integration.test_rollout_pool import MODEL_SIZE, TEMPERATURE, TOL, Reference, hf_state_dict
+
+pytestmark = [pytest.mark.vllm, pytest.mark.ray, pytest.mark.slow]
+
+PROMPTS = [[1, 87, 85, 270, 201, 282, 275, 268], [1, 67, 85, 85, 271, 86], [5, 6, 7, 8, 9], [300, 301, 302]]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    with local_ray_cluster(num_cpus=2):
+        yield
+
+
+def _pool(model_dir, num_engines=1, **pool_fields):
+    engine_fields = {k: pool_fields.pop(k) for k in list(pool_fields) if k in EngineConfig.__dataclass_fields__}
+    engine = EngineConfig(model=model_dir, dtype="float32", max_model_len=1024, **engine_fields)
+    return RolloutPool(RolloutPoolConfig(engine, num_engines=num_engines, **pool_fields))
+
+
+def export_changed_megatron_weights(hf_dir: str, bucket_bytes: int) -> list | None:
+    """On each gloo rank: Megatron model from the checkpoint (EP=2), every local parameter changed, then
+    export_hf_weights(dst=0) -> rank 0 returns the buckets (lists of (hf_name, tensor)), exactly what the trainer
+    will hand to RolloutPool.update_weights."""
+    import torch.distributed as dist
+
+    from megatron_rl.models.verify import build_loaded_model
+    from megatron_rl.models.weight_transfer import export_hf_weights
+    from megatron_rl.parallel.layout import ParallelLayout
+    from megatron_rl.parallel.state import destroy_parallel
+
+    arch, chunks = build_loaded_model(hf_dir, ParallelLayout(ep=2))
+    gen = torch.Generator().manual_seed(100 + dist.get_rank())
+    with torch.no_grad():  # every parameter moves by 0.3 of its std (norm weights, std 0, by 0.3)
+        for param in (p for chunk in chunks for p in chunk.parameters()):
+            std = float(param.std()) if param.numel() > 1 else 0.0
+            param.add_(0.3 * (std if std > 0 else 1.0) * torch.randn(param.shape, generator=gen))
+    buckets = list(export_hf_weights(chunks, arch, bucket_bytes=bucket_bytes, dst=0))
+    destroy_parallel()
+    return [[(n, t.clone()) for n, t in b] for b in buckets] if dist.get_rank() == 0 else None
+
+
+def test_megatron_export_reaches_the_engines(ray_cluster, tiny_model, tmp_path):
+    from megatron_rl.parallel.spawn import spawn_ranks
+
+    model_dir = tiny_model("qwen3_moe", **MODEL_SIZE)
+    buckets = spawn_ranks(export_changed_megatron_weights, world_size=2, args=(model_dir, 16 * 1024))[0]
+    exported = {name: t for bucket in buckets for name, t in bucket}
+    old = hf_state_dict(model_dir)
+    assert set(exported) == set(old) and len(buckets) > 3
+    assert all(not torch.equal(exported[k], old[k]) for k in old), "Megatron did not change every tensor"
+
+    reference = Reference(model_dir, str(tmp_path / "ref"))
+    with _pool(model_dir) as pool:
+        stats = pool.update_weights(buckets)
+        assert stats.num_tensors == len(old)
+        completions = pool.generate(PROMPTS, SamplingConfig(n=2, temperature=TEMPERATURE, max_tokens=24, seed=1))
+    reference.load(old)
+    assert reference.max_abs_diff(completions, TEMPERATURE) > 1e-2
+    reference.load(exported)
+    assert reference.max_abs_diff(completions, TEMPERATURE) <= TOL
+
+
+def test_hung_engine_is_restarted_then_the_pool_gives_up(ray_cluster, tiny_model):
+    """An engine busier than request_timeout_s counts as hung: killed, restarted, share re-issued; after
+    max_attempts tries the pool raises RolloutError, and the restarted engine serves the next call."""
+    model_dir = tiny_model("qwen3", **MODEL_SIZE)
+    with _pool(model_dir, request_timeout_s=3.0, max_attempts=2) as pool:
+        long_batch = PROMPTS * 16
+        with pytest.raises(RolloutError, match="failed 2 times"):
+            pool.generate(long_batch, SamplingConfig(n=8, max_tokens=512, seed=0))
+        assert pool.stats.timeouts == 2 and pool.stats.restarts == 2 and pool.stats.reissued_shares == 1
+        short = pool.generate(PROMPTS, SamplingConfig(n=1, max_tokens=4, seed=0))
+        assert len(short) == len(PROMPTS)
+
+
+def test_raw_logprobs_mode_reports_the_untempered_model(ray_cluster, tiny_model, tmp_path):
+    model_dir = tiny_model("qwen3", **MODEL_SIZE)
+    reference = Reference(model_dir, str(tmp_path / "ref"))
+    with _pool(model_dir, logprobs_mode="raw_logprobs") as pool:
+        completions = pool.generate(PROMPTS, SamplingConfig(n=2, temperature=TEMPERATURE, top_p=0.8, max_tokens=24, seed=3))
+    assert reference.max_abs_diff(completions, 1.0) <= TOL
+    assert reference.max_abs_diff(completions, TEMPERATURE) > 1e-2
+
+
+def test_samples_do_not_depend_on_the_number_of_engines(ray_cluster, tiny_model):
+    model_dir = tiny_model("qwen3_moe", **MODEL_SIZE)
+    sampling = SamplingConfig(n=3, temperature=1.0, max_tokens=32, seed=11)
+    runs = []
+    for engines in (1, 2):
+        with _pool(model_dir, num_engines=engines) as pool:
+            runs.append(pool.generate(PROMPTS * 2, sampling))
+    assert {c.engine_id for c in runs[1]} == {0, 1}
+    assert [c.token_ids for c in runs[0]] == [c.token_ids for c in runs[1]]
+    worst = max(abs(a - b) for x, y in zip(*runs) for a, b in zip(x.logprobs, y.logprobs))
+    assert worst <= TOL  # same tokens; log-probs equal up to batch-shape rounding
