@@ -155,15 +155,6 @@ def _is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _rank() -> int:
-    return dist.get_rank() if _is_distributed() else 0
-
-
-def _barrier() -> None:
-    if _is_distributed():
-        dist.barrier()
-
-
 @contextlib.contextmanager
 def atomic_checkpoint_dir(
     out_dir: str | os.PathLike, *, overwrite: bool = False, collective: bool | None = None
@@ -278,34 +269,34 @@ def write_model_checkpoint(
     elif not arch.raw:
         raise ValueError("arch has no raw HF config (arch.raw is empty): pass hf_source_dir so config.json can be saved")
     model_dir = os.path.join(ckpt_dir, MODEL_DIR)
-    if _rank() == 0:
+    rank = dist.get_rank()  # Megatron's save needs the initialised world anyway
+    if rank == 0:
         os.makedirs(model_dir, exist_ok=True)
-    _barrier()
+    dist.barrier()
     with _quiet_dcp_deprecations():
         dist_checkpointing.save(
             model_sharded_state_dict(chunks), model_dir, sharded_strategy=_save_strategy(fully_parallel),
             validate_access_integrity=True,
         )
-    if _rank() == 0:
+    if rank == 0:
         hf_dir = os.path.join(ckpt_dir, HF_CONFIG_DIR)
         if hf_source_dir is not None:
             copy_hf_side_files(os.fspath(hf_source_dir), hf_dir)
         else:
             os.makedirs(hf_dir, exist_ok=True)
             write_hf_config(hf_dir, arch.raw)
-        world = dist.get_world_size() if _is_distributed() else 1
         write_info(
             ckpt_dir,
             CheckpointInfo(
                 arch=arch_summary(arch),
                 layout=dataclasses.asdict(layout),
-                world_size=world,
+                world_size=dist.get_world_size(),
                 dtype=_param_dtype(chunks),
                 sharded_metadata=dict(SHARDED_STATE_DICT_METADATA),
                 extra={"hf_source_dir": os.path.abspath(hf_source_dir) if hf_source_dir else None},
             ),
         )
-    _barrier()
+    dist.barrier()
 
 
 def save_model_checkpoint(
