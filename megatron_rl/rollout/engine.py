@@ -132,7 +132,7 @@ class RolloutEngine:
     def begin_weight_update(self, version: int) -> None:
         if self._update is not None:
             open_version = self._update["version"]
-            self._abort_update()
+            self.abort_weight_update()
             raise WeightUpdateError(
                 f"engine {self.engine_id}: begin_weight_update({version}) while update {open_version} was open; "
                 "the open one was aborted"
@@ -147,12 +147,12 @@ class RolloutEngine:
         try:
             names = self.llm.collective_rpc("megatron_rl_load_bucket", args=(transport, payload))[0]
         except BaseException:
-            self._abort_update()
+            self.abort_weight_update()
             raise
         duplicates = self._update["names"].intersection(names)
         self._update["names"].update(names)
         if duplicates:
-            self._abort_update()
+            self.abort_weight_update()
             raise WeightUpdateError(f"engine {self.engine_id}: tensors sent twice in one update: {sorted(duplicates)[:5]}")
         return len(names)
 
@@ -176,8 +176,10 @@ class RolloutEngine:
         self.weights_valid = True
         return {**counts, "engine_id": self.engine_id, "seconds": time.perf_counter() - update["start"]}
 
-    def _abort_update(self) -> None:
-        """Close an open update so the model is in kernel format again (its weights stay undefined)."""
+    def abort_weight_update(self) -> None:
+        """Close an open update (if any) so the model is in kernel format again; the weights stay undefined."""
+        if self._update is None:
+            return
         self._update = None
         self.weights_valid = False
         try:

@@ -214,6 +214,7 @@ class RolloutPool:
         except BaseException:
             self._transport.discard()
             self._invalid_reason = "an update_weights call was interrupted while sending buckets"
+            self._abort_open_updates()
             raise
         for i, slot in enumerate(self._slots):
             refs[i].append(slot.actor.finish_weight_update.remote())
@@ -369,6 +370,17 @@ class RolloutPool:
             ray.get(refs, timeout=self.config.startup_timeout_s)
         except Exception as error:  # noqa: BLE001 - the pool cannot go on without this engine
             raise RolloutError(f"engine {slot.engine_id} could not be restarted ({reason}): {error}") from error
+
+    def _abort_open_updates(self) -> None:
+        """Close the engines' open weight updates after the caller's bucket iterator failed (best effort)."""
+        import ray
+
+        refs = [slot.actor.abort_weight_update.remote() for slot in self._slots]
+        for slot, ref in zip(self._slots, refs):
+            try:
+                ray.get(ref, timeout=self.config.weight_sync_timeout_s)
+            except Exception as error:  # noqa: BLE001 - such an engine is replaced at the next failure it causes
+                logger.warning("engine %d: aborting its weight update failed: %s", slot.engine_id, error)
 
     def _check_open(self) -> None:
         if not self._slots:

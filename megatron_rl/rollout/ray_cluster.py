@@ -6,7 +6,7 @@
         ...
 
 `start_local_ray_cluster` always starts a new cluster (`address="local"`, never joins one found through
-RAY_ADDRESS), bound to 127.0.0.1, without the dashboard and with usage statistics off. The object store size is set
+RAY_ADDRESS) whose processes listen and talk on 127.0.0.1 only, without the dashboard and with usage statistics off. The object store size is set
 explicitly (Ray would otherwise take 30% of the machine's memory). On a multi-node Slurm allocation the trainer joins
 the cluster the launch script started instead (`ray.init(address="auto")`); nothing here is for that case.
 """
@@ -30,11 +30,17 @@ def start_local_ray_cluster(
     `EngineConfig.cpus_per_engine` of them. log_to_driver: forward the actors' stdout/stderr (vLLM logs) here.
     Returns Ray's context address info.
     """
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Loopback only. Ray 2.60 turns _node_ip_address="127.0.0.1" into the machine's routable address (services.
+    # resolve_ip_for_localhost) unless "cluster mode" is off, which is what this variable switches (Ray reads it
+    # into ray_constants.ENABLE_RAY_CLUSTER at import; its processes started below inherit it from here).
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
+    from ray._private import ray_constants
 
     if ray.is_initialized():
         raise RuntimeError("Ray is already initialised in this process; call stop_local_ray_cluster() first")
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False  # in case Ray was imported here before the variable was set
     context = ray.init(
         address="local",
         num_cpus=num_cpus,

@@ -174,6 +174,21 @@ def _sampling(**kw):
 
 
 # ---- tests ------------------------------------------------------------------------------------------------------
+def test_ray_cluster_listens_on_loopback_only(setup):
+    """start_local_ray_cluster keeps Ray (GCS, raylet, workers, engines) on 127.0.0.1."""
+    import psutil
+    import ray
+
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+    ours = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
+    listening = {
+        (c.laddr.ip, c.pid) for c in psutil.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.pid in ours
+    }
+    assert listening, "found no listening socket of this test's Ray processes"
+    assert {ip for ip, _ in listening} <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, listening
+
+
 def test_generate_logprobs_match_transformers(setup, reference):
     arch, _, pool, prompts, _ = setup
     completions = pool.generate(prompts, _sampling())
@@ -216,7 +231,7 @@ def test_top_p_logprobs_are_those_of_the_truncated_policy(setup, reference):
 
 
 def test_seeds_and_stop_strings(setup):
-    _, _, pool, prompts, _ = setup
+    _, model_dir, pool, prompts, _ = setup
     first = pool.generate(prompts[:3], _sampling())
     again = pool.generate(prompts[:3], _sampling())
     assert [c.token_ids for c in first] == [c.token_ids for c in again], "same seed, different samples"
@@ -230,6 +245,9 @@ def test_seeds_and_stop_strings(setup):
     hit = stopped[first.index(target)]
     assert hit.finish_reason == "stop" and stop not in hit.text and len(hit.token_ids) < len(target.token_ids)
     assert hit.token_ids == target.token_ids[: len(hit.token_ids)], "the stopped sample diverged before the stop"
+    from transformers import AutoTokenizer
+
+    assert stop in AutoTokenizer.from_pretrained(model_dir).decode(hit.token_ids), "the stop tokens are not in token_ids"
 
 
 def test_bad_input_is_refused_before_generation(setup):
@@ -277,6 +295,18 @@ def test_incomplete_update_is_refused_and_recoverable(setup):
     with pytest.raises(RolloutError, match="weight update .* failed"):
         pool.generate(prompts, _sampling())
     pool.update_weights(shuffled_buckets(state, bucket_bytes=64 * 1024))
+    assert len(pool.generate(prompts, _sampling())) == 2 * len(prompts)
+
+    def export_that_fails():  # the trainer's export raising half way
+        buckets = shuffled_buckets(state, bucket_bytes=16 * 1024)
+        yield from buckets[:2]
+        raise OSError("export failed")
+
+    with pytest.raises(OSError, match="export failed"):
+        pool.update_weights(export_that_fails())
+    with pytest.raises(RolloutError, match="interrupted"):
+        pool.generate(prompts, _sampling())
+    pool.update_weights(shuffled_buckets(state, bucket_bytes=64 * 1024))  # the engines' half-open updates were closed
     assert len(pool.generate(prompts, _sampling())) == 2 * len(prompts)
 
 
