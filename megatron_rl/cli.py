@@ -9,6 +9,7 @@ import sys
 
 # subcommand name -> module under megatron_rl.commands
 COMMANDS = {
+    "train": "train",
     "verify-model": "verify_model",
     "convert-to-hf": "convert_to_hf",
     "convert-from-hf": "convert_from_hf",

@@ -89,7 +89,7 @@ class PolicyLossSettings:
 
 @dataclass(frozen=True)
 class ActorConfig:
-    """model_path: HF folder to start from. layout: TP/PP/CP/EP/ETP/VPP. dtype: float32 or bfloat16.
+    """model_path: HF folder to start from (the trainer fills it from model.path). layout: TP/PP/CP/EP/ETP/VPP. dtype: float32 or bfloat16.
 
     packing: pack variable-length sequences into one THD stream per micro-batch (no padding); False pads every
     sequence of a micro-batch to the longest (bshd). max_tokens_per_microbatch: token budget that decides the
@@ -97,7 +97,7 @@ class ActorConfig:
     temperature: the sampling temperature; log-probs are computed from logits / temperature, as vLLM samples.
     """
 
-    model_path: str
+    model_path: str = ""
     layout: ParallelLayout = field(default_factory=ParallelLayout)
     dtype: str = "float32"
     seed: int = 1234

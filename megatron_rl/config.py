@@ -1,0 +1,395 @@
+"""The one typed configuration tree of a training run: YAML + dotted CLI overrides, validated up front.
+
+    cfg = load_config("examples/configs/quickstart_cpu.yaml", ["actor.layout.tp=2", "run.steps=50"])
+
+Sections (each a frozen dataclass; components reuse the dataclasses of the modules they configure):
+
+    run         name, output_dir, seed, steps                          -> run dir = output_dir/name
+    model       path (HF folder) or tiny_arch + tiny (a random tiny model made in the run dir)
+    data        train / val (megatron_rl.data.PromptDataConfig) or synthetic (generated into the run dir)
+    reward      reward function (name or "pkg.module:fn"), workers, timeout
+    algorithm   advantage estimator, prompts per step, dynamic sampling, LSPO, overlong, old log-probs, mini-batches
+    actor       megatron_rl.actor.config.ActorConfig: parallel layout, dtype, packing, optimizer, policy loss
+    rollout     megatron_rl.rollout.config.RolloutPoolConfig: engines (vLLM settings), timeouts, transport
+    sampling    megatron_rl.rollout.types.SamplingConfig: n (= the GRPO group size), temperature, top_p, max_tokens
+    eval        evaluation cadence and settings
+    warmup      optional supervised warm-up before RL (synthetic tasks' reference answers)
+    checkpoint  cadence, retention
+    logging     JSONL / TensorBoard / wandb, progress bars
+    resources   actor ranks (the Megatron world size), Ray address, CPUs/GPUs
+
+Derived defaults (`derive_defaults`, applied to the raw mapping before typing, so a config file stays short and
+two settings that must agree are written once): actor.model_path and rollout.engine.model come from model.path;
+actor.temperature from sampling.temperature (both given and different is an error); the Dr.GRPO length constant
+(actor.loss.max_response_length), the DAPO overlong limit and eval.max_tokens from sampling.max_tokens; the data
+files of data.synthetic live in <run dir>/data. The resolved tree is written to <run dir>/config.yaml.
+
+Cross-checks that need several sections (`validate_config`) run before anything expensive: parallel layout vs
+model and actor ranks, CPUs/GPUs vs what the actors and engines need, group size vs advantage estimator, ...
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+from megatron_rl.actor.config import ActorConfig
+from megatron_rl.algorithms import DynamicSamplingConfig, LSPOConfig, OverlongConfig
+from megatron_rl.config_loader import ConfigError, deep_merge, dump_yaml, from_dict, parse_overrides, read_yaml
+from megatron_rl.data.config import PromptDataConfig
+from megatron_rl.models.tiny import ARCHS as TINY_ARCHS
+from megatron_rl.models.tiny import TinySize
+from megatron_rl.rollout.config import RolloutPoolConfig
+from megatron_rl.rollout.types import SamplingConfig
+
+__all__ = ["TrainConfig", "ConfigError", "load_config", "validate_config", "config_yaml"]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """name: the run's folder under output_dir (metrics, checkpoints, resolved config). steps: RL steps."""
+
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    steps: int = 10
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name:
+            raise ValueError(f"run.name must be a non-empty folder name, got {self.name!r}")
+        if self.steps < 0:
+            raise ValueError(f"run.steps must be >= 0, got {self.steps}")
+
+    @property
+    def dir(self) -> str:
+        return os.path.join(self.output_dir, self.name)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """path: the HF folder to train (config.json, safetensors, tokenizer). With path empty and tiny_arch set,
+    a random tiny model of that architecture (sizes in `tiny`) is made in <run dir>/tiny_model."""
+
+    path: str = ""
+    tiny_arch: str | None = None
+    tiny: TinySize = field(default_factory=TinySize)
+
+    def __post_init__(self):
+        if self.tiny_arch is not None and self.tiny_arch not in TINY_ARCHS:
+            raise ValueError(f"model.tiny_arch must be one of {TINY_ARCHS}, got {self.tiny_arch!r}")
+        if not self.path and self.tiny_arch is None:
+            raise ValueError("model.path is required (or set model.tiny_arch for a random tiny model)")
+
+
+@dataclass(frozen=True)
+class SyntheticDataSettings:
+    """Generate train/val prompts of a synthetic verifiable task (megatron_rl.data.synthetic)."""
+
+    task: str = "arithmetic"
+    difficulty: int = 1
+    num_train: int = 2000
+    num_val: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        from megatron_rl.data.synthetic.tasks import get_task
+
+        get_task(self.task)
+        if self.num_train < 1 or self.num_val < 0:
+            raise ValueError("data.synthetic.num_train must be >= 1 and num_val >= 0")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    train: PromptDataConfig | None = None
+    val: PromptDataConfig | None = None
+    synthetic: SyntheticDataSettings | None = None
+
+
+@dataclass(frozen=True)
+class RewardSettings:
+    """fn: a registered name ("default", "math", "arithmetic", "countdown", "format") or "pkg.module:function"."""
+
+    fn: str = "default"
+    num_workers: int = 2
+    timeout_s: float = 10.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.num_workers < 1:
+            raise ValueError(f"reward.num_workers must be >= 1, got {self.num_workers}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"reward.timeout_s must be > 0, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
+class AlgorithmSettings:
+    """advantage: grpo | dr_grpo | rloo (group size = sampling.n). prompts_per_step: groups per training batch.
+    prompts_per_round: prompts generated per over-sampling round (default prompts_per_step).
+    old_log_probs: "recompute" (the actor's log-probs before the update: exact on-policy ratios and the
+    train/rollout mismatch metric) or "rollout" (the engines' log-probs; saves a forward pass).
+    mini_batches: optimizer steps per rollout batch (1 = fully on-policy)."""
+
+    advantage: str = "grpo"
+    prompts_per_step: int = 8
+    prompts_per_round: int | None = None
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    lspo: LSPOConfig = field(default_factory=LSPOConfig)
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
+    old_log_probs: Literal["recompute", "rollout"] = "recompute"
+    mini_batches: int = 1
+
+    def __post_init__(self):
+        from megatron_rl.algorithms import ADVANTAGE_ESTIMATORS
+
+        if self.advantage not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"algorithm.advantage must be one of {sorted(ADVANTAGE_ESTIMATORS)}, got {self.advantage!r}")
+        if self.prompts_per_step < 1:
+            raise ValueError(f"algorithm.prompts_per_step must be >= 1, got {self.prompts_per_step}")
+        if self.prompts_per_round is not None and self.prompts_per_round < 1:
+            raise ValueError(f"algorithm.prompts_per_round must be >= 1, got {self.prompts_per_round}")
+        if self.mini_batches < 1:
+            raise ValueError(f"algorithm.mini_batches must be >= 1, got {self.mini_batches}")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """every: evaluate every k RL steps (0 = never during training); at_start: also before the first step.
+    n: samples per prompt (avg@n, pass@k for k in pass_ks); temperature 0 = greedy."""
+
+    every: int = 5
+    at_start: bool = True
+    num_prompts: int | None = None
+    n: int = 1
+    pass_ks: list[int] = field(default_factory=lambda: [1])
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int | None = None
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise ValueError(f"eval.every must be >= 0, got {self.every}")
+        if self.n < 1 or any(k < 1 or k > self.n for k in self.pass_ks):
+            raise ValueError(f"eval.pass_ks {self.pass_ks} must be within 1..eval.n={self.n}")
+
+
+@dataclass(frozen=True)
+class WarmupSettings:
+    """Supervised warm-up on the synthetic task's reference answers before RL (0 steps = off)."""
+
+    steps: int = 0
+    batch_size: int = 32
+    lr: float = 1e-3
+    seed: int = 12345
+
+    def __post_init__(self):
+        if self.steps < 0 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError("warmup.steps must be >= 0, warmup.batch_size >= 1 and warmup.lr > 0")
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """every: save every k RL steps (0 = only at exit); keep_last: checkpoints kept (older ones deleted)."""
+
+    every: int = 0
+    keep_last: int = 2
+    at_exit: bool = True
+
+    def __post_init__(self):
+        if self.every < 0 or self.keep_last < 1:
+            raise ValueError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    jsonl: bool = True
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    progress_bars: bool = True
+
+
+@dataclass(frozen=True)
+class ResourceSettings:
+    """actor_ranks: the Megatron world size (GPUs of the training actors; CPU processes here).
+    ray_address: None = start a private local Ray; "auto" = join the cluster a launcher started (Slurm script).
+    num_cpus / num_gpus: what the local Ray may use (None = the machine's). device: "auto" picks gpu when CUDA
+    is available. colocate: GPU only, engines share the actors' GPUs (vLLM sleeps during training)."""
+
+    actor_ranks: int = 1
+    ray_address: str | None = None
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    actor_cpus_per_rank: int = 1
+    colocate: bool = False
+
+    def __post_init__(self):
+        if self.actor_ranks < 1:
+            raise ValueError(f"resources.actor_ranks must be >= 1, got {self.actor_ranks}")
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    actor: ActorConfig
+    rollout: RolloutPoolConfig
+    run: RunSettings = field(default_factory=RunSettings)
+    model: ModelSettings = field(default_factory=lambda: ModelSettings(tiny_arch="qwen3"))
+    data: DataSettings = field(default_factory=DataSettings)
+    reward: RewardSettings = field(default_factory=RewardSettings)
+    algorithm: AlgorithmSettings = field(default_factory=AlgorithmSettings)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=8))
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    warmup: WarmupSettings = field(default_factory=WarmupSettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    resources: ResourceSettings = field(default_factory=ResourceSettings)
+
+    @property
+    def run_dir(self) -> str:
+        return self.run.dir
+
+
+def _get(raw: dict, dotted: str, default=None):
+    node = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _setdefault(raw: dict, dotted: str, value) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{part}' must be a section")
+    node.setdefault(parts[-1], value)
+
+
+def derive_defaults(raw: dict) -> dict:
+    """Fill the settings that follow from others (module docstring). Returns a new mapping."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    run_dir = os.path.join(_get(raw, "run.output_dir", RunSettings.output_dir), _get(raw, "run.name", RunSettings.name))
+    model = raw.setdefault("model", {})
+    if not model.get("path"):
+        if "tiny_arch" not in model and not raw.get("model"):
+            model["tiny_arch"] = "qwen3"
+        if model.get("tiny_arch"):
+            model["path"] = os.path.join(run_dir, "tiny_model")
+    path = model.get("path", "")
+    _setdefault(raw, "actor.model_path", path)
+    _setdefault(raw, "rollout.engine.model", path)
+
+    sampling_t, actor_t = _get(raw, "sampling.temperature"), _get(raw, "actor.temperature")
+    if sampling_t is not None and actor_t is not None and float(sampling_t) != float(actor_t):
+        raise ConfigError(
+            f"actor.temperature ({actor_t}) differs from sampling.temperature ({sampling_t}): the actor must score "
+            "responses at the temperature they were sampled with; set only sampling.temperature"
+        )
+    if sampling_t is not None:
+        _setdefault(raw, "actor.temperature", sampling_t)
+    max_tokens = _get(raw, "sampling.max_tokens", SamplingConfig.max_tokens)
+    _setdefault(raw, "actor.loss.max_response_length", max_tokens)
+    if _get(raw, "algorithm.overlong.soft_penalty"):
+        _setdefault(raw, "algorithm.overlong.max_response_length", max_tokens)
+    _setdefault(raw, "eval.max_tokens", max_tokens)
+    _setdefault(raw, "sampling.n", 8)
+    device = _get(raw, "resources.device", "auto")
+    if device == "auto":
+        import torch
+
+        device = "gpu" if torch.cuda.is_available() else "cpu"
+    _setdefault(raw, "rollout.device", device)
+
+    synthetic = _get(raw, "data.synthetic")
+    if synthetic is not None:
+        data_dir = os.path.join(run_dir, "data")
+        for split in ("train", "val"):
+            _setdefault(raw, f"data.{split}.path", os.path.join(data_dir, f"{split}.parquet"))
+            _setdefault(raw, f"data.{split}.layout", "dapo")
+    return raw
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = (), *, base: dict | None = None) -> TrainConfig:
+    """YAML file (optional) + overrides -> validated TrainConfig. Raises ConfigError naming the key."""
+    raw = dict(base or {})
+    if path:
+        raw = deep_merge(raw, read_yaml(path))
+    raw = deep_merge(raw, parse_overrides(overrides))
+    cfg = from_dict(TrainConfig, derive_defaults(raw))
+    validate_config(cfg)
+    return cfg
+
+
+def model_arch(cfg: TrainConfig):
+    """The architecture of the model to train, without writing anything (tiny models from their sizes)."""
+    from megatron_rl.models.qwen_arch import arch_from_dict, load_arch
+
+    if cfg.model.tiny_arch and not os.path.exists(os.path.join(cfg.model.path, "config.json")):
+        from megatron_rl.models.tiny import hf_config
+
+        return arch_from_dict(hf_config(cfg.model.tiny_arch, cfg.model.tiny, eos_token_id=2, pad_token_id=0).to_dict())
+    return load_arch(cfg.model.path)
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Checks across sections; each error names the keys to change. Runs in seconds, before any launch."""
+    from megatron_rl.models.qwen_arch import ModelConfigError
+    from megatron_rl.parallel.layout import ParallelLayoutError
+
+    try:
+        arch = model_arch(cfg)
+    except (ModelConfigError, FileNotFoundError) as e:
+        raise ConfigError(f"model.path: {e}") from None
+    try:
+        cfg.actor.layout.validate(cfg.resources.actor_ranks, arch)
+    except ParallelLayoutError as e:
+        raise ConfigError(f"actor.layout / resources.actor_ranks={cfg.resources.actor_ranks}: {e}") from None
+    if cfg.data.train is None:
+        raise ConfigError("data.train: no training prompts; give data.train.path or a data.synthetic section")
+    if cfg.algorithm.advantage in ("grpo", "rloo") and cfg.sampling.n < 2:
+        raise ConfigError(f"sampling.n={cfg.sampling.n}: {cfg.algorithm.advantage} needs groups of >= 2 responses")
+    if cfg.warmup.steps and cfg.data.synthetic is None:
+        raise ConfigError("warmup.steps > 0 needs data.synthetic (the warm-up trains on its reference answers)")
+    if cfg.actor.loss.kl_coef > 0 and cfg.algorithm.old_log_probs == "rollout":
+        pass  # allowed: the reference model still provides ref log-probs
+    if cfg.sampling.max_tokens > arch.max_position_embeddings:
+        raise ConfigError(
+            f"sampling.max_tokens={cfg.sampling.max_tokens} exceeds the model's max_position_embeddings="
+            f"{arch.max_position_embeddings}"
+        )
+    device = cfg.resources.resolved_device
+    if device == "cpu":
+        needed = cfg.resources.actor_ranks * cfg.resources.actor_cpus_per_rank + \
+            cfg.rollout.num_engines * cfg.rollout.engine.cpus_per_engine
+        if cfg.resources.num_cpus is not None and needed > cfg.resources.num_cpus:
+            raise ConfigError(
+                f"resources.num_cpus={cfg.resources.num_cpus} is less than the actors and engines need ({needed}: "
+                f"resources.actor_ranks x actor_cpus_per_rank + rollout.num_engines x rollout.engine.cpus_per_engine)"
+            )
+    else:
+        actor_gpus = cfg.resources.actor_ranks
+        engine_gpus = 0 if cfg.resources.colocate else cfg.rollout.num_engines * cfg.rollout.engine.tensor_parallel_size
+        if cfg.resources.num_gpus is not None and actor_gpus + engine_gpus > cfg.resources.num_gpus:
+            raise ConfigError(
+                f"resources.num_gpus={cfg.resources.num_gpus} < resources.actor_ranks ({actor_gpus}) + rollout engines' "
+                f"GPUs ({engine_gpus}); lower them or set resources.colocate=true"
+            )
+    if cfg.rollout.device != device:
+        raise ConfigError(f"rollout.device={cfg.rollout.device!r} but resources.device resolves to {device!r}")
+
+
+def config_yaml(cfg: TrainConfig) -> str:
+    return dump_yaml(cfg)

@@ -1,0 +1,391 @@
+"""The RL loop: rollout -> reward -> filter -> advantages -> old log-probs -> train -> sync -> evaluate -> log -> save.
+
+    cfg = load_config("examples/configs/quickstart_cpu.yaml")
+    Trainer(cfg).run()                      # or Trainer(cfg, resume=True).run()
+
+One step (`_rl_step`):
+  1. generate rounds of prompts with the vLLM pool (n samples each), score them with the reward pool, shape rewards
+     (DAPO overlong penalty), and let dynamic sampling + LSPO keep groups until the batch is full or the round
+     cap is hit (`algorithms.fill_batch`, decided once, here on the driver);
+  2. advantages (GRPO / Dr.GRPO / RLOO) over each group; the actor batch (prompt + response ids, rollout log-probs,
+     loss masks with optional masking of truncated responses);
+  3. old log-probs recomputed by the actor (exact on-policy ratios; the train/rollout mismatch metric) or taken
+     from the rollout; reference log-probs when a KL term is on;
+  4. `algorithm.mini_batches` optimizer steps of the configured policy loss (LUSPO by default);
+  5. the new weights stream from the Megatron ranks to every vLLM engine (in place, bucketed);
+  6. evaluation every `eval.every` steps, metrics to JSONL/TensorBoard, a one-line summary, a checkpoint every
+     `checkpoint.every` steps (atomic; model + optimizer + sampler + RNG + metrics history).
+SIGTERM/SIGINT (e.g. `scancel`) finish the current step, save a checkpoint and exit; `--resume` continues from the
+latest complete checkpoint with nothing lost or repeated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+import warnings
+
+from megatron_rl.config import TrainConfig, config_yaml
+from megatron_rl.training.checkpointing import (
+    latest_checkpoint,
+    load_trainer_state,
+    remove_unfinished,
+    restore_metrics,
+    save_training_checkpoint,
+)
+from megatron_rl.training.experience import build_actor_batch, generate_grouped, rollout_stats, score_round
+from megatron_rl.training.metrics_logger import MetricsLogger, summary_line
+from megatron_rl.training.timing import StepTimer
+
+logger = logging.getLogger("megatron_rl")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, echo=print):
+        self.cfg = cfg
+        self.resume = resume
+        self.echo = echo
+        self.run_dir = cfg.run_dir
+        self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
+        self.step = 0
+        self.weights_version = 0
+        self._stop_requested = False
+        self._last_saved_step = None
+        self.group = self.pool = self.reward_pool = self.metrics = None
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _prepare_files(self) -> None:
+        """Run dir, resolved config, tiny model, synthetic data: cheap and checked before anything starts."""
+        cfg = self.cfg
+        existing = latest_checkpoint(self.ckpt_root)
+        if existing and not self.resume:
+            raise FileExistsError(
+                f"{self.run_dir} already holds checkpoints (latest: step {existing[0]}); pass --resume to continue it "
+                "or choose another run.name"
+            )
+        os.makedirs(self.run_dir, exist_ok=True)
+        with open(os.path.join(self.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(config_yaml(cfg))
+        if cfg.model.tiny_arch and not os.path.exists(os.path.join(cfg.model.path, "config.json")):
+            from megatron_rl.models.tiny import make_tiny_model
+
+            self.echo(f"[setup] making a random tiny {cfg.model.tiny_arch} model in {cfg.model.path}")
+            make_tiny_model(cfg.model.tiny_arch, cfg.model.path, size=cfg.model.tiny, seed=cfg.run.seed)
+        if cfg.data.synthetic is not None:
+            from megatron_rl.data.synthetic.export import write_synthetic_dataset
+
+            syn = cfg.data.synthetic
+            for split, data_cfg, count, seed in (("train", cfg.data.train, syn.num_train, syn.seed),
+                                                  ("val", cfg.data.val, syn.num_val, syn.seed + 1)):
+                if data_cfg is not None and count and not os.path.exists(data_cfg.path):
+                    write_synthetic_dataset(data_cfg.path, syn.task, count, seed=seed, difficulty=syn.difficulty, split=split)
+
+    def _load_data(self) -> None:
+        from transformers import AutoTokenizer
+
+        from megatron_rl.data import ResumableSampler, build_prompt_dataset
+
+        cfg = self.cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+        self.train_data = build_prompt_dataset(cfg.data.train, self.tokenizer)
+        if len(self.train_data) == 0:
+            raise ValueError(f"data.train ({cfg.data.train.path}) has no usable prompts")
+        synthetic_without_val = cfg.data.synthetic is not None and cfg.data.synthetic.num_val == 0
+        self.val_data = None
+        if cfg.data.val is not None and not synthetic_without_val:
+            self.val_data = build_prompt_dataset(cfg.data.val, self.tokenizer)
+        self.sampler = ResumableSampler(len(self.train_data), seed=cfg.run.seed)
+        self.echo(f"[setup] {len(self.train_data)} training prompts"
+                  + (f", {len(self.val_data)} validation prompts" if self.val_data else ""))
+
+    def _start_services(self) -> None:
+        import ray
+
+        from megatron_rl.actor.ray_group import ActorGroup
+        from megatron_rl.rewards import RewardPool
+        from megatron_rl.rollout.pool import RolloutPool
+        from megatron_rl.rollout.ray_cluster import start_local_ray_cluster
+
+        cfg = self.cfg
+        self.reward_pool = RewardPool(cfg.reward.fn, num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s,
+                                      fn_kwargs=dict(cfg.reward.kwargs))
+        device = cfg.resources.resolved_device
+        if cfg.resources.ray_address is None:
+            needed = cfg.resources.actor_ranks * cfg.resources.actor_cpus_per_rank + \
+                cfg.rollout.num_engines * cfg.rollout.engine.cpus_per_engine
+            num_cpus = cfg.resources.num_cpus or max(needed, os.cpu_count() or 1)
+            start_local_ray_cluster(num_cpus=num_cpus, num_gpus=cfg.resources.num_gpus)
+            self._owns_ray = True
+        else:
+            ray.init(address=cfg.resources.ray_address, log_to_driver=False)
+            self._owns_ray = False
+        if cfg.resources.colocate:
+            raise NotImplementedError(
+                "resources.colocate=true (engines sleeping on the actors' GPUs) is not implemented yet; use separate "
+                "GPU pools (colocate=false)"
+            )
+        self.echo(f"[setup] starting {cfg.resources.actor_ranks} Megatron rank(s) ({cfg.actor.layout.describe(cfg.resources.actor_ranks)})")
+        self.group = ActorGroup(cfg.actor, cfg.resources.actor_ranks, device=device,
+                                cpus_per_rank=cfg.resources.actor_cpus_per_rank)
+        self.echo(f"[setup] starting {cfg.rollout.num_engines} vLLM engine(s) on {device}")
+        self.pool = RolloutPool(cfg.rollout)
+
+    # ---------------------------------------------------------------------------------------------- run
+    def run(self) -> dict:
+        cfg = self.cfg
+        self._prepare_files()
+        self._load_data()
+        resume_from = latest_checkpoint(self.ckpt_root) if self.resume else None
+        if self.resume:
+            removed = remove_unfinished(self.ckpt_root)
+            if removed:
+                self.echo(f"[resume] removed unfinished checkpoint directories: {removed}")
+        metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
+        if resume_from is not None:
+            restore_metrics(resume_from[1], metrics_path)
+        self.metrics = MetricsLogger(
+            self.run_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
+            wandb_project=cfg.logging.wandb_project, run_name=cfg.run.name,
+            resume_step=resume_from[0] if resume_from else None,
+        )
+        previous_handlers = self._install_signal_handlers()
+        last: dict = {}
+        try:
+            self._start_services()
+            if resume_from is not None:
+                self._resume(*resume_from)
+            else:
+                self._warmup()
+                if cfg.eval.at_start and self._eval_enabled():
+                    self.metrics.log(0, self._evaluate())
+            last = self._loop()
+        finally:
+            self._restore_signal_handlers(previous_handlers)
+            self.shutdown()
+        return last
+
+    def _loop(self) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        last = {}
+        bar = tqdm(total=cfg.run.steps, initial=self.step, desc="RL steps", unit="step", dynamic_ncols=True,
+                   disable=not cfg.logging.progress_bars)
+        try:
+            while self.step < cfg.run.steps and not self._stop_requested:
+                metrics = self._rl_step(self.step + 1)
+                self.step += 1
+                if self._eval_enabled() and cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == cfg.run.steps):
+                    metrics.update(self._evaluate())
+                self.metrics.log(self.step, metrics)
+                bar.update(1)
+                bar.write(summary_line(self.step, cfg.run.steps, metrics))
+                last = metrics
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    self._save()
+        finally:
+            bar.close()
+        if self._stop_requested:
+            self.echo(f"[stop] signal received: saving a checkpoint at step {self.step} and exiting")
+        if (cfg.checkpoint.at_exit or self._stop_requested) and self._last_saved_step != self.step and self.step > 0:
+            self._save()
+        return last
+
+    # --------------------------------------------------------------------------------------------- step
+    def _round_seed(self, step: int, round_index: int) -> int:
+        return (self.cfg.run.seed * 1_000_003 + step * 10_007 + round_index) % (2**31 - 1)
+
+    def _rl_step(self, step: int) -> dict:
+        from megatron_rl.algorithms import DynamicSamplingCapWarning, fill_batch
+        from megatron_rl.rewards import RewardMetrics
+
+        cfg, algo = self.cfg, self.cfg.algorithm
+        timer = StepTimer()
+        reward_metrics = RewardMetrics()
+        per_round = algo.prompts_per_round or algo.prompts_per_step
+
+        def generate_round(round_index: int):
+            indices = self.sampler.next_indices(per_round)
+            prompts = [self.train_data.examples[i] for i in indices]
+            sampling = dataclasses.replace(cfg.sampling, seed=self._round_seed(step, round_index))
+            with timer("rollout"):
+                completions = self.pool.generate([p.prompt_token_ids for p in prompts], sampling)
+            with timer("reward"):
+                outcomes, round_metrics = score_round(prompts, completions, self.reward_pool, algo.overlong, cfg.sampling.n)
+            reward_metrics.merge(round_metrics)
+            return outcomes
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DynamicSamplingCapWarning)
+            filled = fill_batch(generate_round, algo.prompts_per_step, algo.dynamic_sampling,
+                                algo.lspo if algo.lspo.enabled else None)
+        for w in caught:
+            self.echo(f"[step {step}] {w.message}")
+        metrics = {f"sampling/{k}": v for k, v in filled.metrics.as_dict().items()}
+        metrics.update(reward_metrics.to_dict(prefix="reward/"))
+        groups = filled.payloads
+        if not groups:
+            self.echo(f"[step {step}] no usable group after {len(filled.rounds)} round(s): skipping the update")
+            metrics.update(timer.breakdown())
+            return metrics
+        metrics.update(rollout_stats(groups))
+        batch = build_actor_batch(groups, algo.advantage, algo.overlong)
+        metrics["train/advantage_abs_mean"] = float(batch.advantages.abs().mean())
+
+        with timer("train"):
+            if algo.old_log_probs == "recompute":
+                batch.old_log_probs = self.group.call("compute_log_probs", batch)[0]
+                metrics.update(self._mismatch(batch))
+            else:
+                batch.old_log_probs = batch.rollout_log_probs
+            if cfg.actor.loss.kl_coef > 0:
+                batch.ref_log_probs = self.group.call("compute_log_probs", batch, model="reference")[0]
+            for k, mini in enumerate(_split(batch, algo.mini_batches)):
+                train = self.group.call("train_step", mini)[0]
+                if k == 0 or algo.mini_batches == 1:
+                    metrics.update({f"train/{key}": value for key, value in train.items()})
+        with timer("sync"):
+            stats = self.pool.update_weights(self.group.weight_buckets(), version=self.weights_version + 1)
+            self.weights_version += 1
+        metrics["sync/seconds"] = float(getattr(stats, "seconds", float("nan")))
+        metrics["sync/bytes"] = float(getattr(stats, "num_bytes", float("nan")))
+        metrics["sampling/prompt_rows"] = [g.prompt.row for g in groups]
+        metrics.update(timer.breakdown())
+        return metrics
+
+    def _mismatch(self, batch) -> dict:
+        from megatron_rl.rollout.mismatch import pad_logprobs, rollout_mismatch
+
+        actor, mask = pad_logprobs([lp.tolist() for lp in batch.old_log_probs])
+        rollout, _ = pad_logprobs([lp.tolist() for lp in batch.rollout_log_probs])
+        result = rollout_mismatch(actor, rollout, mask)
+        return {f"mismatch/{k}": float(v) for k, v in dataclasses.asdict(result).items()}
+
+    # ------------------------------------------------------------------------------------ eval, warm-up
+    def _eval_enabled(self) -> bool:
+        return self.val_data is not None and len(self.val_data) > 0
+
+    def _evaluate(self) -> dict:
+        from megatron_rl.evaluation import evaluate
+        from megatron_rl.rollout.types import SamplingConfig
+
+        cfg = self.cfg.eval
+        examples = self.val_data.examples[: cfg.num_prompts] if cfg.num_prompts else self.val_data.examples
+        sampling = SamplingConfig(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
+                                  max_tokens=cfg.max_tokens or self.cfg.sampling.max_tokens, seed=self.cfg.run.seed)
+        start = time.perf_counter()
+        result = evaluate(lambda ids, s: generate_grouped(self.pool, ids, s), examples, self.reward_pool, sampling,
+                          pass_ks=cfg.pass_ks)
+        metrics = dict(result.metrics)
+        metrics["eval/accuracy"] = metrics.get(f"eval/avg@{cfg.n}", float("nan"))
+        metrics["time/eval"] = time.perf_counter() - start
+        self.echo(f"[eval] step {self.step}: accuracy {metrics['eval/accuracy']:.3f} on {len(examples)} prompts "
+                  f"(mean response length {metrics.get('eval/mean_response_length', float('nan')):.1f})")
+        return metrics
+
+    def _warmup(self) -> None:
+        """Supervised warm-up on the synthetic task's reference answers, then a weight sync."""
+        from megatron_rl.actor.batch import ActorBatch
+        from megatron_rl.data import render_sft_example
+        from megatron_rl.data.synthetic.export import sft_pairs
+
+        cfg = self.cfg.warmup
+        if cfg.steps == 0:
+            return
+        syn = self.cfg.data.synthetic
+        pairs = sft_pairs(syn.task, cfg.steps * cfg.batch_size, seed=cfg.seed, difficulty=syn.difficulty)
+        self.echo(f"[warmup] {cfg.steps} supervised steps of {cfg.batch_size} examples (lr {cfg.lr})")
+        for k in range(cfg.steps):
+            rendered = [render_sft_example(self.tokenizer, p.messages, p.response)
+                        for p in pairs[k * cfg.batch_size : (k + 1) * cfg.batch_size]]
+            batch = ActorBatch(prompt_ids=[r[0] for r in rendered], response_ids=[r[1] for r in rendered])
+            m = self.group.call("train_step", batch, objective="sft", lr=cfg.lr)[0]
+            if (k + 1) % max(1, cfg.steps // 5) == 0 or k + 1 == cfg.steps:
+                self.echo(f"[warmup] step {k + 1}/{cfg.steps}: nll {m['nll']:.3f}")
+        self.group.call("reset_optimizer_state")
+        self.pool.update_weights(self.group.weight_buckets(), version=self.weights_version + 1)
+        self.weights_version += 1
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def _save(self) -> None:
+        start = time.perf_counter()
+        state = {"sampler": self.sampler.state_dict(), "weights_version": self.weights_version,
+                 "run_name": self.cfg.run.name}
+        path = save_training_checkpoint(self.ckpt_root, self.step, self.group, state,
+                                        metrics_path=self.metrics.path if self.metrics else None,
+                                        keep_last=self.cfg.checkpoint.keep_last)
+        self._last_saved_step = self.step
+        self.echo(f"[checkpoint] step {self.step} saved to {path} ({time.perf_counter() - start:.1f}s)")
+
+    def _resume(self, step: int, path: str) -> None:
+        state = load_trainer_state(path)
+        self.group.call("load_checkpoint", path, state["actor"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = step
+        self._last_saved_step = step
+        self.weights_version = int(state.get("weights_version", 0))
+        self.pool.update_weights(self.group.weight_buckets(), version=self.weights_version + 1)
+        self.weights_version += 1
+        self.echo(f"[resume] continuing from step {step} ({path})")
+
+    # ---------------------------------------------------------------------------------- shutdown, signals
+    def _install_signal_handlers(self):
+        def request_stop(signum, frame):
+            if self._stop_requested:  # a second signal: stop now
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            self.echo(f"[stop] {signal.Signals(signum).name}: finishing the current step, then saving")
+
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[sig] = signal.signal(sig, request_stop)
+            except ValueError:  # not the main thread
+                pass
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for name in ("pool", "group"):
+            obj = getattr(self, name)
+            if obj is not None:
+                try:
+                    obj.shutdown()
+                except Exception as e:  # noqa: BLE001 - shut the rest down regardless
+                    logger.warning("shutting down %s failed: %s", name, e)
+                setattr(self, name, None)
+        if self.reward_pool is not None:
+            self.reward_pool.close()
+            self.reward_pool = None
+        if self.metrics is not None:
+            self.metrics.close()
+        if getattr(self, "_owns_ray", False) and ray.is_initialized():
+            ray.shutdown()
+
+
+def _split(batch, parts: int):
+    """`parts` mini-batches of whole groups' samples (contiguous slices)."""
+    if parts == 1:
+        yield batch
+        return
+    from megatron_rl.actor.batch import TOKEN_FIELDS, ActorBatch
+
+    n = len(batch)
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    for lo, hi in zip(bounds, bounds[1:]):
+        if hi <= lo:
+            continue
+        fields = {name: getattr(batch, name)[lo:hi] for name in (*TOKEN_FIELDS, "loss_mask") if getattr(batch, name) is not None}
+        yield ActorBatch(prompt_ids=batch.prompt_ids[lo:hi], response_ids=batch.response_ids[lo:hi],
+                         advantages=None if batch.advantages is None else batch.advantages[lo:hi], **fields)
+
+
+__all__ = ["Trainer"]
