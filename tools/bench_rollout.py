@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sync-sizes", default="tiny,small,medium", help=f"model sizes for weight sync, from {list(SIZES)}")
-    p.add_argument("--sync-engines", type=int, default=2)
+    p.add_argument("--sync-engines", default="1,2", help="engine counts for the weight-sync benchmark")
     p.add_argument("--bucket-mib", default="1,64", help="bucket sizes for weight sync, MiB")
     p.add_argument("--workdir", help="where to write the checkpoints (default: a temporary folder)")
     args = p.parse_args(argv)
@@ -80,7 +80,8 @@ def main(argv=None) -> int:
             print(table(rows))
         if args.only in (None, "sync"):
             rows = weight_sync_rows(
-                [model(s) for s in args.sync_sizes.split(",")], num_engines=args.sync_engines,
+                [model(s) for s in args.sync_sizes.split(",")],
+                engine_counts=tuple(int(e) for e in args.sync_engines.split(",")),
                 bucket_sizes=tuple(int(float(b) * 2**20) for b in args.bucket_mib.split(",")), repeats=args.repeats,
             )
             print(f"\nWeight sync (object-store transport), median of {args.repeats}:\n")

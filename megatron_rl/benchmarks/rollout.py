@@ -6,8 +6,9 @@ Throughput (`throughput_rows`): the same prompts, sampling settings and per-prom
 generated) on (a) a bare `vllm.LLM` in a fresh process with exactly the pool engine's settings
 (`EngineConfig.llm_kwargs` / `process_env`), and (b) the pool. The two are measured alternately, repeat after
 repeat, after one warm-up each, so that background load on a shared machine hits both alike; the median is
-reported. With one engine the ratio pool/bare is the pool's overhead (Ray calls, sharding, building Completions);
-with k engines the bare baseline gets the same total CPU threads (k x cpus_per_engine) in one engine.
+reported. The bare baseline is one engine with the settings of one pool engine: with one engine the ratio pool/bare
+is the pool's overhead (Ray calls, sharding, building Completions); with k engines it is the data-parallel scaling
+(at most k, and only if the machine has k x cpus_per_engine idle cores).
 
 Weight sync (`weight_sync_rows`): `RolloutPool.update_weights` of a full model (every HF tensor, perturbed so the
 engines really change) in buckets of a given size, against (a) a plain in-memory copy of the same bytes
@@ -138,42 +139,45 @@ def throughput_rows(
     repeats: int = 3,
     dtype: str = "float32",
 ) -> list[dict[str, Any]]:
-    """One row per engine count: generated tokens/s of the pool and of a bare LLM with the same total threads.
-    Needs a running Ray cluster with at least max(engine_counts) * cpus_per_engine CPUs."""
+    """One row per engine count: generated tokens/s of the pool, and of one bare LLM with the settings of one pool
+    engine (so pool/bare is the overhead with 1 engine, and the scaling with k). Needs a running Ray cluster with
+    at least max(engine_counts) * cpus_per_engine CPUs."""
     from megatron_rl.rollout.pool import RolloutPool
 
     prompts = synthetic_prompts(num_prompts, prompt_len, _vocab_size(model_dir))
     sampling = SamplingConfig(n=n, temperature=1.0, max_tokens=max_tokens, seed=0)
-    max_model_len = prompt_len + max_tokens + 8
+    engine = EngineConfig(
+        model=model_dir, dtype=dtype, max_model_len=prompt_len + max_tokens + 8, cpus_per_engine=cpus_per_engine
+    )
     rows = []
-    for engines in engine_counts:
-        pool_engine = EngineConfig(model=model_dir, dtype=dtype, max_model_len=max_model_len, cpus_per_engine=cpus_per_engine)
-        bare_engine = EngineConfig(model=model_dir, dtype=dtype, max_model_len=max_model_len, cpus_per_engine=cpus_per_engine * engines)
-        bare = BareLLM(bare_engine)
-        pool = RolloutPool(RolloutPoolConfig(pool_engine, num_engines=engines))
-        try:
-            bare.generate(prompts, sampling)  # warm-up
-            pool.generate(prompts, sampling)
-            bare_tps, pool_tps = [], []
-            for _ in range(repeats):
-                b = bare.generate(prompts, sampling)
-                bare_tps.append(b["tokens"] / b["seconds"])
-                start = time.perf_counter()
-                completions = pool.generate(prompts, sampling)
-                pool_tps.append(sum(len(c.token_ids) for c in completions) / (time.perf_counter() - start))
-        finally:
-            pool.shutdown()
-            bare.close()
-        bare_median, pool_median = statistics.median(bare_tps), statistics.median(pool_tps)
-        rows.append({
-            "engines": engines,
-            "cpus_per_engine": cpus_per_engine,
-            "requests": f"{num_prompts} x n={n}, {max_tokens} tok",
-            "bare_tok_s": round(bare_median),
-            "pool_tok_s": round(pool_median),
-            "pool/bare": round(pool_median / bare_median, 3),
-            "pool/bare per repeat": ", ".join(f"{p / b:.2f}" for p, b in zip(pool_tps, bare_tps)),
-        })
+    bare = BareLLM(engine)
+    try:
+        bare.generate(prompts, sampling)  # warm-up
+        for engines in engine_counts:
+            pool = RolloutPool(RolloutPoolConfig(engine, num_engines=engines))
+            try:
+                pool.generate(prompts, sampling)  # warm-up
+                bare_tps, pool_tps = [], []
+                for _ in range(repeats):
+                    b = bare.generate(prompts, sampling)
+                    bare_tps.append(b["tokens"] / b["seconds"])
+                    start = time.perf_counter()
+                    completions = pool.generate(prompts, sampling)
+                    pool_tps.append(sum(len(c.token_ids) for c in completions) / (time.perf_counter() - start))
+            finally:
+                pool.shutdown()
+            bare_median, pool_median = statistics.median(bare_tps), statistics.median(pool_tps)
+            rows.append({
+                "engines": engines,
+                "cpus_per_engine": cpus_per_engine,
+                "requests": f"{num_prompts} x n={n}, {max_tokens} tok",
+                "bare_tok_s": round(bare_median),
+                "pool_tok_s": round(pool_median),
+                "pool/bare": round(pool_median / bare_median, 3),
+                "pool/bare per repeat": ", ".join(f"{p / b:.2f}" for p, b in zip(pool_tps, bare_tps)),
+            })
+    finally:
+        bare.close()
     return rows
 
 
@@ -205,13 +209,13 @@ def memcpy_seconds(state: dict[str, torch.Tensor], repeats: int = 10) -> float:
 def weight_sync_rows(
     model_dirs: list[str],
     *,
-    num_engines: int = 2,
+    engine_counts: tuple[int, ...] = (1, 2),
     bucket_sizes: tuple[int, ...] = (1 << 20, 64 << 20),
     repeats: int = 3,
     dtype: str = "float32",
 ) -> list[dict[str, Any]]:
-    """One row per (model, bucket size): update_weights seconds vs a memcpy of the same bytes.
-    Needs a running Ray cluster with at least num_engines CPUs."""
+    """One row per (model, engine count, bucket size): update_weights seconds vs a memcpy of the same bytes and vs
+    vLLM's own reload in one in-process engine. Needs a running Ray cluster with at least max(engine_counts) CPUs."""
     from safetensors.torch import load_file
 
     from megatron_rl.rollout.pool import RolloutPool
@@ -222,39 +226,43 @@ def weight_sync_rows(
         versions = [{k: v + 0.01 * (i + 1) for k, v in state.items()} for i in range(2)]  # real changes each time
         num_bytes = sum(v.numel() * v.element_size() for v in state.values())
         floor = memcpy_seconds(state)
-        bare = BareLLM(EngineConfig(model=model_dir, dtype=dtype, max_model_len=256))
+        engine = EngineConfig(model=model_dir, dtype=dtype, max_model_len=256)
+        bare = BareLLM(engine)
         try:
-            reload_s = statistics.median([bare.reload_seconds(model_dir, 0.01 * (r % 2 + 1)) for r in range(repeats + 1)][1:])
+            reload_s = statistics.median(
+                [bare.reload_seconds(model_dir, 0.01 * (r % 2 + 1)) for r in range(repeats + 1)][1:]
+            )
         finally:
             bare.close()
-        pool = RolloutPool(RolloutPoolConfig(EngineConfig(model=model_dir, dtype=dtype, max_model_len=256), num_engines=num_engines))
-        try:
-            for bucket_bytes in bucket_sizes:
-                times, engine_times, num_buckets = [], [], 0
-                for r in range(repeats + 1):  # the first is a warm-up
-                    stats = pool.update_weights(_buckets(versions[r % 2], bucket_bytes))
-                    if r:
-                        times.append(stats.seconds)
-                        engine_times.append(max(stats.engine_seconds.values()))
-                    num_buckets = stats.num_buckets
-                sync = statistics.median(times)
-                rows.append({
-                    "model": os.path.basename(model_dir.rstrip("/")),
-                    "tensors": len(state),
-                    "MiB": round(num_bytes / 2**20, 1),
-                    "engines": num_engines,
-                    "bucket_MiB": round(bucket_bytes / 2**20, 1),
-                    "buckets": num_buckets,
-                    "sync_s": round(sync, 4),
-                    "slowest_engine_s": round(statistics.median(engine_times), 4),
-                    "sync_GiB_s": round(num_bytes / 2**30 / sync, 2),
-                    "vllm_reload_s": round(reload_s, 4),
-                    "memcpy_s": round(floor, 4),
-                    "sync/vllm_reload": round(sync / reload_s, 1),
-                    "sync/memcpy": round(sync / floor, 1),
-                })
-        finally:
-            pool.shutdown()
+        for engines in engine_counts:
+            pool = RolloutPool(RolloutPoolConfig(engine, num_engines=engines))
+            try:
+                for bucket_bytes in bucket_sizes:
+                    times, engine_times, num_buckets = [], [], 0
+                    for r in range(repeats + 1):  # the first is a warm-up
+                        stats = pool.update_weights(_buckets(versions[r % 2], bucket_bytes))
+                        if r:
+                            times.append(stats.seconds)
+                            engine_times.append(max(stats.engine_seconds.values()))
+                        num_buckets = stats.num_buckets
+                    sync = statistics.median(times)
+                    rows.append({
+                        "model": os.path.basename(model_dir.rstrip("/")),
+                        "tensors": len(state),
+                        "MiB": round(num_bytes / 2**20, 1),
+                        "engines": engines,
+                        "bucket_MiB": round(bucket_bytes / 2**20, 1),
+                        "buckets": num_buckets,
+                        "sync_s": round(sync, 4),
+                        "slowest_engine_s": round(statistics.median(engine_times), 4),
+                        "sync_GiB_s": round(num_bytes / 2**30 / sync, 2),
+                        "vllm_reload_s": round(reload_s, 4),
+                        "memcpy_s": round(floor, 4),
+                        "sync/vllm_reload": round(sync / reload_s, 1),
+                        "sync/memcpy": round(sync / floor, 1),
+                    })
+            finally:
+                pool.shutdown()
     return rows
 
 
