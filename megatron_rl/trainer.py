@@ -203,7 +203,8 @@ class Trainer:
 
         cfg, algo = self.cfg, self.cfg.algorithm
         timer = StepTimer()
-        reward_metrics = RewardMetrics()
+        reward_metrics = [RewardMetrics()]
+        generated = []  # every scored group of the step, kept or not: the policy's actual performance
         per_round = algo.prompts_per_round or algo.prompts_per_step
 
         def generate_round(round_index: int):
@@ -214,7 +215,8 @@ class Trainer:
                 completions = self.pool.generate([p.prompt_token_ids for p in prompts], sampling)
             with timer("reward"):
                 outcomes, round_metrics = score_round(prompts, completions, self.reward_pool, algo.overlong, cfg.sampling.n)
-            reward_metrics.merge(round_metrics)
+            reward_metrics[0] = reward_metrics[0].merge(round_metrics)
+            generated.extend(o.payload for o in outcomes)
             return outcomes
 
         with warnings.catch_warnings(record=True) as caught:
@@ -224,13 +226,15 @@ class Trainer:
         for w in caught:
             self.echo(f"[step {step}] {w.message}")
         metrics = {f"sampling/{k}": v for k, v in filled.metrics.as_dict().items()}
-        metrics.update(reward_metrics.to_dict(prefix="reward/"))
+        metrics.update(reward_metrics[0].to_dict(prefix="reward/"))
+        metrics.update(rollout_stats(generated, prefix="rollout/"))
         groups = filled.payloads
+        metrics["sampling/prompt_rows"] = [g.prompt.row for g in generated]
         if not groups:
             self.echo(f"[step {step}] no usable group after {len(filled.rounds)} round(s): skipping the update")
             metrics.update(timer.breakdown())
             return metrics
-        metrics.update(rollout_stats(groups))
+        metrics.update(rollout_stats(groups, prefix="batch/"))
         batch = build_actor_batch(groups, algo.advantage, algo.overlong)
         metrics["train/advantage_abs_mean"] = float(batch.advantages.abs().mean())
 
@@ -251,7 +255,6 @@ class Trainer:
             self.weights_version += 1
         metrics["sync/seconds"] = float(getattr(stats, "seconds", float("nan")))
         metrics["sync/bytes"] = float(getattr(stats, "num_bytes", float("nan")))
-        metrics["sampling/prompt_rows"] = [g.prompt.row for g in groups]
         metrics.update(timer.breakdown())
         return metrics
 

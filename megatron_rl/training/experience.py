@@ -68,7 +68,7 @@ def build_actor_batch(groups: Sequence[ScoredGroup], advantage: str, overlong: O
 
 
 def rollout_stats(groups: Sequence[ScoredGroup], prefix: str = "rollout/") -> dict[str, float]:
-    """Reward, accuracy and response-length statistics of the groups trained on."""
+    """Reward, accuracy and response-length statistics of `groups` (all generated, or the filtered batch)."""
     scores = torch.tensor([s for g in groups for s in g.scores], dtype=torch.float64)
     rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float64)
     lengths = torch.tensor([len(c.token_ids) for g in groups for c in g.completions], dtype=torch.float64)

@@ -25,8 +25,10 @@ SMALL = {
     "model": {"tiny_arch": "qwen3", "tiny": {"hidden_size": 64, "num_layers": 2, "num_attention_heads": 2,
                                              "num_kv_heads": 1, "head_dim": 32, "intermediate_size": 128}},
     "data": {"synthetic": {"task": "arithmetic", "difficulty": 1, "num_train": 200, "num_val": 8}},
-    "warmup": {"steps": 4, "batch_size": 16, "lr": 0.003},
-    "algorithm": {"prompts_per_step": 4, "dynamic_sampling": {"max_rounds": 2, "on_cap": "train_smaller"}},
+    "warmup": {"steps": 40, "batch_size": 16, "lr": 0.003},
+    # top-up with zero-advantage groups as a last resort: every step trains, syncs and checkpoints something
+    "algorithm": {"prompts_per_step": 4,
+                  "dynamic_sampling": {"max_rounds": 2, "on_cap": "top_up", "top_up_with_zero_advantage": True}},
     "actor": {"optimizer": {"lr": 5.0e-4}, "max_tokens_per_microbatch": 512},
     "sampling": {"n": 4, "temperature": 1.0, "max_tokens": 8},
     "rollout": {"engine": {"dtype": "float32", "max_model_len": 128}},
