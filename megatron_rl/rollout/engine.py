@@ -153,7 +153,9 @@ class RolloutEngine:
         self._update["names"].update(names)
         if duplicates:
             self.abort_weight_update()
-            raise WeightUpdateError(f"engine {self.engine_id}: tensors sent twice in one update: {sorted(duplicates)[:5]}")
+            raise WeightUpdateError(
+                f"engine {self.engine_id}: tensors sent twice in one update: {sorted(duplicates)[:5]}"
+            )
         return len(names)
 
     def finish_weight_update(self) -> dict[str, Any]:

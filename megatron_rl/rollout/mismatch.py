@@ -12,7 +12,8 @@ With d_it = m_it (logp_actor_it - logp_rollout_it) and |y_i| = sum_t m_it:
   pi_actor(y_i | x) / pi_rollout(y_i | x) that truncated importance sampling corrects for (Yao et al., 2025, "Your
   Efficient RL Framework Secretly Brings You Off-Policy RL Training");
 - `seq_mean_log_ratio_max_abs` = max_i |sum_t d_it / |y_i||: the same, length-normalised, i.e. log s_i of GSPO
-  (arXiv 2507.18071, the sequence importance ratio s_i) with the rollout policy as the old policy; compare it with GSPO/LUSPO's clip range;
+  (arXiv 2507.18071, the sequence importance ratio s_i) with the rollout policy as the old policy; compare it with
+  GSPO/LUSPO's clip range;
 - `seq_log_ratio_mean` = mean_i sum_t d_it (signed: a systematic bias shows here).
 Sequences with no valid token are left out of the sequence metrics; with no valid token at all every metric is NaN.
 """
@@ -83,7 +84,9 @@ def rollout_mismatch(
     )
 
 
-def pad_logprobs(sequences: Sequence[Sequence[float]], *, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_logprobs(
+    sequences: Sequence[Sequence[float]], *, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged per-sequence log-probs (e.g. `Completion.logprobs`) -> right-padded [batch, max_len] values and mask."""
     max_len = max((len(s) for s in sequences), default=0)
     values = torch.zeros(len(sequences), max_len, dtype=dtype)

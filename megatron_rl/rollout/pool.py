@@ -229,7 +229,8 @@ class RolloutPool:
                 engine_seconds[self._slots[i].engine_id] = finished["seconds"]
             except Exception as error:  # noqa: BLE001 - sorted below
                 if isinstance(error, ray.exceptions.GetTimeoutError):
-                    lost.append((i, f"weight update not done within weight_sync_timeout_s={self.config.weight_sync_timeout_s}"))
+                    limit = self.config.weight_sync_timeout_s
+                    lost.append((i, f"weight update not done within weight_sync_timeout_s={limit}"))
                 elif _is_engine_failure(error):
                     self.stats.engine_failures += 1
                     lost.append((i, f"died during the weight update: {type(error).__name__}"))
@@ -346,7 +347,9 @@ class RolloutPool:
                 f"engines did not start within rollout.startup_timeout_s={self.config.startup_timeout_s}"
             ) from None
         for info in infos:
-            logger.info("rollout engine %d started in %.1fs (pid %d)", info["engine_id"], info["startup_s"], info["pid"])
+            logger.info(
+                "rollout engine %d started in %.1fs (pid %d)", info["engine_id"], info["startup_s"], info["pid"]
+            )
 
     def _restart(self, index: int, reason: str, *, replay: bool = True) -> None:
         """Replace engine `index` (kill, start in the same placement group, load the current weights)."""

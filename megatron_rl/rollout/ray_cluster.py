@@ -6,15 +6,19 @@
         ...
 
 `start_local_ray_cluster` always starts a new cluster (`address="local"`, never joins one found through
-RAY_ADDRESS) whose processes listen and talk on 127.0.0.1 only, without the dashboard and with usage statistics off. The object store size is set
-explicitly (Ray would otherwise take 30% of the machine's memory). On a multi-node Slurm allocation the trainer joins
-the cluster the launch script started instead (`ray.init(address="auto")`); nothing here is for that case.
+RAY_ADDRESS) whose processes listen and talk on 127.0.0.1 only, without the dashboard and with usage statistics
+off. The object store size is set explicitly (Ray would otherwise take 30% of the machine's memory). On a
+multi-node Slurm allocation the trainer joins the cluster the launch script started instead
+(`ray.init(address="auto")`); nothing here is for that case.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 from typing import Iterator
+
+_CLUSTER_MODE_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_saved_loopback_settings: list[tuple[str | None, bool]] = []
 
 
 def start_local_ray_cluster(
@@ -30,17 +34,19 @@ def start_local_ray_cluster(
     `EngineConfig.cpus_per_engine` of them. log_to_driver: forward the actors' stdout/stderr (vLLM logs) here.
     Returns Ray's context address info.
     """
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    # Loopback only. Ray 2.60 turns _node_ip_address="127.0.0.1" into the machine's routable address (services.
-    # resolve_ip_for_localhost) unless "cluster mode" is off, which is what this variable switches (Ray reads it
-    # into ray_constants.ENABLE_RAY_CLUSTER at import; its processes started below inherit it from here).
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
     from ray._private import ray_constants
 
     if ray.is_initialized():
         raise RuntimeError("Ray is already initialised in this process; call stop_local_ray_cluster() first")
-    ray_constants.ENABLE_RAY_CLUSTER = False  # in case Ray was imported here before the variable was set
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Loopback only. Ray 2.60 turns _node_ip_address="127.0.0.1" into the machine's routable address
+    # (services.resolve_ip_for_localhost) unless its "cluster mode" is off: ray_constants.ENABLE_RAY_CLUSTER, read
+    # from this variable when Ray is imported. Set both: the variable for the processes started below, the constant
+    # for this one (Ray is already imported here). stop_local_ray_cluster() puts both back.
+    _saved_loopback_settings.append((os.environ.get(_CLUSTER_MODE_VAR), ray_constants.ENABLE_RAY_CLUSTER))
+    os.environ[_CLUSTER_MODE_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
     context = ray.init(
         address="local",
         num_cpus=num_cpus,
@@ -56,9 +62,17 @@ def start_local_ray_cluster(
 def stop_local_ray_cluster() -> None:
     """Disconnect and stop the cluster this process started (a no-op when none is running)."""
     import ray
+    from ray._private import ray_constants
 
     if ray.is_initialized():
         ray.shutdown()
+    while _saved_loopback_settings:
+        variable, constant = _saved_loopback_settings.pop()
+        if variable is None:
+            os.environ.pop(_CLUSTER_MODE_VAR, None)
+        else:
+            os.environ[_CLUSTER_MODE_VAR] = variable
+        ray_constants.ENABLE_RAY_CLUSTER = constant
 
 
 @contextlib.contextmanager

@@ -192,7 +192,8 @@ def test_ray_cluster_listens_on_loopback_only(setup):
 def test_generate_logprobs_match_transformers(setup, reference):
     arch, _, pool, prompts, _ = setup
     completions = pool.generate(prompts, _sampling())
-    assert [(c.prompt_index, c.sample_index) for c in completions] == [(p, s) for p in range(len(prompts)) for s in range(2)]
+    keys = [(c.prompt_index, c.sample_index) for c in completions]
+    assert keys == [(p, s) for p in range(len(prompts)) for s in range(2)]
     assert {c.engine_id for c in completions} == {0, 1}, "prompts were not spread over both engines"
     for c in completions:
         assert c.prompt_token_ids == prompts[c.prompt_index]
@@ -247,7 +248,8 @@ def test_seeds_and_stop_strings(setup):
     assert hit.token_ids == target.token_ids[: len(hit.token_ids)], "the stopped sample diverged before the stop"
     from transformers import AutoTokenizer
 
-    assert stop in AutoTokenizer.from_pretrained(model_dir).decode(hit.token_ids), "the stop tokens are not in token_ids"
+    decoded = AutoTokenizer.from_pretrained(model_dir).decode(hit.token_ids)
+    assert stop in decoded, "the stop string's tokens are not in token_ids"
 
 
 def test_bad_input_is_refused_before_generation(setup):

@@ -93,7 +93,8 @@ def test_raw_logprobs_mode_reports_the_untempered_model(ray_cluster, tiny_model,
     model_dir = tiny_model("qwen3", **MODEL_SIZE)
     reference = Reference(model_dir, str(tmp_path / "ref"))
     with _pool(model_dir, logprobs_mode="raw_logprobs") as pool:
-        completions = pool.generate(PROMPTS, SamplingConfig(n=2, temperature=TEMPERATURE, top_p=0.8, max_tokens=24, seed=3))
+        sampling = SamplingConfig(n=2, temperature=TEMPERATURE, top_p=0.8, max_tokens=24, seed=3)
+        completions = pool.generate(PROMPTS, sampling)
     assert reference.max_abs_diff(completions, 1.0) <= TOL
     assert reference.max_abs_diff(completions, TEMPERATURE) > 1e-2
 
