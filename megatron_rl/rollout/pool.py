@@ -126,13 +126,21 @@ class RolloutPool:
 
         return ray.get([slot.actor.info.remote() for slot in self._slots], timeout=self.config.request_timeout_s)
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Completion]:
-        """n completions per prompt (token ids), ordered by (prompt_index, sample_index)."""
+    def generate(
+        self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, timeout_s: float | None = None
+    ) -> list[Completion]:
+        """n completions per prompt (token ids), ordered by (prompt_index, sample_index).
+
+        timeout_s: per-share time limit for this call (default: rollout.request_timeout_s), e.g. longer for an
+        evaluation with long answers."""
         import ray
 
         self._check_usable()
         if not isinstance(sampling, SamplingConfig):
             raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+        timeout_s = self.config.request_timeout_s if timeout_s is None else float(timeout_s)
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         prompts = validate_prompts(prompts, self.config.engine.max_model_len, sampling.max_tokens)
         if not prompts:
             return []
@@ -152,7 +160,7 @@ class RolloutPool:
                 self.stats.reissued_shares += 1
             requests = [(i, prompts[i]) for i in share.prompt_indices]
             ref = self._slots[share.slot].actor.generate.remote(requests, sampling)
-            inflight[ref] = (share, time.monotonic() + self.config.request_timeout_s)
+            inflight[ref] = (share, time.monotonic() + timeout_s)
 
         for share in shares:
             issue(share)
@@ -168,7 +176,7 @@ class RolloutPool:
                     if deadline <= now:
                         del inflight[ref]
                         self.stats.timeouts += 1
-                        self._restart(share.slot, f"no answer within request_timeout_s={self.config.request_timeout_s}")
+                        self._restart(share.slot, f"no answer within {timeout_s}s")
                         issue(share)
                 continue
             ref = ready[0]
