@@ -10,6 +10,7 @@ import sys
 # subcommand name -> module under megatron_rl.commands
 COMMANDS = {
     "train": "train",
+    "eval": "eval",
     "verify-model": "verify_model",
     "convert-to-hf": "convert_to_hf",
     "convert-from-hf": "convert_from_hf",

@@ -63,7 +63,8 @@ def _records(run_dir):
 
 def test_three_step_run(tmp_path):
     out = tmp_path / "runs"
-    result = _train(_write_config(tmp_path), f"run.output_dir={out}")
+    config_path = _write_config(tmp_path)
+    result = _train(config_path, f"run.output_dir={out}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = out / "t"
     records = _records(run_dir)
@@ -82,6 +83,15 @@ def test_three_step_run(tmp_path):
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_000001", "step_000002", "step_000003"]
     assert (run_dir / "config.yaml").exists() and (run_dir / "tensorboard").is_dir()
     assert "step 3/3" in result.stdout
+
+    # `megatron-rl eval` on the final checkpoint (converted to HF, served by a fresh vLLM pool) reproduces the
+    # in-training greedy evaluation of the same weights on the same prompts
+    evaluated = subprocess.run([sys.executable, "-m", "megatron_rl.cli", "eval", "--config", config_path,
+                                f"run.output_dir={out}"], capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+    metrics = json.loads((run_dir / "eval" / "eval_metrics.json").read_text())
+    assert metrics["eval/avg@1"] == pytest.approx(records[3]["eval/accuracy"])
+    assert metrics["eval/mean_response_length"] == pytest.approx(records[3]["eval/mean_response_length"])
 
 
 def _wait_for(predicate, timeout, proc):
