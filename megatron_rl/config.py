@@ -35,7 +35,15 @@ from typing import Any, Literal, Sequence
 
 from megatron_rl.actor.config import ActorConfig
 from megatron_rl.algorithms import DynamicSamplingConfig, LSPOConfig, OverlongConfig
-from megatron_rl.config_loader import ConfigError, deep_merge, dump_yaml, from_dict, parse_overrides, read_yaml
+from megatron_rl.config_loader import (
+    ConfigError,
+    deep_merge,
+    dump_yaml,
+    from_dict,
+    parse_overrides,
+    read_yaml,
+    set_dotted,
+)
 from megatron_rl.data.config import PromptDataConfig
 from megatron_rl.models.tiny import ARCHS as TINY_ARCHS
 from megatron_rl.models.tiny import TinySize
@@ -267,13 +275,7 @@ def _get(raw: dict, dotted: str, default=None):
 
 
 def _setdefault(raw: dict, dotted: str, value) -> None:
-    node = raw
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{dotted}: '{part}' must be a section")
-    node.setdefault(parts[-1], value)
+    set_dotted(raw, dotted, value, overwrite=False)
 
 
 def derive_defaults(raw: dict) -> dict:
@@ -284,8 +286,7 @@ def derive_defaults(raw: dict) -> dict:
     run_dir = os.path.join(_get(raw, "run.output_dir", RunSettings.output_dir), _get(raw, "run.name", RunSettings.name))
     model = raw.setdefault("model", {})
     if not model.get("path"):
-        if "tiny_arch" not in model and not raw.get("model"):
-            model["tiny_arch"] = "qwen3"
+        model.setdefault("tiny_arch", "qwen3")  # no model given: the embedded default, a tiny Qwen3
         if model.get("tiny_arch"):
             model["path"] = os.path.join(run_dir, "tiny_model")
     path = model.get("path", "")

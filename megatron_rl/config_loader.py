@@ -39,15 +39,22 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
-        node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            existing = node.setdefault(part, {})
-            if not isinstance(existing, dict):
-                raise ConfigError(f"{key}: '{part}' is given both as a value and as a section")
-            node = existing
-        node[parts[-1]] = value
+        set_dotted(tree, key, value)
     return tree
+
+
+def set_dotted(tree: dict, dotted: str, value, *, overwrite: bool = True) -> None:
+    """tree["a"]["b"]["c"] = value for dotted "a.b.c", creating sections; overwrite=False keeps an existing value."""
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{part}' is given both as a value and as a section")
+    if overwrite:
+        node[parts[-1]] = value
+    else:
+        node.setdefault(parts[-1], value)
 
 
 def deep_merge(base: Mapping, update: Mapping) -> dict:

@@ -92,12 +92,7 @@ def transformer_config(
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=False,
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp if (layout.vpp or 1) > 1 else None,
-        context_parallel_size=layout.cp,
-        expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=layout.etp,
+        **layout.megatron_sizes(),
         sequence_parallel=layout.use_sequence_parallel,
         variable_seq_lengths=True,  # RL batches change length every step
         moe_token_dispatcher_type="alltoall",  # checked even for dense models: allgather refuses variable lengths

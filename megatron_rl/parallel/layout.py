@@ -46,6 +46,17 @@ class ParallelLayout:
     def use_sequence_parallel(self) -> bool:
         return self.tp > 1 if self.sequence_parallel is None else bool(self.sequence_parallel)
 
+    def megatron_sizes(self) -> dict[str, int | None]:
+        """The parallel sizes under the keyword names both TransformerConfig and initialize_model_parallel take."""
+        return dict(
+            tensor_model_parallel_size=self.tp,
+            pipeline_model_parallel_size=self.pp,
+            virtual_pipeline_model_parallel_size=self.vpp if (self.vpp or 1) > 1 else None,
+            context_parallel_size=self.cp,
+            expert_model_parallel_size=self.ep,
+            expert_tensor_parallel_size=self.etp,
+        )
+
     @property
     def model_parallel_size(self) -> int:
         """Ranks spanned by one replica of the dense part: TP x PP x CP."""

@@ -49,15 +49,7 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234) -> int:
     apply_cpu_compat()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp if (layout.vpp or 1) > 1 else None,
-        context_parallel_size=layout.cp,
-        expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=layout.etp,
-        create_gloo_process_groups=True,
-    )
+    parallel_state.initialize_model_parallel(**layout.megatron_sizes(), create_gloo_process_groups=True)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return dp
 

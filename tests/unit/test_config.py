@@ -1,0 +1,112 @@
+"""The config tree: typed loading, dotted overrides, derived defaults, cross-section checks, round trip."""
+import dataclasses
+from typing import Literal, Mapping
+
+import pytest
+import yaml
+
+from megatron_rl.config import ConfigError, TrainConfig, config_yaml, load_config
+from megatron_rl.config_loader import from_dict, parse_overrides
+
+BASE = ["data.synthetic.task=arithmetic"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Inner:
+    x: int = 1
+    mode: Literal["a", "b"] = "a"
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    ratio: float = 0.5
+    name: str | None = None
+    tags: list[int] = dataclasses.field(default_factory=list)
+    extra: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    flag: bool = False
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"inner": {"y": 1}}, "inner.y: unknown key"),
+        ({"inner": {"x": "3"}}, "inner.x: must be an integer"),
+        ({"inner": {"x": True}}, "inner.x: must be an integer"),
+        ({"inner": {"mode": "c"}}, "inner.mode: must be one of ['a', 'b']"),
+        ({"ratio": "fast"}, "ratio: must be a number"),
+        ({"tags": "1,2"}, "tags: must be a list"),
+        ({"tags": [1, "x"]}, "tags[1]: must be an integer"),
+        ({"extra": {"k": 1.5}}, "extra.k: must be an integer"),
+        ({"flag": "yes"}, "flag: must be true or false"),
+        ({"inner": 3}, "inner: expected a section"),
+        ({"ratoi": 1.0}, "ratoi: unknown key (did you mean 'ratio'?)"),
+    ],
+)
+def test_type_errors_name_the_dotted_key(data, message):
+    with pytest.raises(ConfigError) as e:
+        from_dict(Outer, data)
+    assert message in str(e.value)
+
+
+def test_values_are_converted():
+    cfg = from_dict(Outer, {"ratio": 1, "name": None, "tags": [1, 2], "extra": {"a": 2}, "inner": {"mode": "b"}})
+    assert cfg == Outer(inner=Inner(mode="b"), ratio=1.0, tags=[1, 2], extra={"a": 2})
+    assert from_dict(Outer, {"ratio": "5e-4"}).ratio == 5e-4  # YAML 1.1 reads 5e-4 as a string
+
+
+def test_overrides_parse_as_yaml():
+    assert parse_overrides(["a.b=3", "a.c=[1, 2]", "d=null", "e=true", "f=hello"]) == {
+        "a": {"b": 3, "c": [1, 2]}, "d": None, "e": True, "f": "hello"}
+    for bad in ("novalue", "a..b=1", "=1"):
+        with pytest.raises(ConfigError):
+            parse_overrides([bad])
+    with pytest.raises(ConfigError, match="both as a value and as a section"):
+        parse_overrides(["a=1", "a.b=2"])
+
+
+def test_derived_defaults_write_shared_settings_once():
+    cfg = load_config(None, BASE + ["model.path=", "model.tiny_arch=qwen3", "run.output_dir=/tmp/o", "run.name=r",
+                                    "sampling.temperature=0.7", "sampling.max_tokens=33"])
+    assert cfg.model.path == "/tmp/o/r/tiny_model" == cfg.actor.model_path == cfg.rollout.engine.model
+    assert cfg.actor.temperature == 0.7
+    assert cfg.actor.loss.max_response_length == 33 == cfg.eval.max_tokens
+    assert cfg.data.train.path == "/tmp/o/r/data/train.parquet" and cfg.data.val.path == "/tmp/o/r/data/val.parquet"
+    with pytest.raises(ConfigError, match="actor.temperature .* differs from sampling.temperature"):
+        load_config(None, BASE + ["sampling.temperature=0.7", "actor.temperature=1.0"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ([], "data.train: no training prompts"),
+        (BASE + ["actor.layout.tp=2"], "world size 1 is not divisible by tp*pp*cp = 2*1*1"),
+        (BASE + ["resources.actor_ranks=2", "actor.layout.tp=4"], "world size 2 is not divisible"),
+        (BASE + ["resources.actor_ranks=2", "actor.layout.tp=2", "model.tiny.num_kv_heads=1"], "num_key_value_heads"),
+        (BASE + ["resources.num_cpus=1"], "resources.num_cpus=1 is less than the actors and engines need (2"),
+        (BASE + ["sampling.n=1"], "sampling.n=1: grpo needs groups of >= 2"),
+        (BASE + ["sampling.max_tokens=5000"], "exceeds the model's max_position_embeddings=1024"),
+        (BASE + ["warmup.steps=3", "data.synthetic=null", "data.train.path=x.parquet"], "warmup.steps > 0 needs data.synthetic"),
+        (BASE + ["actor.loss.name=ppo2"], "unknown policy loss 'ppo2'"),
+        (BASE + ["rollout.device=gpu"], "rollout.device='gpu' but resources.device resolves to 'cpu'"),
+    ],
+)
+def test_cross_checks(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config("examples/configs/quickstart_cpu.yaml", ["run.steps=7"])
+    path = tmp_path / "config.yaml"
+    path.write_text(config_yaml(cfg))
+    again = load_config(str(path))
+    assert again == cfg and isinstance(again, TrainConfig)
+    assert yaml.safe_load(path.read_text())["run"]["steps"] == 7
+
+
+def test_quickstart_is_what_the_readme_says():
+    cfg = load_config("examples/configs/quickstart_cpu.yaml")
+    assert cfg.actor.loss.name == "luspo" and cfg.algorithm.lspo.enabled and cfg.algorithm.dynamic_sampling.accuracy_filter
+    assert cfg.model.tiny_arch == "qwen3" and cfg.run.steps == 200 and cfg.warmup.steps == 80
