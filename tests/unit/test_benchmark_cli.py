@@ -1,0 +1,121 @@
+"""tools/benchmark.py: argument handling, the cp subcommand end to end, the GPU refusal, and the pure pieces of the
+benchmark modules (tables, step breakdown, length spreads, FLOP counting)."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "benchmark.py")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["rollout", "--batch-sizes", "8,x"], "comma-separated integers"),
+    (["rollout", "--batch-sizes", "0"], "positive integers"),
+    (["sync", "--sizes", "tiny,huge"], "unknown model size"),
+    (["train", "--spreads", "-1"], "positive numbers"),
+    (["nonsense"], "invalid choice"),
+])
+def test_bad_arguments_exit_2_naming_the_problem(bench, argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--steps", "0"], "--steps must be >= 1"),
+    (["cp", "--width", "7", "--cp", "2"], "divisible"),
+    (["step", "run.steps"], "key=value"),
+])
+def test_bad_values_fail_before_any_work(bench, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        bench.main(argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_mode_refuses_clearly_without_cuda(bench, capsys):
+    assert bench.main(["gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" in err and "torch.cuda.is_available() is False" in err
+
+
+def test_cp_subcommand_prints_tables_and_writes_json(bench, tmp_path, capsys):
+    path = tmp_path / "cp.json"
+    assert bench.main(["cp", "--no-timing", "--json", str(path), "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| 256 | 8192 | 4 | 12.0 KiB | 24.0 MiB | 2,048x |" in out  # T/4 = 2048 for fp32 both sides
+    payload = json.loads(path.read_text())
+    assert payload["command"] == "cp"
+    assert {"date", "cpu", "cores", "versions", "load_avg_1min_start", "load_avg_1min_end"} <= set(payload["environment"])
+    (rows,) = payload["tables"].values()
+    assert [r["ratio"] for r in rows] == [f"{t // 4:,}x" for _, t, _ in __import__(
+        "megatron_rl.benchmarks.cp", fromlist=["SIZES"]).SIZES]
+
+
+def test_markdown_table_union_of_columns_and_number_format():
+    from megatron_rl.benchmarks.report import markdown_table
+
+    table = markdown_table([{"a": 1, "b": 0.12345}, {"a": 2, "c": "x", "b": float("nan")}])
+    lines = table.splitlines()
+    assert lines[0] == "| a | b | c |"
+    assert lines[1] == "|---:|---:|---|"
+    assert lines[2] == "| 1 | 0.123 |  |" and lines[3] == "| 2 | - | x |"
+    assert markdown_table([]) == "(no rows)"
+
+
+def test_step_breakdown_means_and_shares(tmp_path):
+    from megatron_rl.benchmarks.step import step_breakdown
+
+    records = [{"step": 0, "eval/accuracy": 0.1}]  # evaluation-only record: not an RL step
+    for s in range(1, 5):
+        slow = 10.0 if s == 1 else 1.0  # the first step is a warm-up
+        records.append({"step": s, "time/rollout": 2.0 * slow, "time/reward": 0.5, "time/train": 1.0,
+                        "time/sync": 0.25, "time/other": 0.25, "time/step": 4.0 + 2.0 * (slow - 1),
+                        "train/fwd_bwd_seconds": 0.5})
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    rows = {r["part"]: r for r in step_breakdown(str(path), skip=1)}
+    assert rows["rollout"]["mean_s"] == 2.0 and rows["rollout"]["share"] == 0.5
+    assert rows["step (total)"]["mean_s"] == 4.0
+    assert sum(rows[p]["share"] for p in ("rollout", "reward", "train", "sync", "other")) == pytest.approx(1.0, abs=5 * 5e-4)  # 5 shares rounded to 3 decimals
+    assert rows["  train: of which forward+backward"]["share"] == 0.125
+    with pytest.raises(ValueError, match="need more than skip=4"):
+        step_breakdown(str(path), skip=4)
+
+
+def test_spread_lengths():
+    from megatron_rl.benchmarks.train import spread_lengths
+
+    assert spread_lengths(4, 100, 1) == [100] * 4
+    lengths = spread_lengths(8, 512, 10)
+    assert lengths[0] == 51 and lengths[-1] == 512 and lengths == sorted(lengths)
+    padding = 1 - sum(lengths) / (len(lengths) * max(lengths))
+    assert 0.44 < padding < 0.46  # the "about half of the padded tokens are padding" case
+    with pytest.raises(ValueError, match="spread must be >= 1"):
+        spread_lengths(4, 100, 0.5)
+
+
+def test_matmul_parameters_match_the_linear_layers_of_the_hf_model(tiny_model):
+    """The MFU numerator counts exactly the weights of the model's nn.Linear layers (incl. the LM head)."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_rl.benchmarks.gpu import matmul_parameters, train_step_flops
+    from megatron_rl.models.qwen_arch import load_arch
+
+    path = tiny_model("qwen3", num_layers=2, hidden_size=64, head_dim=32, num_attention_heads=4, num_kv_heads=2)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    arch = load_arch(path)
+    assert matmul_parameters(arch) == linear
+    # one sequence of 10 tokens: 6 * P * 10 dense + 6 * layers * heads * head_dim * 10^2 attention
+    assert train_step_flops([10], arch) == 6 * linear * 10 + 6 * 2 * 4 * 32 * 100
