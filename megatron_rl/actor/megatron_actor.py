@@ -39,6 +39,11 @@ OPTIMIZER_DIR = "optimizer"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
+def _comm_device() -> torch.device:
+    """Where tensors for collectives must live: the current GPU under NCCL, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def _finalize_grads_without_token_scaling(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
     """Megatron's grad finalisation (DP/CP all-reduce, SP norm grads, tied embeddings) without the division by
     the step's token count: our loss shares already carry their global normaliser."""
@@ -88,6 +93,11 @@ class MegatronActor:
         chunks = build_model_chunks(arch, self.transformer_config)
         load_hf_weights(chunks, arch, reader)
         reader.close()
+        if self.transformer_config.bf16:
+            from megatron.core.transformer.module import Float16Module
+
+            # as Megatron-LM does: every parameter in bf16 (fp32 masters live in the optimizer), fp32 logits out
+            chunks = [Float16Module(self.transformer_config, chunk) for chunk in chunks]
         opt = cfg.optimizer
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=opt.distributed_optimizer,
@@ -242,7 +252,7 @@ class MegatronActor:
         microbatches = self._my_microbatches(batch)
         limit = max_response_length or cfg.loss.max_response_length or max(batch.max_response_length, 1)
         counts = GlobalBatchCounts.from_masks(
-            [mb.mask for mb in microbatches], dp_group=self._groups["dp"], cp_group=self._groups["cp"],
+            [mb.mask.to(_comm_device()) for mb in microbatches], dp_group=self._groups["dp"], cp_group=self._groups["cp"],
             max_response_length=limit,
         )
         cp_group = self._groups["cp"] if cfg.layout.cp > 1 else None
@@ -279,7 +289,7 @@ class MegatronActor:
             metrics = LossMetrics()
             for o in outputs:
                 metrics.merge(o["metrics"])
-            loss_t = torch.tensor([loss], dtype=torch.float64)
+            loss_t = torch.tensor([loss], dtype=torch.float64, device=_comm_device())
             for group in (self._groups["dp"], self._groups["cp"]):
                 if dist.get_world_size(group) > 1:
                     dist.all_reduce(loss_t, group=group)
@@ -290,7 +300,8 @@ class MegatronActor:
             last = dist.get_process_group_ranks(pp_group)[-1]
             dist.broadcast_object_list(holder, src=last, group=pp_group)
         elapsed = time.perf_counter() - start
-        model_tokens = torch.tensor([sum(mb.num_model_tokens for mb in microbatches)], dtype=torch.float64)
+        model_tokens = torch.tensor([sum(mb.num_model_tokens for mb in microbatches)], dtype=torch.float64,
+                                    device=_comm_device())
         dist.all_reduce(model_tokens)  # every rank's tokens: TP ranks see the same tokens, so divide by TP x PP
         tokens = float(model_tokens) / (cfg.layout.tp * cfg.layout.pp)
         return {
@@ -328,8 +339,8 @@ class MegatronActor:
             zero = output.sum() * 0.0
             row = zero.reshape(1, 1)
             fields = {name: row.detach() for name in ("old_log_probs", "ref_log_probs", "rollout_log_probs")}
-            share, metrics = objective(row, row, fields, zero.detach().reshape(1), torch.zeros(1, 1, dtype=torch.bool),
-                                       counts, cp_group)
+            no_tokens = torch.zeros(1, 1, dtype=torch.bool, device=row.device)
+            share, metrics = objective(row, row, fields, zero.detach().reshape(1), no_tokens, counts, cp_group)
             return share + zero, torch.zeros((), dtype=torch.int), {"share": share.detach(), "metrics": metrics}
         temperature = self.config.temperature
         logits, labels = self._selected_logits(mb, output)
@@ -360,7 +371,9 @@ class MegatronActor:
         """Buckets of full HF-named tensors (collective; see models/weight_transfer.export_hf_weights)."""
         from megatron_rl.models.weight_transfer import export_hf_weights
 
-        return export_hf_weights([m.module for m in self.model], self.arch, bucket_bytes=bucket_bytes, dst=dst)
+        from megatron_rl.checkpoint.model_ckpt import unwrap_model
+
+        return export_hf_weights([unwrap_model(m) for m in self.model], self.arch, bucket_bytes=bucket_bytes, dst=dst)
 
     # --------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, ckpt_dir: str) -> dict:

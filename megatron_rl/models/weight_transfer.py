@@ -197,12 +197,17 @@ def export_hf_weights(
 
 
 def _transfer(entries, owner: int, full: dict[str, torch.Tensor], rank: int, dst: int | None) -> dict[str, torch.Tensor]:
+    """Move one owner's tensors (flattened into one buffer) to every rank (dst None) or to rank dst.
+
+    The buffer lives where the process group can send it (the current GPU under NCCL); received tensors are
+    returned on the CPU, which is where weight sync and conversion consume them."""
     numels = [torch.Size(s).numel() for _, s, _ in entries]
     dtype = entries[0][2]
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if rank == owner:
-        flat = torch.cat([full[n].reshape(-1).to(dtype) for n, _, _ in entries])
+        flat = torch.cat([full[n].reshape(-1).to(device=device, dtype=dtype) for n, _, _ in entries])
     elif dst is None or rank == dst:
-        flat = torch.empty(sum(numels), dtype=dtype)
+        flat = torch.empty(sum(numels), dtype=dtype, device=device)
     else:
         return {}
     if dst is None:
@@ -215,7 +220,5 @@ def _transfer(entries, owner: int, full: dict[str, torch.Tensor], rank: int, dst
         dist.recv(flat, src=owner)
     elif rank != dst:
         return {}
-    out = {}
-    for (name, shape, _), piece in zip(entries, torch.split(flat, numels)):
-        out[name] = piece.view(shape).clone() if len(entries) > 1 else piece.view(shape)
-    return out
+    flat = flat.cpu()
+    return {name: piece.view(shape).clone() for (name, shape, _), piece in zip(entries, torch.split(flat, numels))}
