@@ -114,7 +114,8 @@ def run_step(args) -> dict:
 
     rows = step_rows(args.workdir, steps=args.steps, skip=args.skip, config=args.config, overrides=args.overrides)
     name = args.config or "the CPU quickstart (megatron_rl/configs/quickstart_cpu.yaml)"
-    return {"tables": {f"RL step time breakdown, {name}, mean over steps": rows}}
+    title = f"RL step time breakdown, {name}, mean over steps {args.skip + 1}..{args.steps}"
+    return {"tables": {title: rows}}
 
 
 def run_cp(args) -> dict:

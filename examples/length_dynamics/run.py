@@ -9,7 +9,7 @@ Writes
     <runs>/configs/<method>.yaml      the full config of each method (base.yaml + the method's overrides); any run
                                       can be repeated alone: megatron-rl train --config <that file> run.seed=1
     <runs>/<method>_s<seed>/          each run (metrics.jsonl, resolved config.yaml, train.log)
-    <out>/length.png, accuracy.png, sample_efficiency.png, clip.png   the curves (mean over seeds + min-max band)
+    <out>/length.png, accuracy.png, sample_efficiency.png, diagnostics.png   the curves (mean over seeds + min-max band)
     <out>/summary.md, summary.json    the numbers of README.md: mean ± spread (min..max) over seeds
 <runs> defaults to runs/length_dynamics (git-ignored), <out> to this folder. Runs whose metrics.jsonl already
 reaches the last step are reused (delete them to redo); the others are (re)run from scratch.
@@ -147,14 +147,16 @@ def draw(runs: dict[str, list[str]], out_dir: str, steps: int) -> list[str]:
                                  "smoothed over 5 steps"),
         "accuracy.png": dict(keys=["rollout/accuracy", "eval/accuracy"], smooth_window=5,
                              title="Accuracy: sampled training responses (smoothed over 5 steps) and greedy "
-                                   "validation (64 prompts)"),
+                                   "validation (128 prompts)"),
         "sample_efficiency.png": dict(keys=["rollout/accuracy", "eval/accuracy"], smooth_window=5,
                                       x_key="sampling/responses_generated",
                                       title="Accuracy against responses generated (LSPO and dynamic sampling "
                                             "generate extra rounds)"),
-        "clip.png": dict(keys=["train/seq_clip_frac_low", "train/seq_clip_frac_high", "train/clip_frac_low",
-                               "train/grad_norm", "train/entropy", "sampling/rounds_used"], smooth_window=5,
-                         title="Training diagnostics (train/* of the first mini-batch of each step)"),
+        "diagnostics.png": dict(keys=["batch/response_length_mean", "train/entropy", "train/grad_norm",
+                                      "sampling/rounds_used", "sampling/responses_generated", "mismatch/mean_abs_diff"],
+                                smooth_window=5,
+                                title="Diagnostics: length of the trained (filtered) batch, entropy and grad norm of "
+                                      "the first mini-batch, sampling rounds per step"),
     }
     written = []
     for name, kwargs in figures.items():

@@ -29,7 +29,8 @@ QUIET_OVERRIDES = (
 
 
 def step_breakdown(metrics_path: str, skip: int = 1) -> list[dict[str, Any]]:
-    """Mean seconds per step of each part and its share of the step, over the RL steps after the first `skip`."""
+    """Mean seconds per step of each part and its share of the step, over the RL steps after the first `skip`
+    (rows: part, mean_s, share; the actor's own timings of the train part follow, indented)."""
     from megatron_rl.training.metrics_logger import read_jsonl
 
     records = [r for r in read_jsonl(metrics_path) if "time/step" in r]
@@ -42,15 +43,20 @@ def step_breakdown(metrics_path: str, skip: int = 1) -> list[dict[str, Any]]:
         seconds = statistics.mean(r.get(f"time/{part}", 0.0) for r in records)
         rows.append({"part": part, "mean_s": round(seconds, 4), "share": round(seconds / total, 3)})
     rows.append({"part": "step (total)", "mean_s": round(total, 4), "share": 1.0})
-    for key, label in (("train/step_seconds", "  train: actor train_step (1st mini-batch)"),
-                       ("train/fwd_bwd_seconds", "  train: of which forward+backward")):
-        values = [r[key] for r in records if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
-        if values:
-            seconds = statistics.mean(values)
+    train_total = rows[PARTS.index("train")]["mean_s"]
+    actor_step = _mean_of(records, "train/step_seconds")
+    for seconds, label in ((actor_step, "  train: actor train_step (first mini-batch)"),
+                           (_mean_of(records, "train/fwd_bwd_seconds"), "  train: of which forward+backward"),
+                           (None if actor_step is None else train_total - actor_step,
+                            "  train: the rest (old log-prob recompute, Ray calls, later mini-batches)")):
+        if seconds is not None:
             rows.append({"part": label, "mean_s": round(seconds, 4), "share": round(seconds / total, 3)})
-    rows.append({"part": f"(steps averaged: {len(records)}, skipped: {skip})", "mean_s": float("nan"),
-                 "share": float("nan")})
     return rows
+
+
+def _mean_of(records: list[dict], key: str) -> float | None:
+    values = [r[key] for r in records if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
+    return statistics.mean(values) if values else None
 
 
 def run_training(run_dir: str, *, steps: int, config: str | None = None, overrides: Sequence[str] = (),

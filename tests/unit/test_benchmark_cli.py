@@ -119,3 +119,24 @@ def test_matmul_parameters_match_the_linear_layers_of_the_hf_model(tiny_model):
     assert matmul_parameters(arch) == linear
     # one sequence of 10 tokens: 6 * P * 10 dense + 6 * layers * heads * head_dim * 10^2 attention
     assert train_step_flops([10], arch) == 6 * linear * 10 + 6 * 2 * 4 * 32 * 100
+
+
+def test_train_benchmark_runs_every_variant_in_one_process(tiny_model):
+    """The smallest real run: the actor switches between packed and padded batches in one process, and the rows
+    count padding as the layouts imply (packed: none; padded: up to each micro-batch's longest sequence)."""
+    from megatron_rl.benchmarks.models import vocab_size
+    from megatron_rl.benchmarks.train import train_rows
+
+    path = tiny_model("qwen3", hidden_size=64, head_dim=32)
+    out = train_rows(path, vocab=vocab_size(path), seq_len=32, num_sequences=4, spreads=(4,), steps=1, warmup=0,
+                     threads=1)
+    runs = {r["variant"]: r for r in out["runs"]}
+    assert list(runs) == ["pytorch (transformers + AdamW), 1x spread", "actor padded, 1x spread",
+                          "actor packed, 1x spread", "actor padded, 4x spread", "actor packed, 4x spread"]
+    assert all(r["model_tokens"] == r["real_tokens"] for name, r in runs.items() if "packed" in name or "1x" in name)
+    padded = runs["actor padded, 4x spread"]
+    assert padded["real_tokens"] == sum([8, 16, 24, 32]) and padded["model_tokens"] > padded["real_tokens"]
+    assert padded["padding_frac"] == round(1 - padded["real_tokens"] / padded["model_tokens"], 3)
+    assert [r["comparison"].split(",")[0] for r in out["ratios"]] == [
+        "actor (packed) / plain PyTorch", "actor (padded) / plain PyTorch", "packed / padded", "packed / padded"]
+    assert all(r["fwd_bwd speed ratio"] > 0 for r in out["ratios"]) and out["profiles"] == {}
