@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Length dynamics in miniature: GRPO, GSPO, LUSPO and LUSPO+LSPO on the same task and tiny model, several seeds.
 
-    python examples/length_dynamics/run.py                        # everything: configs, 16 runs, plots, summary
+    python examples/length_dynamics/run.py                        # everything: configs, 18 runs, plots, summary
     python examples/length_dynamics/run.py --seeds 0 --steps 20   # a quick look
     python examples/length_dynamics/run.py --plots-only           # redraw from the runs already there
 
@@ -9,7 +9,8 @@ Writes
     <runs>/configs/<method>.yaml      the full config of each method (base.yaml + the method's overrides); any run
                                       can be repeated alone: megatron-rl train --config <that file> run.seed=1
     <runs>/<method>_s<seed>/          each run (metrics.jsonl, resolved config.yaml, train.log)
-    <out>/length.png, accuracy.png, sample_efficiency.png, diagnostics.png   the curves (mean over seeds + min-max band)
+    <out>/length.png, accuracy.png, sample_efficiency.png, diagnostics.png, ablation_onpolicy.png
+                                      the curves (mean over seeds + min-max band)
     <out>/summary.md, summary.json    the numbers of README.md: mean ± spread (min..max) over seeds
 <runs> defaults to runs/length_dynamics (git-ignored), <out> to this folder. Runs whose metrics.jsonl already
 reaches the last step are reused (delete them to redo); the others are (re)run from scratch.
@@ -35,9 +36,17 @@ METHODS = {
     "gspo": ["actor.loss.name=gspo"],            # sequence ratio, clip 3e-4 / 4e-4, mean over sequences
     "luspo": ["actor.loss.name=luspo"],          # GSPO x |y_i|, clip 2e-3 / 2.5e-3
     "luspo_lspo": ["actor.loss.name=luspo", "algorithm.lspo.enabled=true"],  # + length-aware sampling
+    # Ablation: one optimizer step per rollout batch, so every ratio is exactly 1 and no clip range matters:
+    # GSPO and LUSPO then differ ONLY in LUSPO's |y_i| weight (GSPO's tiny clip range cannot explain a difference).
+    "gspo_onpolicy": ["actor.loss.name=gspo", "algorithm.mini_batches=1"],
+    "luspo_onpolicy": ["actor.loss.name=luspo", "algorithm.mini_batches=1"],
 }
-LABELS = {"grpo": "GRPO", "gspo": "GSPO", "luspo": "LUSPO", "luspo_lspo": "LUSPO+LSPO"}
+LABELS = {"grpo": "GRPO", "gspo": "GSPO", "luspo": "LUSPO", "luspo_lspo": "LUSPO+LSPO",
+          "gspo_onpolicy": "GSPO, 1 mini-batch", "luspo_onpolicy": "LUSPO, 1 mini-batch"}
+MAIN = ("grpo", "gspo", "luspo", "luspo_lspo")
+ABLATION = ("gspo", "luspo", "gspo_onpolicy", "luspo_onpolicy")
 ACCURACY_THRESHOLD = 0.6  # sample efficiency: responses generated until the 10-step mean rollout accuracy reaches it
+LENGTH_THRESHOLD = 20.0  # length dynamics: first step whose 10-step mean rollout response length reaches it
 
 
 def write_method_configs(runs_dir: str, steps: int) -> dict[str, str]:
@@ -85,28 +94,34 @@ def _mean(values):
     return statistics.mean(values) if values else None
 
 
+def _first_reaching(xs: list[float], ys: list[float], threshold: float, window: int = 10) -> float | None:
+    """x at the first point where the trailing `window`-point mean of ys reaches `threshold` (None: never)."""
+    for i in range(window - 1, len(ys)):
+        if statistics.mean(ys[i - window + 1: i + 1]) >= threshold:
+            return xs[i]
+    return None
+
+
 def run_numbers(records: list[dict]) -> dict:
-    """The numbers of one run: start/end accuracy and length, responses generated, sample efficiency."""
+    """The numbers of one run: start/end accuracy and length, how fast the length grows, responses generated,
+    sample efficiency."""
     from plot_metrics import series
 
     rl = [r for r in records if "time/step" in r]
     evals = [r for r in records if "eval/accuracy" in r]
     acc_x, acc_y, _ = series(records, "rollout/accuracy", "sampling/responses_generated")
-    reached = None
-    for i in range(len(acc_y)):
-        window = acc_y[max(0, i - 9): i + 1]
-        if len(window) == 10 and statistics.mean(window) >= ACCURACY_THRESHOLD:
-            reached = acc_x[i]
-            break
+    len_x, len_y, _ = series(records, "rollout/response_length_mean")
     return {
         "eval_accuracy_start": evals[0]["eval/accuracy"] if evals else None,
         "eval_accuracy_end": evals[-1]["eval/accuracy"] if evals else None,
         "eval_length_end": evals[-1].get("eval/mean_response_length") if evals else None,
         "rollout_length_first5": _mean(r.get("rollout/response_length_mean") for r in rl[:5]),
+        "rollout_length_steps11_30": _mean(r.get("rollout/response_length_mean") for r in rl[10:30]),
         "rollout_length_last10": _mean(r.get("rollout/response_length_mean") for r in rl[-10:]),
+        f"step_length_{LENGTH_THRESHOLD:g}": _first_reaching(len_x, len_y, LENGTH_THRESHOLD),
         "rollout_accuracy_last10": _mean(r.get("rollout/accuracy") for r in rl[-10:]),
         "responses_generated": sum(r.get("sampling/responses_generated", 0) for r in rl),
-        f"responses_to_acc_{ACCURACY_THRESHOLD}": reached,
+        f"responses_to_acc_{ACCURACY_THRESHOLD}": _first_reaching(acc_x, acc_y, ACCURACY_THRESHOLD),
     }
 
 
@@ -128,40 +143,48 @@ def summarize(runs: dict[str, list[str]]) -> tuple[dict, str]:
                 continue
             mean = statistics.mean(present)
             table[method][key].update(mean=mean, min=min(present), max=max(present))
-            fmt = ".0f" if "responses" in key else ".3g"
+            fmt = ".0f" if "responses" in key or key.startswith("step_") else ".3g"
             missing = f" ({len(values) - len(present)} never)" if len(present) < len(values) else ""
             cells.append(f"{mean:{fmt}} ({min(present):{fmt}}..{max(present):{fmt}}){missing}")
         lines.append(f"| {LABELS.get(method, method)} | {len(numbers)} | " + " | ".join(cells) + " |")
     return table, "\n".join(lines)
 
 
-def draw(runs: dict[str, list[str]], out_dir: str, steps: int) -> list[str]:
+def draw(runs: dict[str, list[str]], out_dir: str) -> list[str]:
     from plot_metrics import plot
 
-    labelled = [(LABELS.get(m, m), p) for m, paths in runs.items() for p in paths]
+    def labelled(methods):
+        return [(LABELS.get(m, m), p) for m in methods if m in runs for p in runs[m]]
+
     n = len(next(iter(runs.values())))
+    band = f"mean of {n} seed(s) with min-max band"
     figures = {
-        "length.png": dict(keys=["rollout/response_length_mean", "eval/mean_response_length",
-                                 "rollout/response_length_p90"], smooth_window=5,
-                           title=f"Response length (tokens), mean of {n} seed(s) with min-max band; rollout curves "
-                                 "smoothed over 5 steps"),
-        "accuracy.png": dict(keys=["rollout/accuracy", "eval/accuracy"], smooth_window=5,
-                             title="Accuracy: sampled training responses (smoothed over 5 steps) and greedy "
-                                   "validation (128 prompts)"),
-        "sample_efficiency.png": dict(keys=["rollout/accuracy", "eval/accuracy"], smooth_window=5,
-                                      x_key="sampling/responses_generated",
-                                      title="Accuracy against responses generated (LSPO and dynamic sampling "
-                                            "generate extra rounds)"),
-        "diagnostics.png": dict(keys=["batch/response_length_mean", "train/entropy", "train/grad_norm",
-                                      "sampling/rounds_used", "sampling/responses_generated", "mismatch/mean_abs_diff"],
-                                smooth_window=5,
-                                title="Diagnostics: length of the trained (filtered) batch, entropy and grad norm of "
-                                      "the first mini-batch, sampling rounds per step"),
+        "length.png": (MAIN, dict(
+            keys=["rollout/response_length_mean", "eval/mean_response_length", "rollout/response_length_p90"],
+            smooth_window=5, title=f"Response length (tokens), {band}; rollout curves smoothed over 5 steps")),
+        "accuracy.png": (MAIN, dict(
+            keys=["rollout/accuracy", "eval/accuracy"], smooth_window=5,
+            title=f"Accuracy of sampled training responses (smoothed over 5 steps) and greedy validation (128 "
+                  f"prompts), {band}")),
+        "sample_efficiency.png": (MAIN, dict(
+            keys=["rollout/accuracy", "eval/accuracy"], smooth_window=5, x_key="sampling/responses_generated",
+            title="Accuracy against responses generated (dynamic sampling and LSPO generate extra rounds)")),
+        "diagnostics.png": (MAIN, dict(
+            keys=["batch/response_length_mean", "train/entropy", "train/grad_norm", "sampling/rounds_used",
+                  "sampling/responses_generated", "mismatch/mean_abs_diff"], smooth_window=5,
+            title="Diagnostics: length of the trained (filtered) batch, entropy and grad norm of the first "
+                  "mini-batch, sampling rounds per step")),
+        "ablation_onpolicy.png": (ABLATION, dict(
+            keys=["rollout/response_length_mean", "rollout/accuracy", "eval/accuracy"], smooth_window=5,
+            title=f"GSPO vs LUSPO with 4 mini-batches (clip ranges act) and 1 (ratios = 1, no clipping), {band}")),
     }
     written = []
-    for name, kwargs in figures.items():
+    for name, (methods, kwargs) in figures.items():
+        runs_here = labelled(methods)
+        if not runs_here:
+            continue
         path = os.path.join(out_dir, name)
-        summary = plot(labelled, path, **kwargs)
+        summary = plot(runs_here, path, **kwargs)
         for label, run, key in summary["missing"]:
             print(f"[plots] {label} {run}: {key} never logged", file=sys.stderr)
         written.append(path)
@@ -200,7 +223,7 @@ def main(argv=None) -> int:
     if missing:
         raise SystemExit(f"runs not complete (run without --plots-only): {missing}")
     os.makedirs(args.out, exist_ok=True)
-    for path in draw(runs, args.out, args.steps):
+    for path in draw(runs, args.out):
         print(f"[plots] {path}")
     table, markdown = summarize(runs)
     with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
