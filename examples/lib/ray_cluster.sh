@@ -76,7 +76,7 @@ mrl_wait() {
 }
 
 mrl_usage() {
-  sed -n '2,/^set -euo pipefail/p' "$MRL_SCRIPT" | sed -e '/^set -euo pipefail/d' -e 's/^# \{0,1\}//'
+  sed -n '2,/^set -euo pipefail/p' "$MRL_SCRIPT" | sed -e '/^set -euo pipefail/d' -e 's/^# //' -e 's/^#$//'
 }
 
 # Flags and overrides: --resume, --dry-run, --help, and dotted key=value config overrides (passed to the trainer).
@@ -109,7 +109,7 @@ mrl_node_list() {
 
 mrl_is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 
-# Defaults, the node list, derived sizes, and every command line (nothing is run here).
+# Defaults, checks, the node list and derived sizes (nothing is run here).
 mrl_settings() {
   : "${NODES:?}" "${GPUS_PER_NODE:?}" "${ENGINE_TP:?}" "${CONFIG:?}" "${REPO_DIR:?}"  # the launch script's defaults
   : "${DRY_RUN:=0}" "${RESUME:=0}"
@@ -126,7 +126,7 @@ mrl_settings() {
   : "${CPUS_PER_NODE:=64}"
   : "${OUTPUT_DIR:=$REPO_DIR/runs}"
   : "${RUN_NAME:=$(basename "${CONFIG%.*}")}"
-  : "${RAY_PORT:=6379}" "${RAY_TMPDIR:=/tmp/ray_$JOB_ID}" "${RAY_JOIN_TIMEOUT:=600}" "${RAY_STOP_TIMEOUT:=30}"
+  : "${RAY_PORT:=6379}" "${RAY_TMPDIR:=/tmp/ray_$JOB_ID}" "${RAY_JOIN_TIMEOUT:=600}" "${RAY_STOP_TIMEOUT:=10}"
   : "${RAY_LOOPBACK:=0}"
   : "${RAY_OBJECT_STORE_BYTES:=}" "${RAY_HEAD_IP:=}" "${MODEL_PATH:=}" "${TRAIN_DATA:=}" "${VAL_DATA:=}"
   : "${EXTRA_OVERRIDES:=}" "${CONTAINER_IMAGE:=}" "${CONTAINER_WORKDIR:=/workspace/megatron_rl}"
