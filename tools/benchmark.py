@@ -137,8 +137,9 @@ def run_gpu(args) -> dict:
     out = gpu_rows(args.workdir, seq_len=args.seq_len, num_sequences=args.num_sequences, spreads=args.spreads,
                    steps=args.steps, warmup=args.warmup, size=args.size)
     return {"tables": {"Measured peak": out["peak"],
-                       f"bf16 train step per variant (median of {args.steps}), MFU vs the measured peak": out["runs"],
-                       "Ratios (speed = real tokens/s)": out["ratios"]}}
+                       f"bf16 train step per variant (median of {args.steps}), MFU of the whole step vs the measured "
+                       "peak (the actor's fwd_bwd_s is its own clock, not CUDA-synchronized: read step_s)": out["runs"],
+                       "Ratios (speed = real tokens/s; on GPU read the step column)": out["ratios"]}}
 
 
 # --------------------------------------------------------------------------------------------------------- parser

@@ -59,15 +59,19 @@ def make_batch(lengths: list[int], vocab: int, seed: int = 0):
 
 
 class _PyTorchTrainer:
-    """transformers forward/backward + AdamW on equal-length rows; micro-batches of at most `max_tokens`."""
+    """transformers forward/backward + AdamW on equal-length rows; micro-batches of at most `max_tokens`.
+    bf16 is plain PyTorch mixed precision (fp32 parameters and AdamW, bf16 `torch.autocast`), the usual recipe and
+    the closest to Megatron's bf16 (bf16 compute, fp32 main weights in the optimizer)."""
 
     def __init__(self, model_path: str, dtype: torch.dtype, device: str, max_tokens: int):
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
         self.model.train()
         self.optim = torch.optim.AdamW(self.model.parameters(), lr=1e-6)
         self.device, self.max_tokens = device, max_tokens
+        self.autocast = dtype != torch.float32
+        self.dtype = dtype
 
     def step(self, batch) -> dict[str, float]:
         seqs = [torch.cat([p, r]) for p, r in zip(batch.prompt_ids, batch.response_ids)]
@@ -79,7 +83,8 @@ class _PyTorchTrainer:
         self.optim.zero_grad(set_to_none=True)
         for i in range(0, len(seqs), per_mb):
             ids = torch.stack(seqs[i : i + per_mb]).to(self.device)
-            logits = self.model(input_ids=ids).logits[:, :-1].float()
+            with torch.autocast(self.device, dtype=self.dtype, enabled=self.autocast):
+                logits = self.model(input_ids=ids).logits[:, :-1].float()
             logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
             (-logp.mean()).backward()
         _sync(self.device)
