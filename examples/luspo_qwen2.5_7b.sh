@@ -58,6 +58,8 @@ set -euo pipefail
 : "${NODES:=1}" "${GPUS_PER_NODE:=8}" "${ENGINE_TP:=1}" "${CONFIG:=examples/configs/qwen2.5_7b_luspo.yaml}"
 REPO_DIR=${REPO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 [[ -f $REPO_DIR/examples/lib/ray_cluster.sh ]] || REPO_DIR=${SLURM_SUBMIT_DIR:-$PWD}  # sbatch runs a copy
+[[ -f $REPO_DIR/examples/lib/ray_cluster.sh ]] \
+  || { echo "error: $REPO_DIR is not the megatron_rl repository: sbatch from its root, or set REPO_DIR" >&2; exit 2; }
 # shellcheck source-path=SCRIPTDIR source=lib/ray_cluster.sh
 source "$REPO_DIR/examples/lib/ray_cluster.sh"
 mrl_main "$@"

@@ -120,7 +120,7 @@ mrl_settings() {
   if [[ -n ${SLURM_JOB_ID:-} ]]; then MRL_IN_SLURM=1; fi
   JOB_ID=${SLURM_JOB_ID:-dryrun}
   if ((MRL_IN_SLURM)); then
-    NODES=$SLURM_JOB_NUM_NODES  # the allocation decides; `sbatch --nodes=N` changes it
+    NODES=${SLURM_JOB_NUM_NODES:-$NODES}  # the allocation decides; `sbatch --nodes=N` changes it
     : "${CPUS_PER_NODE:=${SLURM_CPUS_ON_NODE:-1}}"
   fi
   : "${CPUS_PER_NODE:=64}"
