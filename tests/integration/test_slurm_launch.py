@@ -118,6 +118,7 @@ def submit(tmp_path):
     yield make
     for job in jobs:
         job.cancel()
+        shutil.rmtree(f"/tmp/ray_{job.id}", ignore_errors=True)  # the job's Ray session (RAY_TMPDIR default)
 
 
 def _records(run_dir: Path) -> list[dict]:
