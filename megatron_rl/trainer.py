@@ -150,10 +150,12 @@ class Trainer:
             wandb_project=cfg.logging.wandb_project, run_name=cfg.run.name,
             resume_step=resume_from[0] if resume_from else None,
         )
-        previous_handlers = self._install_signal_handlers()
+        previous_handlers = {}
         last: dict = {}
         try:
             self._start_services()
+            # after ray.init, which installs its own SIGTERM handler: ours lets the current step finish and save
+            previous_handlers = self._install_signal_handlers()
             if resume_from is not None:
                 self._resume(*resume_from)
             else:

@@ -387,14 +387,24 @@ class MegatronActor:
         from megatron_rl.checkpoint.model_ckpt import _save_strategy, model_sharded_state_dict, write_model_checkpoint
 
         write_model_checkpoint(self.model, self.arch, self.config.layout, ckpt_dir, hf_source_dir=self.config.model_path)
-        optimizer_dir = os.path.join(ckpt_dir, OPTIMIZER_DIR)
-        if dist.get_rank() == 0:
-            os.makedirs(optimizer_dir, exist_ok=True)
+        # An optimizer that has not stepped since it was built or reset has no state to save; resuming then
+        # starts a fresh one, which is the same thing (Adam creates zero moments and step 0 on its first step).
+        has_state = self._optimizer_has_state()
+        if has_state:
+            optimizer_dir = os.path.join(ckpt_dir, OPTIMIZER_DIR)
+            if dist.get_rank() == 0:
+                os.makedirs(optimizer_dir, exist_ok=True)
+            dist.barrier()
+            sharded = self.optimizer.sharded_state_dict(model_sharded_state_dict(self.model), metadata=OPTIMIZER_METADATA)
+            dist_checkpointing.save(sharded, optimizer_dir, sharded_strategy=_save_strategy(True))
         dist.barrier()
-        sharded = self.optimizer.sharded_state_dict(model_sharded_state_dict(self.model), metadata=OPTIMIZER_METADATA)
-        dist_checkpointing.save(sharded, optimizer_dir, sharded_strategy=_save_strategy(True))
-        dist.barrier()
-        return {"scheduler": self.scheduler.state_dict(), "steps_done": self.steps_done}
+        return {"scheduler": self.scheduler.state_dict(), "steps_done": self.steps_done, "optimizer_state": has_state}
+
+    def _optimizer_has_state(self) -> bool:
+        local = any(len(o.optimizer.state) > 0 for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
+        flag = torch.tensor([int(local)], device=_comm_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank must agree on whether to write the optimizer
+        return bool(flag.item())
 
     def load_checkpoint(self, ckpt_dir: str, state: dict | None = None, *, load_optimizer: bool = True) -> None:
         """Collective: restore weights (any saved layout) and, when asked, optimizer and scheduler state."""
@@ -405,7 +415,9 @@ class MegatronActor:
         from megatron_rl.checkpoint.model_ckpt import load_model_checkpoint, model_sharded_state_dict
 
         load_model_checkpoint(self.model, ckpt_dir)
-        if load_optimizer:
+        if state is not None and not state.get("optimizer_state", True):
+            self.reset_optimizer_state()  # saved before any step: nothing to restore
+        elif load_optimizer:
             optimizer_dir = os.path.join(ckpt_dir, OPTIMIZER_DIR)
             if not os.path.isdir(optimizer_dir):
                 raise FileNotFoundError(f"{ckpt_dir} has no {OPTIMIZER_DIR}/ (a model-only checkpoint?); "

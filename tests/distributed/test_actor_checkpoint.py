@@ -80,3 +80,24 @@ def test_bf16_step_tracks_fp32(tiny_model):
     assert bf16["grad_norm"] == pytest.approx(fp32["grad_norm"], rel=2e-2)
     diff = max(float((a - b).abs().max()) for a, b in zip(bf16["log_probs"], fp32["log_probs"]))
     assert 0 < diff < 0.1  # bf16 weights round the log-probs (|log p| ~ 6 here), but only slightly
+
+
+def _fresh_rank(path, ckpt, mode):
+    actor = _actor(path, {}, False)
+    batch = make_batch()
+    if mode == "save":  # saved before any optimizer step (e.g. every RL step so far was filtered empty)
+        with atomic_checkpoint_dir(ckpt) as tmp:
+            torch.save(actor.save_checkpoint(tmp), ckpt + ".state.pt")
+    elif mode == "load":
+        actor.load_checkpoint(ckpt, torch.load(ckpt + ".state.pt", weights_only=True))
+    steps = [actor.train_step(batch, objective="sft")["grad_norm"] for _ in range(2)]
+    actor.shutdown()
+    return steps
+
+
+def test_checkpoint_before_any_step_resumes_like_a_fresh_start(tiny_model, tmp_path):
+    path, ckpt = tiny_model("qwen3"), str(tmp_path / "step")
+    spawn_ranks(_fresh_rank, 1, args=(path, ckpt, "save"))
+    fresh = spawn_ranks(_fresh_rank, 1, args=(path, ckpt, "fresh"))[0]
+    resumed = spawn_ranks(_fresh_rank, 1, args=(path, ckpt, "load"))[0]
+    assert resumed == pytest.approx(fresh, rel=1e-6)

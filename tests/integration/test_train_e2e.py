@@ -163,3 +163,24 @@ def test_bad_config_fails_fast(tmp_path, override, message):
     assert message in result.stderr, result.stderr
     assert time.monotonic() - start < 30  # seconds, not the minutes a launch would take
     assert not (tmp_path / "t").exists()  # nothing was created
+
+
+def test_sigterm_finishes_the_step_saves_and_exits(tmp_path):
+    config = _write_config(tmp_path, **{"run.steps": 1000, "checkpoint.every": 0, "eval.every": 0, "eval.at_start": False})
+    out = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_rl.cli", "train", "--config", config,
+                             f"run.output_dir={out}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        metrics = out / "t" / "metrics.jsonl"
+        assert _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, 600, proc)
+        proc.send_signal(signal.SIGTERM)  # what `scancel` / a time limit sends
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-3000:]
+    assert "[stop] SIGTERM: finishing the current step, then saving" in output
+    last = _records(out / "t")[-1]["step"]
+    assert 1 <= last < 1000
+    assert sorted(os.listdir(out / "t" / "checkpoints")) == [f"step_{last:06d}"]

@@ -78,8 +78,10 @@ def test_checkpoint_tensors_that_disagree_with_the_config_are_refused(tiny_model
     extra = {**tensors, "decoder.layers.1.mlp.router.weight": torch.zeros(4, 64)}
     with pytest.raises(DistCheckpointError, match="not explained by the config, e.g. \\['decoder.layers.1.mlp.router.weight'\\]"):
         convert_to_hf(make_checkpoint(hf, str(tmp_path / "b"), tensors=extra), tmp_path / "out", progress=False)
-    wrong = {**tensors, "decoder.final_layernorm.weight": torch.zeros(65)}
-    with pytest.raises(DistCheckpointError, match=r"decoder\.final_layernorm\.weight: checkpoint \(65,\), config\.json implies \(64,\)"):
+    hidden = tensors["decoder.final_layernorm.weight"].numel()
+    wrong = {**tensors, "decoder.final_layernorm.weight": torch.zeros(hidden + 1)}
+    with pytest.raises(DistCheckpointError, match=rf"decoder\.final_layernorm\.weight: checkpoint \({hidden + 1},\), "
+                                                  rf"config\.json implies \({hidden},\)"):
         convert_to_hf(make_checkpoint(hf, str(tmp_path / "c"), tensors=wrong), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
