@@ -160,7 +160,7 @@ def draw(runs: dict[str, list[str]], out_dir: str) -> list[str]:
     band = f"mean of {n} seed(s) with min-max band"
     figures = {
         "length.png": (MAIN, dict(
-            keys=["rollout/response_length_mean", "eval/mean_response_length", "rollout/response_length_p90"],
+            keys=["rollout/response_length_mean", "eval/mean_response_length", "rollout/response_length_p10"],
             smooth_window=5, title=f"Response length (tokens), {band}; rollout curves smoothed over 5 steps")),
         "accuracy.png": (MAIN, dict(
             keys=["rollout/accuracy", "eval/accuracy"], smooth_window=5,
