@@ -112,24 +112,27 @@ class TorchCoreAttention(torch.nn.Module):
         local_lengths = [n // cp for n in lengths]
         if sum(local_lengths) != t:
             raise ValueError(f"packed sequences hold {sum(local_lengths)} local tokens but the input has {t}")
-        if cp > 1:
-            keys = all_gather_cp(key, self.cp_group).view(cp, t, *key.shape[1:])
-            values = all_gather_cp(value, self.cp_group).view(cp, t, *value.shape[1:])
-        outputs, start = [], 0
-        for n, n_local in zip(lengths, local_lengths):
-            if n_local == 0:
+        # One split per tensor, not a slice per sequence: the backward of N basic slices would zero-fill and add N
+        # full-size [t, heads, d] gradients (O(N x t) per layer); split's backward concatenates once (O(t)).
+        queries = query.split(local_lengths)
+        if cp == 1:
+            keys, values = key.split(local_lengths), value.split(local_lengths)
+        else:  # every rank's local tokens, per sequence: [cp, n_local, heads, d]
+            gathered_k = all_gather_cp(key, self.cp_group).view(cp, t, *key.shape[1:])
+            gathered_v = all_gather_cp(value, self.cp_group).view(cp, t, *value.shape[1:])
+            keys, values = gathered_k.split(local_lengths, dim=1), gathered_v.split(local_lengths, dim=1)
+        outputs = []
+        for n, q, k, v in zip(lengths, queries, keys, values):
+            if q.shape[0] == 0:
                 continue
-            q = query[start : start + n_local].permute(1, 0, 2).unsqueeze(0)
+            q = q.permute(1, 0, 2).unsqueeze(0)
             if cp == 1:
-                k = key[start : start + n_local].permute(1, 0, 2).unsqueeze(0)
-                v = value[start : start + n_local].permute(1, 0, 2).unsqueeze(0)
-                out = _sdpa(q, k, v, self.scale, causal=True)
+                out = _sdpa(q, k.permute(1, 0, 2).unsqueeze(0), v.permute(1, 0, 2).unsqueeze(0), self.scale, causal=True)
             else:
-                k = keys[:, start : start + n_local].reshape(cp * n_local, *key.shape[1:]).permute(1, 0, 2).unsqueeze(0)
-                v = values[:, start : start + n_local].reshape(cp * n_local, *value.shape[1:]).permute(1, 0, 2).unsqueeze(0)
+                k = k.reshape(-1, *key.shape[1:]).permute(1, 0, 2).unsqueeze(0)
+                v = v.reshape(-1, *value.shape[1:]).permute(1, 0, 2).unsqueeze(0)
                 q_pos = cp_local_positions(n, cp, self.cp_rank, device=query.device)
                 k_pos = torch.cat([cp_local_positions(n, cp, r, device=query.device) for r in range(cp)])
                 out = _sdpa(q, k, v, self.scale, allowed=q_pos[:, None] >= k_pos[None, :])
             outputs.append(out.squeeze(0).permute(1, 0, 2))
-            start += n_local
         return torch.cat(outputs, dim=0).reshape(t, hq * d)
