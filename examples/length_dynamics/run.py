@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Length dynamics in miniature: GRPO, GSPO, LUSPO and LUSPO+LSPO on the same task and tiny model, several seeds.
 
-    python examples/length_dynamics/run.py                        # everything: configs, 18 runs, plots, summary
+    python examples/length_dynamics/run.py                        # everything: configs, 21 runs, plots, summary
     python examples/length_dynamics/run.py --seeds 0 --steps 20   # a quick look
     python examples/length_dynamics/run.py --plots-only           # redraw from the runs already there
 
@@ -9,7 +9,7 @@ Writes
     <runs>/configs/<method>.yaml      the full config of each method (base.yaml + the method's overrides); any run
                                       can be repeated alone: megatron-rl train --config <that file> run.seed=1
     <runs>/<method>_s<seed>/          each run (metrics.jsonl, resolved config.yaml, train.log)
-    <out>/length.png, accuracy.png, sample_efficiency.png, diagnostics.png, ablation_onpolicy.png
+    <out>/length.png, accuracy.png, sample_efficiency.png, diagnostics.png, ablation.png
                                       the curves (mean over seeds + min-max band)
     <out>/summary.md, summary.json    the numbers of README.md: mean ± spread (min..max) over seeds
 <runs> defaults to runs/length_dynamics (git-ignored), <out> to this folder. Runs whose metrics.jsonl already
@@ -40,11 +40,19 @@ METHODS = {
     # GSPO and LUSPO then differ ONLY in LUSPO's |y_i| weight (GSPO's tiny clip range cannot explain a difference).
     "gspo_onpolicy": ["actor.loss.name=gspo", "algorithm.mini_batches=1"],
     "luspo_onpolicy": ["actor.loss.name=luspo", "algorithm.mini_batches=1"],
+    # Ablation: GSPO with LUSPO's clip range, 4 mini-batches: the loss differs from LUSPO only by the |y_i| weight.
+    "gspo_wideclip": ["actor.loss.name=gspo", "actor.loss.clip_low=0.002", "actor.loss.clip_high=0.0025"],
 }
 LABELS = {"grpo": "GRPO", "gspo": "GSPO", "luspo": "LUSPO", "luspo_lspo": "LUSPO+LSPO",
-          "gspo_onpolicy": "GSPO, 1 mini-batch", "luspo_onpolicy": "LUSPO, 1 mini-batch"}
+          "gspo_onpolicy": "GSPO, 1 mini-batch", "luspo_onpolicy": "LUSPO, 1 mini-batch",
+          "gspo_wideclip": "GSPO, LUSPO's clip"}
 MAIN = ("grpo", "gspo", "luspo", "luspo_lspo")
-ABLATION = ("gspo", "luspo", "gspo_onpolicy", "luspo_onpolicy")
+# Paired comparisons (same seed = same initial model, data order and sampling seeds): A vs B.
+PAIRS = (("luspo", "gspo"), ("luspo_onpolicy", "gspo_onpolicy"), ("luspo", "gspo_wideclip"), ("luspo_lspo", "luspo"),
+         ("grpo", "luspo"))
+PAIRED_KEYS = ("rollout_length_steps11_30", "rollout_length_last10", "eval_accuracy_end", "rollout_accuracy_last10",
+               "responses_to_acc_0.6")
+ABLATION = ("gspo", "luspo", "gspo_onpolicy", "luspo_onpolicy", "gspo_wideclip")
 ACCURACY_THRESHOLD = 0.6  # sample efficiency: responses generated until the 10-step mean rollout accuracy reaches it
 LENGTH_THRESHOLD = 20.0  # length dynamics: first step whose 10-step mean rollout response length reaches it
 
@@ -147,6 +155,18 @@ def summarize(runs: dict[str, list[str]]) -> tuple[dict, str]:
             missing = f" ({len(values) - len(present)} never)" if len(present) < len(values) else ""
             cells.append(f"{mean:{fmt}} ({min(present):{fmt}}..{max(present):{fmt}}){missing}")
         lines.append(f"| {LABELS.get(method, method)} | {len(numbers)} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired by seed (A - B per seed; in brackets: seeds where A > B / seeds compared):", "",
+              "| A vs B | " + " | ".join(PAIRED_KEYS) + " |", "|---|" + "---|" * len(PAIRED_KEYS)]
+    for a, b in PAIRS:
+        if a not in per_method or b not in per_method:
+            continue
+        cells = []
+        for key in PAIRED_KEYS:
+            diffs = [x[key] - y[key] for x, y in zip(per_method[a], per_method[b])
+                     if x[key] is not None and y[key] is not None]
+            fmt = ".0f" if "responses" in key else ".3g"
+            cells.append(", ".join(f"{d:+{fmt}}" for d in diffs) + f" [{sum(d > 0 for d in diffs)}/{len(diffs)}]")
+        lines.append(f"| {LABELS[a]} vs {LABELS[b]} | " + " | ".join(cells) + " |")
     return table, "\n".join(lines)
 
 
@@ -174,9 +194,10 @@ def draw(runs: dict[str, list[str]], out_dir: str) -> list[str]:
                   "sampling/responses_generated", "mismatch/mean_abs_diff"], smooth_window=5,
             title="Diagnostics: length of the trained (filtered) batch, entropy and grad norm of the first "
                   "mini-batch, sampling rounds per step")),
-        "ablation_onpolicy.png": (ABLATION, dict(
+        "ablation.png": (ABLATION, dict(
             keys=["rollout/response_length_mean", "rollout/accuracy", "eval/accuracy"], smooth_window=5,
-            title=f"GSPO vs LUSPO with 4 mini-batches (clip ranges act) and 1 (ratios = 1, no clipping), {band}")),
+            title=f"GSPO vs LUSPO: 4 mini-batches (clip ranges act), 1 mini-batch (ratios = 1, no clipping), and "
+                  f"GSPO with LUSPO's clip range; {band}")),
     }
     written = []
     for name, (methods, kwargs) in figures.items():
