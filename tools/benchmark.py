@@ -79,7 +79,8 @@ def run_rollout(args) -> dict:
             bench_model(args.size, args.workdir), batch_sizes=args.batch_sizes, engine_counts=args.engines,
             n=args.n, max_tokens=args.max_tokens, repeats=args.repeats, transformers_baseline=not args.no_hf,
         )
-    return {"tables": {f"Rollout throughput, qwen3 {args.size} fp32, generated tokens/s (median of {args.repeats})": rows}}
+    title = f"Rollout throughput, qwen3 {args.size} fp32, generated tokens/s (median of {args.repeats})"
+    return {"tables": {title: rows}}
 
 
 def run_sync(args) -> dict:
@@ -248,7 +249,8 @@ def main(argv=None) -> int:
     result = args.run(args)
     env["load_avg_1min_end"] = load_average()
     print(f"Load average (1 min) at end: {env['load_avg_1min_end']}")
-    busy = [x for x in (env["load_avg_1min_start"], env["load_avg_1min_end"]) if x is not None and x > 1.25 * env["cores"]]
+    loads = (env["load_avg_1min_start"], env["load_avg_1min_end"])
+    busy = [x for x in loads if x is not None and x > 1.25 * env["cores"]]
     if busy:
         env["note"] = (f"busy machine: 1-minute load {max(busy)} on {env['cores']} cores; absolute numbers are "
                        "unreliable, compare the ratios measured within this run")

@@ -170,8 +170,9 @@ def default_variants(num_sequences: int, seq_len: int, spreads: tuple[float, ...
                          "lengths": spread_lengths(num_sequences, seq_len, 1)})
     for spread in spreads:
         lengths = spread_lengths(num_sequences, seq_len, spread)
-        variants += [{"name": f"actor padded, {spread:g}x spread", "kind": "padded", "spread": spread, "lengths": lengths},
-                     {"name": f"actor packed, {spread:g}x spread", "kind": "packed", "spread": spread, "lengths": lengths}]
+        for kind in ("padded", "packed"):
+            variants.append({"name": f"actor {kind}, {spread:g}x spread", "kind": kind, "spread": spread,
+                             "lengths": lengths})
     return variants
 
 

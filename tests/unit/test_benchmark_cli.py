@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from megatron_rl.benchmarks.cp import SIZES
+
 TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "benchmark.py")
 
 
@@ -56,10 +58,10 @@ def test_cp_subcommand_prints_tables_and_writes_json(bench, tmp_path, capsys):
     assert "| 256 | 8192 | 4 | 12.0 KiB | 24.0 MiB | 2,048x |" in out  # T/4 = 2048 for fp32 both sides
     payload = json.loads(path.read_text())
     assert payload["command"] == "cp"
-    assert {"date", "cpu", "cores", "versions", "load_avg_1min_start", "load_avg_1min_end"} <= set(payload["environment"])
+    expected = {"date", "cpu", "cores", "versions", "load_avg_1min_start", "load_avg_1min_end"}
+    assert expected <= set(payload["environment"])
     (rows,) = payload["tables"].values()
-    assert [r["ratio"] for r in rows] == [f"{t // 4:,}x" for _, t, _ in __import__(
-        "megatron_rl.benchmarks.cp", fromlist=["SIZES"]).SIZES]
+    assert [r["ratio"] for r in rows] == [f"{t // 4:,}x" for _, t, _ in SIZES]
 
 
 def test_markdown_table_union_of_columns_and_number_format():
@@ -87,7 +89,8 @@ def test_step_breakdown_means_and_shares(tmp_path):
     rows = {r["part"]: r for r in step_breakdown(str(path), skip=1)}
     assert rows["rollout"]["mean_s"] == 2.0 and rows["rollout"]["share"] == 0.5
     assert rows["step (total)"]["mean_s"] == 4.0
-    assert sum(rows[p]["share"] for p in ("rollout", "reward", "train", "sync", "other")) == pytest.approx(1.0, abs=5 * 5e-4)  # 5 shares rounded to 3 decimals
+    shares = sum(rows[p]["share"] for p in ("rollout", "reward", "train", "sync", "other"))
+    assert shares == pytest.approx(1.0, abs=5 * 5e-4)  # five shares, each rounded to 3 decimals
     assert rows["  train: of which forward+backward"]["share"] == 0.125
     with pytest.raises(ValueError, match="need more than skip=4"):
         step_breakdown(str(path), skip=4)
