@@ -248,10 +248,8 @@ class Trainer:
                 batch.old_log_probs = batch.rollout_log_probs
             if cfg.actor.loss.kl_coef > 0:
                 batch.ref_log_probs = self.group.call("compute_log_probs", batch, model="reference")[0]
-            for k, mini in enumerate(_split(batch, algo.mini_batches)):
-                train = self.group.call("train_step", mini)[0]
-                if k == 0 or algo.mini_batches == 1:
-                    metrics.update({f"train/{key}": value for key, value in train.items()})
+            steps = [self.group.call("train_step", mini)[0] for mini in _split(batch, algo.mini_batches)]
+            metrics.update({f"train/{key}": value for key, value in _combine_mini_batches(steps).items()})
         with timer("sync"):
             stats = self.pool.update_weights(self.group.weight_buckets(), version=self.weights_version + 1)
             self.weights_version += 1
@@ -374,6 +372,25 @@ class Trainer:
             self.metrics.close()
         if getattr(self, "_owns_ray", False) and ray.is_initialized():
             ray.shutdown()
+
+
+_SUMMED = ("num_sequences", "num_response_tokens", "num_microbatches", "model_tokens", "step_seconds",
+           "fwd_bwd_seconds", "update_skipped")
+
+
+def _combine_mini_batches(steps: list[dict]) -> dict:
+    """One set of train/* metrics for a rollout batch trained in several optimizer steps: counts and times are
+    summed, everything else (loss, grad norm, clip fractions, ratios, KL, entropy) averaged over the steps, so clip
+    fractions of the off-policy steps (mini-batch 2, 3, ...) show up."""
+    combined = {}
+    for key in steps[0]:
+        values = [s[key] for s in steps]
+        combined[key] = sum(values) if key in _SUMMED else sum(values) / len(values)
+    seconds = combined.get("step_seconds")
+    if seconds:
+        combined["tokens_per_second"] = combined["model_tokens"] / seconds
+    combined["optimizer_steps"] = float(len(steps))
+    return combined
 
 
 def _split(batch, parts: int):

@@ -32,6 +32,7 @@ BUILTIN_REWARDS: dict[str, str] = {
     "format": "megatron_rl.rewards.math_reward:format_reward",
     "arithmetic": "megatron_rl.data.synthetic.arithmetic:arithmetic_reward",
     "countdown": "megatron_rl.data.synthetic.countdown:countdown_reward",
+    "chain": "megatron_rl.data.synthetic.chain:chain_reward",
 }
 # Dataset fields passed to a reward function that declares a parameter of this name (or **kwargs).
 OPTIONAL_FIELDS = ("data_source", "extra_info")
