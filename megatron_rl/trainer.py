@@ -173,8 +173,9 @@ class Trainer:
 
         cfg = self.cfg
         last = {}
+        # disable=None: a bar on terminals only; logs (CI, Slurm) get just the one-line summaries
         bar = tqdm(total=cfg.run.steps, initial=self.step, desc="RL steps", unit="step", dynamic_ncols=True,
-                   disable=not cfg.logging.progress_bars)
+                   disable=None if cfg.logging.progress_bars else True)
         try:
             while self.step < cfg.run.steps and not self._stop_requested:
                 metrics = self._rl_step(self.step + 1)
