@@ -116,7 +116,10 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class RewardSettings:
-    """fn: a registered name ("default", "math", "arithmetic", "countdown", "format") or "pkg.module:function"."""
+    """fn: a built-in name (megatron_rl.rewards.BUILTIN_REWARDS: "default", "math", "format", "arithmetic",
+    "countdown", "chain") or "pkg.module:function"; kwargs: options bound to every call (e.g. {extraction: lenient}
+    for "math"). Both are checked when the config loads. timeout_s: per-call limit; a call past it scores 0 and is
+    counted in reward/num_timeouts."""
 
     fn: str = "default"
     num_workers: int = 2

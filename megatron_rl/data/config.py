@@ -19,7 +19,7 @@ class PromptDataConfig:
     prompt_key / ground_truth_key: column names; None means the layout's default ("prompt" and
       "reward_model.ground_truth" for dapo, "prompt" and "answer" for simple). A dotted key reads a struct field.
     data_source: used when the file has no ``data_source`` column (it selects the verifier of the "default"
-      reward: "synthetic/arithmetic", "synthetic/countdown", anything else is math).
+      reward: "synthetic/<task>" for a synthetic task -- arithmetic, countdown, chain --, anything else is math).
     max_prompt_len: prompts longer than this many tokens (after the chat template) are an error, or are
       skipped and reported with on_overlong="skip". None: no limit.
     on_invalid: rows with a missing/empty prompt or ground truth or a malformed message list: "error" (default,

@@ -1,23 +1,20 @@
 """The "default" reward: route each response to its task's verifier by the row's ``data_source``.
 
-synthetic/arithmetic, synthetic/countdown and synthetic/chain go to their own verifiers; everything else (DAPO-Math-17k, AIME,
-MATH ...) to the math-verify reward. The same idea as verl's ``default_compute_score``.
+Every synthetic task (``megatron_rl.data.synthetic.tasks.SYNTHETIC_TASKS``: arithmetic, countdown, chain) goes to
+its own verifier under its data_source ``synthetic/<task>``; everything else (DAPO-Math-17k, AIME, MATH ...) to
+the math-verify reward. The same idea as verl's ``default_compute_score``. The routing table is derived from the
+task table, so a newly registered task is routed without touching this file.
 """
 from __future__ import annotations
 
-from megatron_rl.data.synthetic.arithmetic import arithmetic_reward
-from megatron_rl.data.synthetic.chain import chain_reward
-from megatron_rl.data.synthetic.countdown import countdown_reward
+from megatron_rl.data.synthetic.tasks import SYNTHETIC_TASKS
 from megatron_rl.rewards.math_reward import math_reward, warm_up
 
-VERIFIERS_BY_DATA_SOURCE = {
-    "synthetic/arithmetic": arithmetic_reward,
-    "synthetic/countdown": countdown_reward,
-    "synthetic/chain": chain_reward,
-}
+VERIFIERS_BY_DATA_SOURCE = {task.data_source: task.verify for task in SYNTHETIC_TASKS.values()}
 
 
 def default_reward(response: str, ground_truth: str, data_source: str = "") -> float:
+    """The synthetic task's verifier for a ``synthetic/<task>`` data_source, else :func:`math_reward`."""
     verifier = VERIFIERS_BY_DATA_SOURCE.get(data_source)
     if verifier is not None:
         return verifier(response, ground_truth)

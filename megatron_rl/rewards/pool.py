@@ -110,8 +110,9 @@ def _kill_processes(processes: list[subprocess.Popen]) -> None:
 class RewardPool:
     """Score (response, ground truth) pairs in ``num_workers`` processes with a per-call timeout.
 
-    reward_fn: a built-in name ("default", "math", "format", "arithmetic", "countdown"), an import path
-      "package.module:function", or a module-level function; validated here, before any worker starts.
+    reward_fn: a built-in name (``BUILTIN_REWARDS``: "default", "math", "format", "arithmetic", "countdown",
+      "chain"), an import path "package.module:function", or a module-level function; validated here, before any
+      worker starts.
     fn_kwargs: options bound to every call (e.g. {"extraction": "lenient"} for "math").
     timeout_s: per-call soft timeout; kill_grace_s: extra time before a stuck worker is killed and replaced.
     startup_timeout_s: a worker that is not ready after this long is a RewardPoolError (broken environment).

@@ -53,6 +53,22 @@ def test_dapo_layout_parquet(dapo_parquet, tmp_path, tiny_tokenizer):
     assert [e.row for e in dataset] == [0, 1, 2]
 
 
+def test_aime_2024_layout_parquet(tmp_path, tiny_tokenizer):
+    """An AIME-2024 evaluation file in the DAPO release's layout: the same columns as DAPO-Math-17k, integer
+    answers stored as strings, each problem repeated (avg@k by repetition): every copy is kept, in file order."""
+    problems = [("Find the number of ordered pairs ...", "33"), ("Let x be the least ...", "902")]
+    rows = [dapo_row(problem, answer, f"aime-{p}", data_source="aime_2024")
+            for p, (problem, answer) in enumerate(problems) for _ in range(3)]
+    path = tmp_path / "aime-2024.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    dataset = build_prompt_dataset(config(path, tmp_path), tiny_tokenizer)
+    assert dataset.report.num_rows == 6 and dataset.report.skipped == []
+    assert [e.ground_truth for e in dataset] == ["33"] * 3 + ["902"] * 3
+    assert [e.data_source for e in dataset] == ["aime_2024"] * 6
+    assert dataset[0].prompt_token_ids == dataset[2].prompt_token_ids != dataset[3].prompt_token_ids
+    assert dataset[3].messages == [{"role": "user", "content": DAPO_INSTRUCTION.format("Let x be the least ...")}]
+
+
 def test_dapo_layout_jsonl_and_a_system_prompt(tmp_path, tiny_tokenizer):
     path = tmp_path / "aime.jsonl"
     path.write_text("".join(json.dumps(dapo_row(f"Problem {i}", i, f"id{i}")) + "\n" for i in range(4)))

@@ -135,12 +135,16 @@ def test_cli_writes_a_file(tmp_path, capsys):
     assert "wrote 4 arithmetic examples" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("task", ["arithmetic", "countdown", "chain"])
+@pytest.mark.parametrize("task", sorted(SYNTHETIC_TASKS))
 def test_default_reward_routes_every_synthetic_task_to_its_verifier(task):
     """Reference answers score 1 and a wrong answer 0 through "default", for every registered synthetic task."""
-    from megatron_rl.data.synthetic.tasks import SYNTHETIC_TASKS
-
-    assert set(SYNTHETIC_TASKS) == {"arithmetic", "countdown", "chain"}  # a new task must be routed here too
     for example in generate_examples(task, 20, seed=3, difficulty=2):
         assert default_reward(example.reference_response, example.ground_truth, example.data_source) == 1.0
         assert default_reward("Answer: -12345", example.ground_truth, example.data_source) == 0.0
+
+
+def test_default_reward_sends_other_sources_to_math_verify():
+    # \frac{1}{2} = 0.5 is math-verify's equivalence; the arithmetic verifier reads plain numbers only
+    assert default_reward("Answer: \\frac{1}{2}", "0.5", "math_dapo") == 1.0
+    assert default_reward("Answer: \\frac{1}{2}", "0.5", "synthetic/arithmetic") == 0.0
+    assert default_reward("Answer: \\frac{1}{2}", "0.5") == 1.0  # no data_source: math
