@@ -34,7 +34,8 @@
 #   CONTAINER_WORKDIR=/workspace/megatron_rl   the repository inside the image (where CONFIG is looked up)
 #   RAY_PORT=6379  RAY_TMPDIR=/tmp/ray_<jobid>
 #   RAY_JOIN_TIMEOUT=600 (seconds for all nodes to join)  RAY_STOP_TIMEOUT=10 (seconds from SIGTERM to SIGKILL)
-#   RAY_HEAD_IP          the head's address (default: `hostname --ip-address` on the first node)
+#   RAY_HEAD_IP          the head's address (default: the first non-loopback one `hostname --ip-address` prints on
+#                        the first node; a loopback address is refused when NODES > 1)
 #   RAY_LOOPBACK=0       1: Ray on 127.0.0.1 only (single-node jobs; the local Slurm tests use it)
 #   RAY_OBJECT_STORE_BYTES   Ray object store per node (default: Ray's, 30% of memory)
 #   REPO_DIR             the repository (default: the directory sbatch was called from)

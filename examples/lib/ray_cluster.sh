@@ -4,7 +4,8 @@
 # every setting is documented at the top of the launch scripts.
 #
 # What one job does (DRY_RUN=1 prints exactly these commands instead of running them):
-#   1. the head node's IP (srun hostname --ip-address on the first node; RAY_HEAD_IP or RAY_LOOPBACK=1 skip it);
+#   1. the head node's IP (the first non-loopback address of srun hostname --ip-address on the first node; RAY_HEAD_IP
+#      or RAY_LOOPBACK=1 skip it; a loopback address is refused for multi-node jobs);
 #   2. `ray start --head --block` on the first node, as a background srun step (step name ray-head);
 #   3. examples/lib/wait_for_ray.py until the head answers, then `ray start --address=... --block` on the other
 #      nodes (one background step, ray-workers), then wait_for_ray.py until every node and GPU has joined;
@@ -109,6 +110,21 @@ mrl_node_list() {
 
 mrl_is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 
+# The first non-loopback address among the words read from stdin (the first address when all are loopback).
+mrl_first_address() {
+  awk '{ for (i = 1; i <= NF; i++) { if (first == "") first = $i; if ($i !~ /^127\./ && $i != "::1") { print $i; found = 1; exit } } }
+       END { if (!found && first != "") print first }'
+}
+
+# A multi-node job needs a head address the other nodes can reach: refuse a loopback one (`hostname --ip-address`
+# gives 127.0.1.1 where /etc/hosts maps the host name to it, as Debian's default does).
+mrl_check_head_ip() {
+  if ((NODES > 1)) && [[ $1 == 127.* || $1 == ::1 || $1 == localhost ]]; then
+    mrl_die "the Ray head address $1 (node $MRL_HEAD_NODE) is a loopback address: the other $((NODES - 1)) node(s)" \
+      "cannot reach it. Set RAY_HEAD_IP to the head node's address on the cluster network (see \`hostname -I\` there)"
+  fi
+}
+
 # Defaults, checks, the node list and derived sizes (nothing is run here).
 mrl_settings() {
   : "${NODES:?}" "${GPUS_PER_NODE:?}" "${ENGINE_TP:?}" "${CONFIG:?}" "${REPO_DIR:?}"  # the launch script's defaults
@@ -149,6 +165,7 @@ mrl_settings() {
     # Ray 2.60 otherwise replaces 127.0.0.1 by the machine's routable address (see megatron_rl/rollout/ray_cluster.py)
     export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
   fi
+  if [[ -n $RAY_HEAD_IP ]]; then mrl_check_head_ip "$RAY_HEAD_IP"; fi
   MRL_LOG_DIR=$OUTPUT_DIR/$RUN_NAME/logs/job_$JOB_ID
 
   # GPU jobs: the GPUs are split between the Megatron ranks (ACTOR_GPUS) and the vLLM engines (the rest).
@@ -328,10 +345,11 @@ mrl_main() {
 
   if [[ -z $RAY_HEAD_IP ]]; then
     if [[ $DRY_RUN == 1 ]]; then
-      echo "$(mrl_quote "${MRL_IP_CMD[@]}")   # HEAD_IP below = the first address it prints"
+      echo "$(mrl_quote "${MRL_IP_CMD[@]}")   # HEAD_IP below = the first non-loopback address it prints"
     else
-      RAY_HEAD_IP=$("${MRL_IP_CMD[@]}" | awk '{ print $1; exit }')
+      RAY_HEAD_IP=$("${MRL_IP_CMD[@]}" | mrl_first_address)
       [[ -n $RAY_HEAD_IP ]] || mrl_die "could not resolve the IP of $MRL_HEAD_NODE; set RAY_HEAD_IP"
+      mrl_check_head_ip "$RAY_HEAD_IP"
       mrl_commands
     fi
   fi

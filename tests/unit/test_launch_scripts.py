@@ -4,7 +4,10 @@ config.json contents (no weights needed: validation reads config.json only)."""
 import json
 import os
 import shlex
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,7 +54,7 @@ def test_moe_dry_run_prints_the_commands_of_a_4_node_job(tmp_path):
     log_dir = f"{tmp_path}/out/qwen3_30b_a3b_luspo/logs/job_dryrun"
     assert lines[2] == f"mkdir -p {log_dir}"
     assert lines[3] == ("srun --overlap --nodes=1 --ntasks=1 --nodelist=node001 hostname --ip-address"
-                        "   # HEAD_IP below = the first address it prints")
+                        "   # HEAD_IP below = the first non-loopback address it prints")
     step = "srun --overlap --ntasks-per-node=1 --cpus-per-task=64 --mem=0"
     ray_args = "--num-cpus=64 --num-gpus=8 --temp-dir=/tmp/ray_dryrun --disable-usage-stats --block"
     assert lines[4] == (
@@ -115,6 +118,7 @@ def test_knobs_reach_the_commands():
     ((), {"DRY_RUN": 1, "ENGINE_TP": 3}, "not a multiple of ENGINE_TP=3"),
     ((), {"DRY_RUN": 1, "NODES": "two"}, "NODES must be a whole number"),
     ((), {"DRY_RUN": 1, "CONFIG": "examples/configs/nope.yaml"}, "CONFIG=examples/configs/nope.yaml not found"),
+    ((), {"DRY_RUN": 1, "NODES": 2, "RAY_HEAD_IP": "127.0.1.1"}, "127.0.1.1 (node node001) is a loopback address"),
 ])
 def test_bad_settings_fail_with_the_knob_named(args, env, message):
     result = _run(MOE_SCRIPT, *args, **env)
@@ -168,3 +172,55 @@ def test_a_layout_that_does_not_fit_is_refused(tmp_path):
                                                   MODEL_PATH=_model_dir(tmp_path, QWEN3_30B_A3B)))
     with pytest.raises(ConfigError, match="etp\\*ep\\*pp"):
         load_config(str(REPO / "examples/configs/qwen3_30b_a3b_luspo.yaml"), overrides)
+
+
+@pytest.mark.parametrize("printed, expected", [
+    ("127.0.1.1 10.1.2.3\n", "10.1.2.3"),  # Debian's /etc/hosts maps the host name to 127.0.1.1 first
+    ("10.0.0.1 10.0.0.2\n", "10.0.0.1"),
+    ("127.0.1.1\n", "127.0.1.1"),  # only loopback: kept, so the multi-node check can name it
+    ("", ""),
+])
+def test_head_address_is_the_first_non_loopback_one(printed, expected):
+    """What the launch script takes from `hostname --ip-address` on the head node (mrl_first_address)."""
+    result = subprocess.run(["bash", "-c", "source examples/lib/ray_cluster.sh && mrl_first_address"], cwd=REPO,
+                            input=printed, capture_output=True, text=True, timeout=30, check=True)
+    assert result.stdout.strip() == expected
+
+
+def _wait_for_ray(*args, timeout=60):
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # 127.0.0.1 stays 127.0.0.1 (as RAY_LOOPBACK=1)
+    return subprocess.run([sys.executable, "examples/lib/wait_for_ray.py", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_wait_for_ray_refuses_a_malformed_address():
+    result = _wait_for_ray("--address", "node001", "--nodes", "1")
+    assert result.returncode == 2 and "--address must be host:port" in result.stderr
+
+
+def test_wait_for_ray_gives_up_at_its_timeout_when_no_head_listens():
+    """Nothing listens on the port: exit 1 after --timeout (ray.init alone would retry for minutes)."""
+    start = time.monotonic()
+    result = _wait_for_ray("--address", f"127.0.0.1:{_free_port()}", "--nodes", "1", "--timeout", "2")
+    assert result.returncode == 1 and "no Ray head listens at 127.0.0.1:" in result.stderr, result.stderr
+    assert time.monotonic() - start < 30  # 2 s of probing + interpreter start-up, not Ray's internal retries
+
+
+@pytest.mark.ray
+def test_wait_for_ray_against_a_real_head():
+    """Ready when the nodes are there; a clear timeout naming what joined when they are not."""
+    from megatron_rl.rollout.ray_cluster import local_ray_cluster
+
+    with local_ray_cluster(num_cpus=1, object_store_bytes=128 << 20) as info:
+        address = info["gcs_address"]
+        ready = _wait_for_ray("--address", address, "--nodes", "1", "--timeout", "60", timeout=120)
+        assert ready.returncode == 0 and "ready: 1 node(s), 1 CPUs, 0 GPUs" in ready.stdout, ready.stderr
+        missing = _wait_for_ray("--address", address, "--nodes", "2", "--gpus", "8", "--timeout", "3", timeout=120)
+        assert missing.returncode == 1, missing.stderr
+        assert "1/2 node(s) and 0/8 GPUs joined" in missing.stderr
