@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
@@ -75,6 +76,9 @@ class DynamicSamplingConfig:
     top_up_with_zero_advantage: bool = False
 
     def __post_init__(self):
+        for flag in ("accuracy_filter", "top_up_with_zero_advantage"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"dynamic_sampling.{flag} must be True or False, got {getattr(self, flag)!r}")
         if isinstance(self.max_rounds, bool) or not isinstance(self.max_rounds, int) or self.max_rounds < 1:
             raise ValueError(f"dynamic_sampling.max_rounds must be an int >= 1, got {self.max_rounds!r}")
         if self.on_cap not in _ON_CAP:
@@ -110,14 +114,24 @@ class GroupOutcome:
                 f"GroupOutcome.rewards has {len(rewards)} entries but response_lengths has {len(lengths)}: "
                 "give one reward and one length per response"
             )
-        rewards = tuple(float(r) for r in rewards)
+        try:
+            rewards = tuple(float(r) for r in rewards)
+        except (TypeError, ValueError):
+            raise TypeError(f"GroupOutcome.rewards must be numbers (one per response), got {rewards}") from None
         if not all(math.isfinite(r) for r in rewards):
             raise ValueError(f"GroupOutcome.rewards must be finite, got {rewards}")
         for x in lengths:
-            if isinstance(x, bool) or not float(x).is_integer() or x < 0:
+            if isinstance(x, (bool, str)) or not _is_count(x):
                 raise ValueError(f"GroupOutcome.response_lengths must be token counts >= 0, got {lengths}")
         object.__setattr__(self, "rewards", rewards)
         object.__setattr__(self, "response_lengths", tuple(int(x) for x in lengths))
+
+
+def _is_count(x) -> bool:
+    try:
+        return float(x).is_integer() and x >= 0
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def _as_tuple(values, name: str) -> tuple:
@@ -125,6 +139,8 @@ def _as_tuple(values, name: str) -> tuple:
         if values.dim() != 1:
             raise ValueError(f"GroupOutcome.{name} must be 1-D, got shape {tuple(values.shape)}")
         return tuple(values.tolist())
+    if isinstance(values, (str, bytes, Mapping)):
+        raise TypeError(f"GroupOutcome.{name} must be a sequence of numbers (one per response), got {values!r}")
     try:
         return tuple(values)
     except TypeError:
@@ -241,6 +257,10 @@ def fill_batch(
         raise ValueError(f"target_groups must be an int >= 1 (prompts per training batch), got {target_groups!r}")
     if not callable(generate_round):
         raise TypeError(f"generate_round must be callable (round_index -> groups), got {type(generate_round).__name__}")
+    if not isinstance(sampling, DynamicSamplingConfig):
+        raise TypeError(f"sampling must be a DynamicSamplingConfig, got {type(sampling).__name__}")
+    if lspo is not None and not isinstance(lspo, LSPOConfig):
+        raise TypeError(f"lspo must be an LSPOConfig or None (no length filter), got {type(lspo).__name__}")
 
     kept: list[GroupOutcome] = []
     lspo_reserve: list[GroupOutcome] = []  # passed the accuracy filter, dropped by LSPO
@@ -249,7 +269,7 @@ def fill_batch(
     all_lengths: list[torch.Tensor] = []
     responses = 0
     for round_index in range(sampling.max_rounds):
-        groups = list(generate_round(round_index))
+        groups = _round_groups(generate_round(round_index), round_index)
         for i, g in enumerate(groups):
             if not isinstance(g, GroupOutcome):
                 raise TypeError(
@@ -318,6 +338,16 @@ def fill_batch(
     if cap_hit:
         warnings.warn(_cap_message(metrics, sampling), DynamicSamplingCapWarning, stacklevel=2)
     return FilledBatch(groups=final, sources=sources, metrics=metrics, rounds=rounds)
+
+
+def _round_groups(returned, round_index: int) -> list:
+    """The round's groups as a list; anything but a sequence of groups is a clear error, not a crash later."""
+    if isinstance(returned, (GroupOutcome, str, bytes, Mapping)) or not isinstance(returned, Iterable):
+        raise TypeError(
+            f"generate_round({round_index}) returned {type(returned).__name__}; it must return a list of GroupOutcome "
+            "(one per prompt; an empty list when nothing was generated)"
+        )
+    return list(returned)
 
 
 def _mean_or_nan(values: list[float]) -> float:

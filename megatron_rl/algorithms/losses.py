@@ -36,6 +36,7 @@ counted once (on CP rank 0): seq_ratio_mean, seq_clip_frac_low (s_i < 1 - eps_lo
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -57,6 +58,10 @@ __all__ = [
 ]
 
 _LOG_RATIO_CLAMP = 20.0
+_EMPTY_BATCH = (
+    "response_mask has no sequences (batch dimension 0): pass at least one row, or skip the (micro-)batch "
+    "when dynamic sampling kept nothing"
+)
 
 
 def _check_clip(clip_low: float, clip_high: float) -> None:
@@ -150,6 +155,8 @@ def policy_loss(
             )
     get_loss_spec(name)
     mask = as_bool_mask(response_mask, "response_mask")
+    if mask.shape[0] == 0:
+        raise ValueError(_EMPTY_BATCH)
     counts = GlobalBatchCounts.from_masks([mask], max_response_length=max_response_length)
     return policy_loss_share(name, log_probs, old_log_probs, advantages, mask, counts=counts, **options)
 
@@ -269,6 +276,13 @@ def _sequence_metrics(metrics, seq_log_s, seq_len, clip_low, clip_high, count_he
     metrics.add("seq_clip_frac_high", ((s > 1.0 + clip_high) & present).sum(), present.sum())
 
 
+def _is_finite_number(x) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
 def _validate(
     spec, log_probs, old_log_probs, advantages, response_mask, counts, clip_low, clip_high, aggregation,
     kl_coef, kl_estimator, ref_log_probs, entropy_coef, entropy, tis_cap, rollout_log_probs,
@@ -283,6 +297,10 @@ def _validate(
         raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"unknown kl_estimator {kl_estimator!r}; choose one of {KL_ESTIMATORS}")
+    for field, coef in (("kl_coef", kl_coef), ("entropy_coef", entropy_coef)):
+        # NaN compares False with everything: unchecked, a NaN kl_coef would silently switch the KL term off
+        if isinstance(coef, (bool, str)) or not _is_finite_number(coef):
+            raise ValueError(f"{field} must be a finite number (0 disables the term), got {coef!r}")
     if kl_coef < 0:
         raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
     if kl_coef > 0 and ref_log_probs is None:
@@ -321,7 +339,7 @@ def _validate(
         if tensor is not None and tensor.device != device:
             raise ValueError(f"{field} is on {tensor.device} but log_probs is on {device}: move it to {device}")
     if shape[0] == 0:
-        raise ValueError("the micro-batch has no sequences (batch dimension 0)")
+        raise ValueError(_EMPTY_BATCH)
     if shape[0] > counts.num_sequences:
         raise ValueError(
             f"this micro-batch has {shape[0]} sequences but counts.num_sequences={counts.num_sequences}: the global "

@@ -69,6 +69,8 @@ class LSPOConfig:
     quantile_method: QuantileMethod = "inverted_cdf"
 
     def __post_init__(self):
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"lspo.enabled must be True or False, got {self.enabled!r}")
         for name in ("low_quantile", "high_quantile", "max_quantile"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:

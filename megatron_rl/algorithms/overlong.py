@@ -43,6 +43,9 @@ class OverlongConfig:
     mask_truncated: bool = False
 
     def __post_init__(self):
+        for flag in ("soft_penalty", "mask_truncated"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"overlong.{flag} must be True or False, got {getattr(self, flag)!r}")
         if not self.soft_penalty:
             return
         L, c = self.max_response_length, self.cache_length
@@ -71,8 +74,8 @@ def soft_overlong_penalty(
     lengths = torch.as_tensor(response_lengths, dtype=torch.float64)
     if lengths.dim() != 1:
         raise ValueError(f"response_lengths must be 1-D (one length per response), got shape {tuple(lengths.shape)}")
-    if lengths.numel() and (lengths < 0).any():
-        raise ValueError("response_lengths must be >= 0")
+    if lengths.numel() and not (torch.isfinite(lengths) & (lengths >= 0)).all():
+        raise ValueError(f"response_lengths must be finite token counts >= 0, got {lengths.tolist()}")
     if not 1 <= cache_length <= max_response_length:
         raise ValueError(
             f"cache_length must be in [1, max_response_length={max_response_length}], got {cache_length}"

@@ -4,7 +4,8 @@ Rows are 4 prompts x 4 responses. Lengths include an empty response, length-1 an
 full-width one; one group has all-equal rewards (so its GRPO advantages are 0). The per-row scale of
 logp - logp_old ranges from 1e-5 to 0.3 so that every loss has both clipped and unclipped sequences/tokens
 (GSPO's eps is 3e-4, LUSPO's 2e-3, the token losses' 0.2); seed 1 gives every loss tokens clipped low,
-clipped high and unclipped (the reference tests assert it, so a changed seed cannot make them vacuous).
+clipped high and unclipped, and so does seed 6 (the reference tests assert it for both, so a changed seed cannot
+make them vacuous; most other seeds miss one of the three for some loss).
 """
 import torch
 

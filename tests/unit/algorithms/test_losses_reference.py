@@ -1,7 +1,7 @@
 """Each registered policy loss equals a straightforward float64 implementation of its paper's formula, written
 here with explicit loops over sequences and tokens (values AND gradients w.r.t. the per-token log-probs).
 
-The batch (loss_batches.make_batch) has an empty response, length-1 and length-2 responses, a full-width one,
+Each batch (loss_batches.make_batch, seeds 1 and 6) has an empty response, length-1 and length-2 responses, a full-width one,
 a group with all-equal rewards, and both clipped and unclipped tokens/sequences for every loss.
 Tolerance: both sides are float64 and differ only in summation order, so rounding is ~1e-16 relative; we
 assert 1e-12 relative (a normalisation or clipping mistake is off by O(1)).
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from megatron_rl.algorithms import LOSS_REGISTRY, policy_loss
+from megatron_rl.algorithms import LOSS_REGISTRY, kl_estimate, policy_loss
 from tests.unit.algorithms.loss_batches import make_batch
 
 TOL = dict(rtol=1e-12, atol=1e-15)
@@ -112,9 +112,14 @@ def test_registry_holds_the_documented_losses():
         assert (LOSS_REGISTRY[name].clip_low, LOSS_REGISTRY[name].clip_high) == (lo, hi), name
 
 
+# Two random batches; both give every loss clipped-low, clipped-high and unclipped tokens (checked below).
+SEEDS = (1, 6)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("name", sorted(PAPER_CLIPS))
-def test_loss_matches_paper_formula(name):
-    b = make_batch()
+def test_loss_matches_paper_formula(name, seed):
+    b = make_batch(seed)
     adv = b["token_advantages"] if name == "gspo_token" else b["advantages"]
     eps_low, eps_high = PAPER_CLIPS[name]
     got, got_grad = value_and_grad(
@@ -128,8 +133,9 @@ def test_loss_matches_paper_formula(name):
     assert (got_grad[~mask] == 0).all()
 
 
-def test_batch_exercises_both_clip_sides_for_every_loss():
-    b = make_batch()
+@pytest.mark.parametrize("seed", SEEDS)
+def test_batch_exercises_both_clip_sides_for_every_loss(seed):
+    b = make_batch(seed)
     for name in PAPER_CLIPS:
         adv = b["token_advantages"] if name == "gspo_token" else b["advantages"]
         means = policy_loss(name, b["log_probs"], b["old_log_probs"], adv, b["response_mask"])[1].means()
@@ -185,6 +191,21 @@ def test_kl_entropy_and_tis_terms(name, estimator):
     want_grads = torch.autograd.grad(want, (lp1, ent1))
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, **TOL)
+
+
+def test_k3_kl_is_clamped_to_ten_nats_per_token():
+    """k3 = (r - 1) - log r is clamped to [0, 10] (kl.py, as verl's low_var_kl): a token whose reference
+    log-prob is 30 nats below the policy's contributes 10, not ~29, and no gradient."""
+    lp = torch.tensor([[-1.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[-31.0, -2.5]], dtype=torch.float64)
+    for name in ("k3", "low_var_kl"):
+        kl = kl_estimate(lp, ref, name)
+        small = math.expm1(-0.5) + 0.5  # log r = -0.5: well inside the clamp
+        assert kl.tolist() == [[10.0, pytest.approx(small, rel=1e-12)]]
+        (grad,) = torch.autograd.grad(kl.sum(), lp)
+        assert grad[0, 0] == 0 and grad[0, 1] != 0
+    assert kl_estimate(lp, ref, "k1")[0, 0].item() == 30.0  # k1 and k2 are not clamped
+    assert kl_estimate(lp, ref, "k2")[0, 0].item() == 450.0
 
 
 def test_luspo_with_kl_matches_length_weighted_reference():

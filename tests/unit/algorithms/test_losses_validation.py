@@ -107,6 +107,24 @@ def test_bad_option_values(b):
         call(b, tis_cap=0.0, rollout_log_probs=b["rollout_log_probs"])
 
 
+@pytest.mark.parametrize("field", ["kl_coef", "entropy_coef"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "0.1"])
+def test_non_finite_coefficients_are_rejected_not_ignored(b, field, bad):
+    # NaN compares False with 0: unchecked, kl_coef=nan silently dropped the KL term and entropy_coef=nan made the
+    # loss NaN.
+    with pytest.raises(ValueError, match=rf"{field} must be a finite number"):
+        call(b, **{field: bad}, ref_log_probs=b["ref_log_probs"], entropy=b["entropy"])
+
+
+def test_empty_batch_names_the_mask_and_the_fix(b):
+    empty = {k: b[k][:0] for k in ("log_probs", "old_log_probs", "advantages", "response_mask")}
+    with pytest.raises(ValueError, match=r"response_mask has no sequences \(batch dimension 0\).*skip"):
+        call(b, **empty)
+    counts = GlobalBatchCounts(num_sequences=4, num_tokens=10, max_response_length=16)
+    with pytest.raises(ValueError, match=r"response_mask has no sequences"):
+        policy_loss_share("dapo", *empty.values(), counts=counts)
+
+
 def test_integer_log_probs_rejected(b):
     with pytest.raises(TypeError, match="log_probs must be a floating-point tensor"):
         call(b, log_probs=b["log_probs"].long())

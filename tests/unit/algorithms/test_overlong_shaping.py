@@ -74,11 +74,15 @@ def test_bad_penalty_inputs():
         soft_overlong_penalty([3], 20, 21)
     with pytest.raises(ValueError, match="1-D"):
         soft_overlong_penalty([[3]], 20, 4)
+    with pytest.raises(ValueError, match="finite token counts"):
+        soft_overlong_penalty([3, float("nan")], 20, 4)
 
 
 @pytest.mark.parametrize(
     "kwargs, field",
     [
+        (dict(soft_penalty="yes"), "overlong.soft_penalty must be True or False"),
+        (dict(mask_truncated=1), "overlong.mask_truncated must be True or False"),
         (dict(soft_penalty=True), "overlong.max_response_length"),
         (dict(soft_penalty=True, max_response_length=20), "overlong.cache_length"),
         (dict(soft_penalty=True, max_response_length=20, cache_length=0), "overlong.cache_length"),

@@ -215,9 +215,38 @@ def test_bad_arguments_fail_before_generating():
         fill_batch(lambda r: [group([0, 1], 5), {"rewards": [0, 1]}], 1, DynamicSamplingConfig())
 
 
+def test_generator_that_returns_nothing_stops_at_the_cap():
+    # e.g. an exhausted prompt source: empty rounds must neither crash nor loop forever
+    gen = Generator([])
+    with pytest.warns(DynamicSamplingCapWarning, match=r"cap of 4 generation rounds.*0 prompts generated.*EMPTY"):
+        out = fill_batch(gen, 3, DynamicSamplingConfig(max_rounds=4, on_cap="top_up"), LSPOConfig())
+    assert gen.calls == [0, 1, 2, 3] and out.groups == []
+    m = out.metrics
+    assert (m.rounds_used, m.cap_hit, m.prompts_generated, m.final_groups, m.shortfall) == (4, True, 0, 0, 3)
+    assert math.isnan(m.q_low) and math.isnan(m.mean_length_generated)
+
+
+@pytest.mark.parametrize("returned, what", [(None, "NoneType"), (group([0, 1], 5), "GroupOutcome"),
+                                            ({"rewards": [0, 1]}, "dict"), (3, "int")])
+def test_generator_returning_something_else_than_a_list_of_groups(returned, what):
+    with pytest.raises(TypeError, match=rf"generate_round\(0\) returned {what}; it must return a list of GroupOutcome"):
+        fill_batch(lambda r: returned, 1, DynamicSamplingConfig())
+
+
+def test_config_objects_of_the_wrong_type_fail_before_generating():
+    gen = Generator([group([0, 1], 5)])
+    with pytest.raises(TypeError, match="sampling must be a DynamicSamplingConfig, got dict"):
+        fill_batch(gen, 1, {"max_rounds": 2})
+    with pytest.raises(TypeError, match="lspo must be an LSPOConfig or None"):
+        fill_batch(gen, 1, DynamicSamplingConfig(), DynamicSamplingConfig())
+    assert gen.calls == []
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [
+        (dict(accuracy_filter="no"), "dynamic_sampling.accuracy_filter must be True or False"),
+        (dict(on_cap="top_up", top_up_with_zero_advantage=1), "dynamic_sampling.top_up_with_zero_advantage must be"),
         (dict(max_rounds=0), "dynamic_sampling.max_rounds"),
         (dict(max_rounds=2.5), "dynamic_sampling.max_rounds"),
         (dict(on_cap="wait"), "dynamic_sampling.on_cap"),
@@ -243,3 +272,9 @@ def test_group_outcome_validation():
         GroupOutcome(rewards=[0, 1], response_lengths=[1, -2])
     with pytest.raises(ValueError, match="token counts"):
         GroupOutcome(rewards=[0, 1], response_lengths=[1, 2.5])
+    with pytest.raises(ValueError, match="token counts"):
+        GroupOutcome(rewards=[0, 1], response_lengths=[1, None])
+    with pytest.raises(TypeError, match="GroupOutcome.rewards must be a sequence of numbers"):
+        GroupOutcome(rewards="01", response_lengths=[1, 2])
+    with pytest.raises(TypeError, match="GroupOutcome.rewards must be numbers"):
+        GroupOutcome(rewards=[0, "x"], response_lengths=[1, 2])
