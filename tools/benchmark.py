@@ -157,27 +157,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_ints, default=(8, 32, 128), help="prompts per generate call")
     p.add_argument("--engines", type=_ints, default=(1,), help="pool engine counts (each needs a CPU)")
     p.add_argument("--n", type=int, default=4, help="samples per prompt")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--num-cpus", type=int, default=2, help="CPUs the local Ray cluster may hand out")
+    p.add_argument("--max-tokens", type=int, default=128, help="new tokens per sample at most")
+    p.add_argument("--repeats", type=int, default=3, help="measured repeats per batch size (median)")
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs the local Ray cluster may hand out (1 per engine)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers generate baseline")
     p.set_defaults(run=run_rollout)
 
     p = sub.add_parser("sync", parents=[common], help="weight sync vs memcpy and vLLM reload")
-    p.add_argument("--sizes", type=_sizes, default=("tiny", "small", "medium"))
-    p.add_argument("--engines", type=_ints, default=(1, 2))
+    p.add_argument("--sizes", type=_sizes, default=("tiny", "small", "medium"),
+                   help="model sizes (megatron_rl/benchmarks/models.py)")
+    p.add_argument("--engines", type=_ints, default=(1, 2), help="pool engine counts (each needs a CPU)")
     p.add_argument("--bucket-mib", type=_floats, default=(1.0, 64.0), help="bucket sizes, MiB")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--num-cpus", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="measured syncs per setting (median)")
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs the local Ray cluster may hand out (1 per engine)")
     p.set_defaults(run=run_sync)
 
     p = sub.add_parser("train", parents=[common], help="actor vs plain PyTorch; packed vs padded")
-    p.add_argument("--size", type=_size, default="small")
+    p.add_argument("--size", type=_size, default="small", help="model size (megatron_rl/benchmarks/models.py)")
     p.add_argument("--seq-len", type=int, default=512, help="longest sequence (prompt + response)")
-    p.add_argument("--num-sequences", type=int, default=8)
+    p.add_argument("--num-sequences", type=int, default=8, help="sequences per optimizer step")
     p.add_argument("--spreads", type=_floats, default=(1.0, 2.0, 10.0), help="longest / shortest sequence")
     p.add_argument("--steps", type=int, default=3, help="measured steps per variant (median)")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps per variant first")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's default here; 1 on a busy machine)")
     p.add_argument("--max-tokens", type=int, help="tokens per micro-batch (default 4 x --seq-len)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=run_train)
 
     p = sub.add_parser("step", parents=[common], help="RL step time breakdown (trains the CPU quickstart)")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=10, help="RL steps to train (must exceed --skip)")
     p.add_argument("--skip", type=int, default=2, help="first steps left out of the means (warm-up)")
     p.add_argument("--config", help="YAML config (default: the CPU quickstart)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the run")
@@ -196,16 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=256, help="sequences for the gloo timing")
     p.add_argument("--width", type=int, default=8192, help="response length for the gloo timing")
     p.add_argument("--cp", type=int, default=2, help="CP ranks for the gloo timing (<= CPU cores is fair)")
-    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=30, help="back-to-back calls per collective (mean)")
     p.set_defaults(run=run_cp)
 
     p = sub.add_parser("gpu", parents=[common], help="bf16 train step MFU on a CUDA GPU (untested)")
-    p.add_argument("--size", type=_size, default="gpu")
-    p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--num-sequences", type=int, default=16)
-    p.add_argument("--spreads", type=_floats, default=(1.0, 10.0))
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--size", type=_size, default="gpu", help="model size (megatron_rl/benchmarks/models.py)")
+    p.add_argument("--seq-len", type=int, default=4096, help="longest sequence (prompt + response)")
+    p.add_argument("--num-sequences", type=int, default=16, help="sequences per optimizer step")
+    p.add_argument("--spreads", type=_floats, default=(1.0, 10.0), help="longest / shortest sequence")
+    p.add_argument("--steps", type=int, default=5, help="measured steps per variant (median)")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured steps per variant first")
     p.set_defaults(run=run_gpu)
     return parser
 
@@ -213,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args) -> None:
     """Bad numbers fail before anything starts (argparse already checked the lists)."""
     for name in ("n", "max_tokens", "repeats", "num_cpus", "seq_len", "num_sequences", "steps", "rows", "width", "cp",
-                 "threads", "max_tokens"):
+                 "threads"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise SystemExit(f"benchmark.py {args.command}: --{name.replace('_', '-')} must be >= 1, got {value}")
@@ -223,7 +224,13 @@ def check_args(args) -> None:
             raise SystemExit(f"benchmark.py {args.command}: --{name} must be >= 0, got {value}")
     if args.command == "cp" and not args.no_timing and args.width % args.cp:
         raise SystemExit(f"benchmark.py cp: --width {args.width} must be divisible by --cp {args.cp}")
+    if args.command in ("rollout", "sync") and max(args.engines) > args.num_cpus:
+        raise SystemExit(f"benchmark.py {args.command}: --engines {max(args.engines)} needs --num-cpus >= "
+                         f"{max(args.engines)} (each engine reserves one CPU), got --num-cpus {args.num_cpus}")
     if args.command == "step":
+        if args.steps <= args.skip:
+            raise SystemExit(f"benchmark.py step: --steps {args.steps} must exceed --skip {args.skip} (the first "
+                             "--skip steps are left out of the means)")
         bad = [o for o in args.overrides if "=" not in o]
         if bad:
             raise SystemExit(f"benchmark.py step: overrides must be key=value, got {bad}")

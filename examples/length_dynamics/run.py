@@ -192,8 +192,8 @@ def draw(runs: dict[str, list[str]], out_dir: str) -> list[str]:
         "diagnostics.png": (MAIN, dict(
             keys=["batch/response_length_mean", "train/entropy", "train/grad_norm", "sampling/rounds_used",
                   "sampling/responses_generated", "mismatch/mean_abs_diff"], smooth_window=5,
-            title="Diagnostics: length of the trained (filtered) batch, entropy and grad norm of the first "
-                  "mini-batch, sampling rounds per step")),
+            title="Diagnostics: length of the trained (filtered) batch, entropy and grad norm (train/*: mean over "
+                  "the step's mini-batches), sampling rounds per step")),
         "ablation.png": (ABLATION, dict(
             keys=["rollout/response_length_mean", "rollout/accuracy", "eval/accuracy"], smooth_window=5,
             title=f"GSPO vs LUSPO: 4 mini-batches (clip ranges act), 1 mini-batch (ratios = 1, no clipping), and "

@@ -5,9 +5,10 @@
 
 The trainer times each part of `_rl_step` (`megatron_rl.training.timing.StepTimer`) and logs time/rollout,
 time/reward, time/train, time/sync, time/other and time/step per step to metrics.jsonl; "train" contains the
-old-log-prob recompute and every mini-batch's `train_step`, of which the actor reports its own step time
-(train/step_seconds) and forward+backward time (train/fwd_bwd_seconds) for the first mini-batch. Evaluation runs
-between steps and is not part of time/step. The first `skip` steps are left out (allocator and engine warm-up).
+old-log-prob (and reference log-prob) recompute and every mini-batch's `train_step`, whose own step time
+(train/step_seconds) and forward+backward time (train/fwd_bwd_seconds) the trainer sums over the mini-batches
+(`megatron_rl.trainer._combine_mini_batches`). Evaluation runs between steps and is not part of time/step. The
+first `skip` steps are left out (allocator and engine warm-up).
 """
 from __future__ import annotations
 
@@ -43,10 +44,10 @@ def step_breakdown(metrics_path: str, skip: int = 1) -> list[dict[str, Any]]:
     rows.append({"part": "step (total)", "mean_s": round(total, 4), "share": 1.0})
     train_total = rows[PARTS.index("train")]["mean_s"]
     actor_step = _mean_of(records, "train/step_seconds")
-    for seconds, label in ((actor_step, "  train: actor train_step (first mini-batch)"),
+    for seconds, label in ((actor_step, "  train: actor train_step (all mini-batches)"),
                            (_mean_of(records, "train/fwd_bwd_seconds"), "  train: of which forward+backward"),
                            (None if actor_step is None else train_total - actor_step,
-                            "  train: the rest (old log-prob recompute, Ray calls, later mini-batches)")):
+                            "  train: the rest (old/reference log-prob recompute, Ray calls)")):
         if seconds is not None:
             rows.append({"part": label, "mean_s": round(seconds, 4), "share": round(seconds / total, 3)})
     return rows

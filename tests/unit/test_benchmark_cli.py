@@ -38,6 +38,9 @@ def test_bad_arguments_exit_2_naming_the_problem(bench, argv, message, capsys):
     (["train", "--steps", "0"], "--steps must be >= 1"),
     (["cp", "--width", "7", "--cp", "2"], "divisible"),
     (["step", "run.steps"], "key=value"),
+    (["step", "--steps", "2", "--skip", "2"], "--steps 2 must exceed --skip 2"),
+    (["rollout", "--engines", "1,4", "--num-cpus", "2"], "--engines 4 needs --num-cpus >= 4"),
+    (["sync", "--engines", "3"], "--engines 3 needs --num-cpus >= 3"),
 ])
 def test_bad_values_fail_before_any_work(bench, argv, message):
     with pytest.raises(SystemExit, match=message):
@@ -83,7 +86,7 @@ def test_step_breakdown_means_and_shares(tmp_path):
         slow = 10.0 if s == 1 else 1.0  # the first step is a warm-up
         records.append({"step": s, "time/rollout": 2.0 * slow, "time/reward": 0.5, "time/train": 1.0,
                         "time/sync": 0.25, "time/other": 0.25, "time/step": 4.0 + 2.0 * (slow - 1),
-                        "train/fwd_bwd_seconds": 0.5})
+                        "train/step_seconds": 0.75, "train/fwd_bwd_seconds": 0.5})
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     rows = {r["part"]: r for r in step_breakdown(str(path), skip=1)}
@@ -91,7 +94,9 @@ def test_step_breakdown_means_and_shares(tmp_path):
     assert rows["step (total)"]["mean_s"] == 4.0
     shares = sum(rows[p]["share"] for p in ("rollout", "reward", "train", "sync", "other"))
     assert shares == pytest.approx(1.0, abs=5 * 5e-4)  # five shares, each rounded to 3 decimals
+    assert rows["  train: actor train_step (all mini-batches)"]["mean_s"] == 0.75
     assert rows["  train: of which forward+backward"]["share"] == 0.125
+    assert rows["  train: the rest (old/reference log-prob recompute, Ray calls)"]["mean_s"] == 0.25  # 1.0 - 0.75
     with pytest.raises(ValueError, match="need more than skip=4"):
         step_breakdown(str(path), skip=4)
 
@@ -148,3 +153,84 @@ def test_train_benchmark_runs_every_variant_in_one_process(tiny_model):
         if ours is not None:
             assert r["fwd_bwd speed ratio (min)"] == round(ref["fwd_bwd_s min"] / ours["fwd_bwd_s min"], 3)
     assert out["profiles"] == {}
+
+
+def test_run_training_refuses_a_used_folder_and_reports_a_failed_run(tmp_path):
+    """The step benchmark's training run: an existing run is never overwritten, and a run that fails says why
+    (the tail of its log) instead of a breakdown of nothing."""
+    from megatron_rl.benchmarks.step import run_training
+
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "metrics.jsonl").write_text("")
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        run_training(str(used), steps=1)
+    with pytest.raises(RuntimeError, match="(?s)exit 2.*algorithm.mini_batches"):
+        run_training(str(tmp_path / "bad"), steps=1, overrides=["algorithm.mini_batches=0"], timeout_s=300)
+
+
+def test_generated_lengths_count_up_to_and_including_the_first_eos():
+    """transformers keeps stepping finished rows (padding after EOS): only tokens up to the first EOS count."""
+    from megatron_rl.benchmarks.rollout import generated_lengths
+
+    prompt = [7, 7]
+    out = torch.tensor([prompt + [5, 2, 0, 0],    # EOS (2) at the second new token
+                        prompt + [5, 6, 8, 9],    # no EOS: every new token
+                        prompt + [2, 2, 0, 0]])   # EOS first: 1 token
+    assert generated_lengths(out, 2, eos_token_id=2).tolist() == [2, 4, 1]
+    assert generated_lengths(out, 2, eos_token_id=None).tolist() == [4, 4, 4]
+
+
+def test_bucketed_keeps_order_and_size_limit_and_memcpy_floor():
+    from megatron_rl.benchmarks.sync import bucketed, memcpy_seconds
+
+    state = {"a": torch.zeros(4), "b": torch.zeros(4), "big": torch.zeros(64), "c": torch.zeros(2)}  # fp32 bytes
+    buckets = bucketed(state, bucket_bytes=32)
+    assert [[name for name, _ in b] for b in buckets] == [["a", "b"], ["big"], ["c"]]  # 16+16; 256 alone; 8
+    assert [name for b in buckets for name, _ in b] == list(state)  # every tensor once, in order
+    assert bucketed(state, bucket_bytes=1 << 20) == [list(state.items())]
+    assert 0 < memcpy_seconds(state, repeats=2) < 1.0
+
+
+# ---- the measuring subcommands end to end on the smallest settings (real vLLM engines, a real Ray cluster) ----
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.ray
+def test_rollout_and_sync_subcommands_end_to_end(bench, tmp_path, capsys):
+    """`rollout` and `sync` on the tiny model: every table row is there, the counts are sane, and the pool
+    generates the same number of tokens per second order as the bare engine it wraps (same prompts and seeds)."""
+    path = tmp_path / "rollout.json"
+    assert bench.main(["rollout", "--size", "tiny", "--batch-sizes", "2,4", "--n", "2", "--max-tokens", "8",
+                       "--repeats", "1", "--num-cpus", "1", "--workdir", str(tmp_path), "--json", str(path)]) == 0
+    (rows,) = json.loads(path.read_text())["tables"].values()
+    assert [(r["engines"], r["prompts x n"]) for r in rows] == [(1, "2 x 2"), (1, "4 x 2")]
+    for r in rows:
+        assert r["bare_tok_s"] > 0 and r["pool_tok_s"] > 0 and r["hf_tok_s"] > 0
+        # 1 engine: pool/bare is the pool's overhead; a factor 5 either way would mean a broken measurement
+        assert 0.2 < r["pool/bare"] < 5, r
+
+    path = tmp_path / "sync.json"
+    assert bench.main(["sync", "--sizes", "tiny", "--engines", "1", "--bucket-mib", "0.5,64", "--repeats", "1",
+                       "--num-cpus", "1", "--workdir", str(tmp_path), "--json", str(path)]) == 0
+    (rows,) = json.loads(path.read_text())["tables"].values()
+    assert [(r["model"], r["bucket_MiB"]) for r in rows] == [("qwen3_tiny", 0.5), ("qwen3_tiny", 64.0)]
+    assert rows[0]["buckets"] > rows[1]["buckets"] == 1  # ~0.8 MiB of weights: two 0.5 MiB buckets, or one
+    for r in rows:
+        assert r["sync_s"] > 0 and r["memcpy_s"] > 0 and r["vllm_reload_s"] > 0
+        assert r["sync/memcpy"] == round(r["sync_s"] / r["memcpy_s"], 1)
+    assert "Weight sync (object-store transport)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.ray
+def test_step_subcommand_end_to_end(bench, tmp_path):
+    """`step` trains the quickstart (made short) and breaks its steps down: the parts add up to the step."""
+    path = tmp_path / "step.json"
+    assert bench.main(["step", "--steps", "3", "--skip", "1", "--workdir", str(tmp_path), "--json", str(path),
+                       "warmup.steps=2", "algorithm.prompts_per_step=4"]) == 0
+    (rows,) = json.loads(path.read_text())["tables"].values()
+    by_part = {r["part"]: r for r in rows}
+    parts = sum(by_part[p]["mean_s"] for p in ("rollout", "reward", "train", "sync", "other"))
+    assert parts == pytest.approx(by_part["step (total)"]["mean_s"], rel=0.01, abs=5e-4)  # each rounded to 1e-4
+    assert 0 < by_part["  train: of which forward+backward"]["mean_s"] <= by_part["train"]["mean_s"]

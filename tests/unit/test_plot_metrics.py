@@ -96,3 +96,71 @@ def test_cli(pm, tmp_path, capsys):
     assert "LABEL=PATH" in capsys.readouterr().err
     assert pm.main([]) == 2
     assert pm.main([run, "--smooth", "0"]) == 2
+
+
+# ---- examples/length_dynamics/run.py: the numbers and plots of the miniature are built on this tool ---------------
+RUN_PY = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "length_dynamics", "run.py")
+
+
+@pytest.fixture(scope="module")
+def ld():
+    spec = importlib.util.spec_from_file_location("length_dynamics_run", RUN_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ld_records(steps, length, acc, responses=16):
+    """A finished RL run as the trainer logs it (time/step marks an RL step; eval every 10 steps)."""
+    return [{"step": 0, "eval/accuracy": acc(0)}] + [
+        {"step": s, "time/step": 1.0, "rollout/response_length_mean": length(s), "rollout/accuracy": acc(s),
+         "sampling/responses_generated": responses, **({"eval/accuracy": acc(s)} if s % 10 == 0 else {})}
+        for s in range(1, steps + 1)]
+
+
+def test_length_dynamics_first_reaching_uses_a_trailing_mean(ld):
+    xs = list(range(1, 13))
+    assert ld._first_reaching(xs, [0.0] * 9 + [10.0] * 3, 1.0) == 10  # mean of the first 10 points = 1.0
+    assert ld._first_reaching(xs, [0.0] * 12, 1.0) is None
+    assert ld._first_reaching(xs[:5], [9.0] * 5, 1.0) is None  # fewer points than the window
+
+
+def test_length_dynamics_run_numbers(ld):
+    numbers = ld.run_numbers(ld_records(30, lambda s: 10.0 + s, lambda s: min(1.0, 0.03 * s)))
+    assert numbers["rollout_length_first5"] == 13.0 and numbers["rollout_length_steps11_30"] == 30.5
+    assert numbers["step_length_20"] == 15  # the mean of 10 + s over s-9..s is 5.5 + s: >= 20 from s = 15
+    assert numbers["responses_generated"] == 30 * 16
+    assert numbers["responses_to_acc_0.6"] == 25 * 16  # mean of 0.03 s over s-9..s reaches 0.6 at s = 25
+    assert numbers["eval_accuracy_start"] == 0.0 and numbers["eval_accuracy_end"] == pytest.approx(0.9)
+
+
+def test_length_dynamics_plots_and_summary_from_finished_runs(ld, tmp_path):
+    """--plots-only on two methods x two seeds: the PNGs, summary.md (means, never-reached, paired by seed) and
+    summary.json; an unfinished run is refused, not summarised."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    for seed in (0, 1):
+        write_run(runs / f"luspo_s{seed}", ld_records(30, lambda s: 10.0 + s + seed, lambda s: min(1.0, 0.03 * s)))
+        write_run(runs / f"gspo_s{seed}", ld_records(30, lambda s: 10.0 + seed, lambda s: 0.5))
+    argv = ["--plots-only", "--runs-dir", str(runs), "--out", str(out), "--seeds", "0,1", "--methods", "gspo,luspo",
+            "--steps", "30"]
+    assert ld.main(argv) == 0
+    for name in ("length.png", "accuracy.png", "sample_efficiency.png", "diagnostics.png", "ablation.png"):
+        with open(out / name, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+    summary = (out / "summary.md").read_text()
+    assert "| GSPO | 2 |" in summary and "| LUSPO | 2 |" in summary
+    lines = summary.splitlines()
+    header = [c.strip() for c in next(x for x in lines if x.startswith("| method |")).strip("|").split("|")]
+    table = {cells[0]: dict(zip(header, cells)) for cells in (
+        [c.strip() for c in x.strip("|").split("|")] for x in lines if x.startswith(("| GSPO | 2", "| LUSPO | 2")))}
+    assert table["GSPO"]["step_length_20"] == "-" and table["GSPO"]["responses_to_acc_0.6"] == "-"  # never reached
+    assert table["LUSPO"]["step_length_20"] == "14 (14..15)"  # mean of 15 (seed 0) and 14 (seed 1), rounded even
+    assert table["LUSPO"]["responses_to_acc_0.6"] == "400 (400..400)"
+    assert table["LUSPO"]["rollout_length_steps11_30"] == "31 (30.5..31.5)"
+    assert "| LUSPO vs GSPO | +20.5, +20.5 [2/2] |" in summary  # steps 11-30: (10 + s + seed) - (10 + seed)
+    numbers = json.loads((out / "summary.json").read_text())
+    assert numbers["seeds"] == [0, 1] and numbers["numbers"]["luspo"]["step_length_20"]["values"] == [15, 14]
+    with open(runs / "gspo_s1" / "metrics.jsonl", "w", encoding="utf-8") as f:  # stopped at step 29
+        f.writelines(json.dumps(r) + "\n" for r in ld_records(29, lambda s: 10.0, lambda s: 0.5))
+    with pytest.raises(SystemExit, match="runs not complete"):
+        ld.main(argv)
