@@ -367,8 +367,13 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"sampling.n={cfg.sampling.n}: {cfg.algorithm.advantage} needs groups of >= 2 responses")
     if cfg.warmup.steps and cfg.data.synthetic is None:
         raise ConfigError("warmup.steps > 0 needs data.synthetic (the warm-up trains on its reference answers)")
-    if cfg.actor.loss.kl_coef > 0 and cfg.algorithm.old_log_probs == "rollout":
-        pass  # allowed: the reference model still provides ref log-probs
+    if cfg.warmup.steps and cfg.actor.loss.kl_coef > 0:
+        raise ConfigError(
+            f"actor.loss.kl_coef={cfg.actor.loss.kl_coef} with warmup.steps={cfg.warmup.steps}: the KL reference is "
+            "the model at model.path, i.e. the policy before the warm-up, so the KL term would pull RL back towards "
+            "it; set actor.loss.kl_coef=0 or warmup.steps=0 (or warm up separately and train from that model.path)"
+        )
+    _check_reward(cfg.reward)
     if cfg.sampling.max_tokens > arch.max_position_embeddings:
         raise ConfigError(
             f"sampling.max_tokens={cfg.sampling.max_tokens} exceeds the model's max_position_embeddings="
@@ -393,6 +398,16 @@ def validate_config(cfg: TrainConfig) -> None:
             )
     if cfg.rollout.device != device:
         raise ConfigError(f"rollout.device={cfg.rollout.device!r} but resources.device resolves to {device!r}")
+
+
+def _check_reward(reward: RewardSettings) -> None:
+    """Import the reward function and bind reward.kwargs now (milliseconds), not when the reward workers start."""
+    from megatron_rl.rewards import RewardFunctionError, resolve_reward_fn
+
+    try:
+        resolve_reward_fn(reward.fn, dict(reward.kwargs))
+    except RewardFunctionError as e:
+        raise ConfigError(f"reward.fn / reward.kwargs: {e}") from None
 
 
 def config_yaml(cfg: TrainConfig) -> str:

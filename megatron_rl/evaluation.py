@@ -74,7 +74,8 @@ class EvalResult:
     reward_metrics: RewardMetrics
 
 
-def _check_pass_ks(pass_ks: Sequence[int], n: int) -> list[int]:
+def check_pass_ks(pass_ks: Sequence[int], n: int) -> list[int]:
+    """The distinct k values, sorted; a ValueError when one is outside 1..n (pass@k needs k <= n samples)."""
     bad = [k for k in pass_ks if not 1 <= k <= n]
     if bad:
         raise ValueError(f"eval pass@k needs 1 <= k <= sampling.n={n}; got k={bad}. Raise sampling.n or drop them")
@@ -117,7 +118,7 @@ def evaluate(
     prefix: str = "eval/",
 ) -> EvalResult:
     """Sample ``sampling.n`` responses per prompt, score them, and return the metrics described above."""
-    pass_ks = _check_pass_ks(pass_ks, sampling.n)
+    pass_ks = check_pass_ks(pass_ks, sampling.n)
     if batch_size < 1:
         raise ValueError(f"eval batch_size must be >= 1, got {batch_size}")
     examples = list(dataset)
@@ -170,7 +171,7 @@ def format_metrics(metrics: dict[str, float]) -> str:
 
 
 def run_evaluation(
-    data: PromptDataConfig,
+    data: PromptDataConfig | PromptDataset,
     tokenizer: Any,
     generate_fn: GenerateFn,
     sampling: SamplingConfig,
@@ -184,14 +185,15 @@ def run_evaluation(
     output_dir: str | Path | None = None,
 ) -> EvalResult:
     """Everything ``megatron-rl eval`` needs after it has built ``generate_fn``: validates the settings, reads
-    the data, starts and stops a reward pool, evaluates, logs the table and (with ``output_dir``) writes
-    ``eval_metrics.json`` and ``eval_samples.jsonl`` (one PromptEvalRecord per prompt, with its responses)."""
-    _check_pass_ks(pass_ks, sampling.n)
-    dataset = build_prompt_dataset(data, tokenizer)
+    the data (``data`` may also be a dataset already built with ``tokenizer``), starts and stops a reward pool,
+    evaluates, logs the table and (with ``output_dir``) writes ``eval_metrics.json`` and ``eval_samples.jsonl``
+    (one PromptEvalRecord per prompt, with its responses)."""
+    check_pass_ks(pass_ks, sampling.n)
+    dataset = data if isinstance(data, PromptDataset) else build_prompt_dataset(data, tokenizer)
     with RewardPool(reward_fn, reward_workers, reward_timeout_s, fn_kwargs=reward_fn_kwargs) as pool:
         result = evaluate(generate_fn, dataset, pool, sampling, pass_ks=pass_ks, batch_size=batch_size,
                           keep_responses=output_dir is not None)
-    logger.info("evaluation of %s (%s)\n%s", data.path, dataset.report.summary(), format_metrics(result.metrics))
+    logger.info("evaluation of %s\n%s", dataset.report.summary(), format_metrics(result.metrics))
     if output_dir is not None:
         output = Path(output_dir)
         output.mkdir(parents=True, exist_ok=True)

@@ -142,6 +142,8 @@ class Trainer:
             removed = remove_unfinished(self.ckpt_root)
             if removed:
                 self.echo(f"[resume] removed unfinished checkpoint directories: {removed}")
+            if resume_from is None:  # e.g. a requeued job killed before its first checkpoint
+                self.echo(f"[resume] no complete checkpoint in {self.ckpt_root}: starting from step 0")
         metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
         if resume_from is not None:
             restore_metrics(resume_from[1], metrics_path)
@@ -249,7 +251,8 @@ class Trainer:
                 batch.old_log_probs = batch.rollout_log_probs
             if cfg.actor.loss.kl_coef > 0:
                 batch.ref_log_probs = self.group.call("compute_log_probs", batch, model="reference")[0]
-            steps = [self.group.call("train_step", mini)[0] for mini in _split(batch, algo.mini_batches)]
+            steps = [self.group.call("train_step", mini)[0]
+                     for mini in _split(batch, algo.mini_batches, group_size=cfg.sampling.n)]
             metrics.update({f"train/{key}": value for key, value in _combine_mini_batches(steps).items()})
         with timer("sync"):
             stats = self.pool.update_weights(self.group.weight_buckets(), version=self.weights_version + 1)
@@ -394,15 +397,19 @@ def _combine_mini_batches(steps: list[dict]) -> dict:
     return combined
 
 
-def _split(batch, parts: int):
-    """`parts` mini-batches of whole groups' samples (contiguous slices)."""
+def _split(batch, parts: int, group_size: int = 1):
+    """`parts` mini-batches (contiguous slices) that never cut a group of `group_size` samples in two, as verl's
+    mini-batch size counts prompts: groups are spread as evenly as possible; with fewer groups than `parts`, fewer
+    mini-batches (the trainer logs train/optimizer_steps)."""
+    if len(batch) % group_size:
+        raise ValueError(f"batch of {len(batch)} samples is not made of whole groups of {group_size}")
     if parts == 1:
         yield batch
         return
     from megatron_rl.actor.batch import TOKEN_FIELDS, ActorBatch
 
-    n = len(batch)
-    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    groups = len(batch) // group_size
+    bounds = [round(i * groups / parts) * group_size for i in range(parts + 1)]
     for lo, hi in zip(bounds, bounds[1:]):
         if hi <= lo:
             continue

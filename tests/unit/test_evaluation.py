@@ -165,3 +165,8 @@ def test_run_evaluation_writes_metrics_and_samples(arithmetic_val, tokenizer, tm
     samples = [json.loads(line) for line in (tmp_path / "out" / "eval_samples.jsonl").read_text().splitlines()]
     assert len(samples) == 23 and len(samples[0]["responses"]) == 2 and len(samples[0]["scores"]) == 2
     assert samples[4]["num_correct"] == min(4 % 5, 2)
+    # a dataset built beforehand (what `megatron-rl eval` does before it starts the engines) gives the same result
+    again = run_evaluation(dataset, tokenizer, model, SamplingConfig(n=2), reward_workers=1, pass_ks=(1, 2))
+    timings = ("wall_s", "max_call_s")
+    assert {k: v for k, v in again.metrics.items() if not k.endswith(timings)} == pytest.approx(
+        {k: v for k, v in result.metrics.items() if not k.endswith(timings)})
