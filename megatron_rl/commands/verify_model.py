@@ -38,7 +38,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--etp", type=int, default=1, help="tensor parallel size inside experts (MoE)")
     p.add_argument("--world-size", type=int, default=None, help="number of ranks (default: smallest that fits)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max allowed |logit difference| (default 1e-4)")
-    p.add_argument("--prompt", default=None, help="text to run (default: a fixed arithmetic sentence)")
+    p.add_argument("--prompt", default=None,
+                   help="text to run (default: a fixed arithmetic sentence; a folder without tokenizer files is "
+                   "checked on 32 fixed token ids instead)")
     p.add_argument("--no-export-check", action="store_true", help="skip the export(import(hf)) == hf check")
     p.set_defaults(run=run)
 
@@ -46,7 +48,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from megatron_rl.models.hf_io import CheckpointError
     from megatron_rl.models.qwen_arch import ModelConfigError
-    from megatron_rl.models.verify import DEFAULT_PROMPT, verify_model
+    from megatron_rl.models.verify import verify_model
     from megatron_rl.parallel.layout import ParallelLayout, ParallelLayoutError
 
     try:
@@ -68,7 +70,7 @@ def run(args) -> int:
         try:
             report = verify_model(
                 hf_dir, layout, world_size=args.world_size, tolerance=args.tolerance,
-                prompt=args.prompt or DEFAULT_PROMPT, check_export=not args.no_export_check,
+                prompt=args.prompt, check_export=not args.no_export_check,
             )
         except (ModelConfigError, CheckpointError, ParallelLayoutError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
@@ -78,6 +80,6 @@ def run(args) -> int:
     print(
         f"[verify-model] {verdict}  layout: {report.layout} ({report.world_size} ranks)  tokens: {report.num_tokens}  "
         f"max|dlogit|: {report.max_abs_diff:.3e} (tolerance {report.tolerance:.0e}, max|logit| "
-        f"{report.max_abs_logit:.2f})  export: {export}  [{time.monotonic() - start:.1f}s]"
+        f"{report.max_abs_logit:.2f})  export: {export}  input: {report.input_source}  [{time.monotonic() - start:.1f}s]"
     )
     return 0 if report.ok else 1

@@ -11,6 +11,8 @@ import json
 import os
 from dataclasses import dataclass
 
+from megatron_rl.models.qwen_arch import arch_from_dict
+
 ARCHS = ("qwen2", "qwen3", "qwen3_moe")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -76,6 +78,8 @@ class TinySize:
     num_experts: int = 4
     top_k: int = 2
     moe_intermediate_size: int = 64
+    norm_topk_prob: bool = True  # Qwen3-30B-A3B: True; False keeps the un-renormalised top-k softmax weights
+    mlp_only_layers: tuple[int, ...] = ()  # qwen3_moe layers that use a dense SwiGLU MLP instead of experts
     vocab_size: int = 512  # >= tokenizer size, divisible by every TP size we test
     max_position_embeddings: int = 1024
     tie_word_embeddings: bool = False
@@ -116,9 +120,9 @@ def hf_config(arch: str, size: TinySize, eos_token_id: int, pad_token_id: int):
         num_experts=size.num_experts,
         num_experts_per_tok=size.top_k,
         moe_intermediate_size=size.moe_intermediate_size,
-        norm_topk_prob=True,
+        norm_topk_prob=size.norm_topk_prob,
         decoder_sparse_step=1,
-        mlp_only_layers=[],
+        mlp_only_layers=list(size.mlp_only_layers),
         **common,
     )
 
@@ -136,6 +140,7 @@ def make_tiny_model(arch: str, out_dir: str | os.PathLike, *, size: TinySize = T
     if len(tokenizer) > size.vocab_size:
         raise ValueError(f"vocab_size {size.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
     config = hf_config(arch, size, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    arch_from_dict(config.to_dict())  # a size this project cannot load fails here, naming the field, before writing
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     os.makedirs(out_dir, exist_ok=True)

@@ -15,6 +15,7 @@ import torch
 
 from megatron_rl.models.hf_io import HFCheckpointReader
 from megatron_rl.models.qwen_arch import load_arch
+from megatron_rl.models.weight_mapping import expected_hf_names
 from megatron_rl.parallel.layout import ParallelLayout
 
 DEFAULT_PROMPT = "What is 17 + 25? Let me think step by step. The answer is 42."
@@ -29,6 +30,7 @@ class ParityReport:
     max_abs_logit: float
     tolerance: float
     export_bitexact: bool | None = None
+    input_source: str = "prompt"  # or "... fixed token ids (no tokenizer in the folder)"
 
     @property
     def ok(self) -> bool:
@@ -112,10 +114,13 @@ def _parity_rank(hf_dir: str, layout_fields: dict, input_ids: torch.Tensor, chec
     export_ok = None
     if check_export:
         reader = HFCheckpointReader(hf_dir)
-        export_ok = True
+        export_ok, exported = True, []
         for bucket in export_hf_weights(chunks, arch, bucket_bytes=1 << 20, dst=0):
             for name, tensor in bucket:
+                exported.append(name)
                 export_ok &= torch.equal(tensor, reader.get(name))
+        if torch.distributed.get_rank() == 0:  # every HF tensor exactly once, not just "what came out matched"
+            export_ok &= sorted(exported) == sorted(expected_hf_names(arch))
     is_reporter = (
         logits is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
         and ps.get_context_parallel_rank() == 0
@@ -150,17 +155,41 @@ def prompt_ids(hf_dir: str, prompt: str = DEFAULT_PROMPT) -> torch.Tensor:
     return ids
 
 
+NUM_FIXED_IDS = 32
+
+
+def verification_ids(hf_dir: str, vocab_size: int, prompt: str | None = None) -> tuple[torch.Tensor, str]:
+    """Token ids [1, n] to compare logits on, and where they came from.
+
+    The prompt tokenized with the folder's tokenizer when it has one (`tokenizer*` files). A folder without a
+    tokenizer (weights and config only, as some conversions write) gets NUM_FIXED_IDS fixed ids spread over the
+    vocabulary instead, since logit parity does not need text; asking for a `prompt` there is an error, not
+    silently ignored."""
+    if any(name.startswith("tokenizer") for name in os.listdir(hf_dir)):
+        return prompt_ids(hf_dir, prompt or DEFAULT_PROMPT), "prompt"
+    if prompt is not None:
+        raise FileNotFoundError(
+            f"{hf_dir} has no tokenizer files, so --prompt cannot be tokenized: copy the tokenizer next to "
+            "config.json or leave --prompt out (fixed token ids are used then)"
+        )
+    ids = torch.arange(NUM_FIXED_IDS, dtype=torch.long) * 7919 % vocab_size  # 7919 (prime) spreads them out
+    return ids.unsqueeze(0), f"{NUM_FIXED_IDS} fixed token ids (no tokenizer in the folder)"
+
+
 def verify_model(
     hf_dir: str,
     layout: ParallelLayout,
     *,
     world_size: int | None = None,
     tolerance: float = 1e-4,
-    prompt: str = DEFAULT_PROMPT,
+    prompt: str | None = None,
     check_export: bool = True,
     timeout: float = 900.0,
 ) -> ParityReport:
-    """Compare Megatron (sharded per `layout`) and transformers logits; also check export(import(hf)) == hf."""
+    """Compare Megatron (sharded per `layout`) and transformers logits; also check export(import(hf)) == hf.
+
+    prompt: the text to run (default DEFAULT_PROMPT); see `verification_ids` for folders without a tokenizer.
+    Every input check (config, tensors and shapes, layout vs world and model) runs before any rank is spawned."""
     from megatron_rl.parallel.spawn import spawn_ranks
 
     hf_dir = os.path.abspath(hf_dir)
@@ -168,7 +197,7 @@ def verify_model(
     HFCheckpointReader(hf_dir).validate(arch)
     world = world_size or minimal_world_size(layout)
     layout.validate(world, arch)
-    input_ids = prompt_ids(hf_dir, prompt)
+    input_ids, source = verification_ids(hf_dir, arch.vocab_size, prompt)
     results = spawn_ranks(_parity_rank, world, args=(hf_dir, asdict(layout), input_ids, check_export), timeout=timeout)
     logits = next(r["logits"] for r in results if r["logits"] is not None)
     reference = hf_logits(hf_dir, input_ids)
@@ -180,4 +209,5 @@ def verify_model(
         max_abs_logit=float(reference.abs().max()),
         tolerance=tolerance,
         export_bitexact=results[0]["export_ok"],
+        input_source=source,
     )
