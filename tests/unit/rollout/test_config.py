@@ -1,7 +1,8 @@
-"""Engine and pool settings: validation that names the field, and the vLLM kwargs / environment they produce."""
+"""Engine, pool and sampling settings: validation that names the field, and the vLLM kwargs / environment they produce."""
 import pytest
 
 from megatron_rl.rollout.config import WORKER_EXTENSION, EngineConfig, RolloutPoolConfig
+from megatron_rl.rollout.types import SamplingConfig
 
 
 def test_cpu_engine_settings():
@@ -68,3 +69,27 @@ def test_cpu_pool_refuses_tensor_parallel_engines():
     with pytest.raises(ValueError, match="engine.tensor_parallel_size.*use tensor_parallel_size=1"):
         RolloutPoolConfig(EngineConfig(model="/m", tensor_parallel_size=2), device="cpu")
     RolloutPoolConfig(EngineConfig(model="/m", tensor_parallel_size=2), device="gpu")
+
+
+@pytest.mark.parametrize(
+    "fields, error",
+    [
+        (dict(n=0), "sampling.n"),
+        (dict(temperature=-0.1), "sampling.temperature"),
+        (dict(temperature=float("nan")), "sampling.temperature"),
+        (dict(top_p=0.0), "sampling.top_p"),
+        (dict(top_k=-2), "sampling.top_k"),
+        (dict(max_tokens=0), "sampling.max_tokens"),
+        (dict(stop="</answer>"), r"sampling.stop must be a tuple of strings.*write stop=\('</answer>',\)"),
+        (dict(stop=("ok", "")), "sampling.stop must hold non-empty strings"),
+        (dict(stop=(3,)), "sampling.stop must hold non-empty strings"),
+    ],
+)
+def test_bad_sampling_settings_name_the_field(fields, error):
+    with pytest.raises(ValueError, match=error):
+        SamplingConfig(**fields)
+
+
+def test_sampling_stop_list_becomes_a_tuple_and_top_k_accepts_the_disabled_values():
+    assert SamplingConfig(stop=["</answer>", "\n\n"]).stop == ("</answer>", "\n\n")
+    assert SamplingConfig(top_k=0).top_k == 0 and SamplingConfig(top_k=-1).top_k == -1 and SamplingConfig(top_k=5)
