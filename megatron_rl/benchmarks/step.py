@@ -29,19 +29,27 @@ QUIET_OVERRIDES = (
 
 def step_breakdown(metrics_path: str, skip: int = 1) -> list[dict[str, Any]]:
     """Mean seconds per step of each part and its share of the step, over the RL steps after the first `skip`
-    (rows: part, mean_s, share; the actor's own timings of the train part follow, indented)."""
+    (rows: part, mean_s, share; the actor's own timings of the train part follow, indented). Steps that made no
+    update (every group filtered out) count with zero train/sync time, and the total row says how many there were;
+    ValueError when no measured step made an update."""
     from megatron_rl.training.metrics_logger import read_jsonl
 
     records = [r for r in read_jsonl(metrics_path) if "time/step" in r]
     if len(records) <= skip:
         raise ValueError(f"{metrics_path} has {len(records)} RL steps with timings; need more than skip={skip}")
     records = records[skip:]
+    idle = sum("time/train" not in r for r in records)  # the trainer skips the update when no group was kept
+    if idle == len(records):
+        raise ValueError(f"none of the {len(records)} measured steps of {metrics_path} made an update (every group "
+                         "was filtered out): the breakdown would show no train or sync time; use a config whose "
+                         "steps train (e.g. a longer warmup.steps, or algorithm.dynamic_sampling.on_cap=top_up)")
     total = statistics.mean(r["time/step"] for r in records)
     rows = []
     for part in PARTS:
         seconds = statistics.mean(r.get(f"time/{part}", 0.0) for r in records)
         rows.append({"part": part, "mean_s": round(seconds, 4), "share": round(seconds / total, 3)})
-    rows.append({"part": "step (total)", "mean_s": round(total, 4), "share": 1.0})
+    label = "step (total)" if not idle else f"step (total; {idle} of {len(records)} steps made no update)"
+    rows.append({"part": label, "mean_s": round(total, 4), "share": 1.0})
     train_total = rows[PARTS.index("train")]["mean_s"]
     actor_step = _mean_of(records, "train/step_seconds")
     for seconds, label in ((actor_step, "  train: actor train_step (all mini-batches)"),
