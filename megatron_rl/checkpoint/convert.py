@@ -6,7 +6,8 @@
   them into size-bounded safetensors shards (`hf_io.write_hf_safetensors`): peak memory is about one output
   shard plus one tensor, whatever the model size. Any layout the checkpoint was saved with reads the same way.
 - `convert_from_hf(hf_dir, out_dir, layout)`: spawns the layout's ranks on CPU (gloo), builds the sharded model,
-  loads the HF weights (each rank reads only its slices) and saves a checkpoint with `save_model_checkpoint`.
+  loads the HF weights (each rank reads only the tensors of its own layers and experts, whole, and keeps its TP
+  slice) and saves a checkpoint with `save_model_checkpoint`.
 
 Validation, all before any tensor is converted: the HF config.json is checked against the checkpoint's recorded
 architecture (every differing field is named), every checkpoint tensor must map to an HF tensor with the shape

@@ -2,8 +2,9 @@
 
 - weights exported by `export_hf_weights` from a sharded Megatron Qwen3-MoE (EP=2 over two gloo ranks, parameters
   changed in Megatron) reach the engines, whose log-probs then match transformers on the exported tensors (1e-4);
-- a hung engine (answer later than request_timeout_s) is killed and restarted, its share re-issued, and after
-  max_attempts the pool raises; the pool works afterwards;
+- a hung engine (answer later than request_timeout_s) is killed and restarted with the current weights, its share
+  re-issued, every sample returned once; one that keeps hanging makes the pool raise after max_attempts, and the
+  pool works afterwards;
 - logprobs_mode="raw_logprobs" reports log_softmax(logits) (temperature 1) whatever the sampling temperature;
 - samples do not depend on the number of engines (per-prompt seeds).
 """
@@ -14,7 +15,15 @@ import torch
 
 from megatron_rl.rollout import EngineConfig, RolloutError, RolloutPool, RolloutPoolConfig, SamplingConfig
 from megatron_rl.rollout.ray_cluster import local_ray_cluster
-from tests.integration.test_rollout_pool import MODEL_SIZE, TEMPERATURE, TOL, Reference, hf_state_dict
+from tests.integration.test_rollout_pool import (
+    MODEL_SIZE,
+    TEMPERATURE,
+    TOL,
+    Reference,
+    hf_state_dict,
+    perturbed,
+    shuffled_buckets,
+)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray, pytest.mark.slow]
 
@@ -74,6 +83,38 @@ def test_megatron_export_reaches_the_engines(ray_cluster, tiny_model, tmp_path):
     assert reference.max_abs_diff(completions, TEMPERATURE) > 1e-2
     reference.load(exported)
     assert reference.max_abs_diff(completions, TEMPERATURE) <= TOL
+
+
+def test_hung_engine_is_replaced_with_the_current_weights(ray_cluster, tiny_model, tmp_path):
+    """Engine 1 stops answering the pool: it is kept busy by a long request sent to it directly (its actor runs one
+    call at a time, so the pool's share waits behind it). After timeout_s the pool kills it, restarts it with the
+    updated weights and re-issues its share: every sample comes back once, the same samples as without the hang
+    (per-prompt seeds), with log-probs of the updated weights; the hung call's answer is never read."""
+    import ray
+
+    model_dir = tiny_model("qwen3", **MODEL_SIZE)
+    new = perturbed(hf_state_dict(model_dir), seed=4)
+    reference = Reference(model_dir, str(tmp_path / "ref"))
+    reference.load(new)
+    sampling = SamplingConfig(n=2, temperature=TEMPERATURE, max_tokens=16, seed=2)
+    with _pool(model_dir, num_engines=2) as pool:
+        pool.update_weights(shuffled_buckets(new, bucket_bytes=64 * 1024))
+        expected = pool.generate(PROMPTS, sampling)
+        victim = pool.engine_handles()[1]
+        # ~2000 sequences of up to 900 tokens: minutes of work, far longer than the 20 s timeout below
+        blocker = victim.generate.remote(
+            [(i, PROMPTS[i % len(PROMPTS)]) for i in range(256)], SamplingConfig(n=8, max_tokens=900, seed=0)
+        )
+        got = pool.generate(PROMPTS, sampling, timeout_s=20.0)
+        assert pool.stats.timeouts == 1 and pool.stats.restarts == 1 and pool.stats.reissued_shares == 1
+        assert pool.engine_handles()[1] is not victim
+        keys = [(c.prompt_index, c.sample_index) for c in got]
+        assert keys == [(p, s) for p in range(len(PROMPTS)) for s in range(2)]
+        assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+        assert {c.engine_id for c in got} == {0, 1}
+        assert reference.max_abs_diff(got, TEMPERATURE) <= TOL  # the restarted engine holds the updated weights
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(blocker, timeout=60)
 
 
 def test_hung_engine_is_restarted_then_the_pool_gives_up(ray_cluster, tiny_model):

@@ -126,3 +126,51 @@ def test_unfinished_checkpoint_and_existing_output_are_refused(tiny_model, tmp_p
         convert_to_hf(ckpt, tmp_path / "out", progress=False)
     convert_to_hf(ckpt, tmp_path / "out", progress=False, overwrite=True)
     assert_same_tensors(hf, tmp_path / "out")
+
+
+_PEAK_RSS_SCRIPT = """
+import gc, json, re, sys
+from megatron_rl.checkpoint.convert import convert_to_hf
+
+def kib(field):
+    return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+
+gc.collect()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # Linux: reset this process's peak RSS (VmHWM) to its current RSS, so imports do not count
+base = kib("VmRSS")
+convert_to_hf(sys.argv[1], sys.argv[2], max_shard_bytes=int(sys.argv[3]), progress=False)
+print(json.dumps({"extra_bytes": (kib("VmHWM") - base) * 1024}))
+"""
+
+
+def _conversion_peak_extra_bytes(ckpt: str, out: str, max_shard_bytes: int) -> int:
+    """Peak RSS of a fresh process during convert_to_hf, above its RSS just before (bytes)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _PEAK_RSS_SCRIPT, ckpt, out, str(max_shard_bytes)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])["extra_bytes"]
+
+
+@pytest.mark.slow  # ~40 s: two 65 / 254 MB models made, saved and converted twice each
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_memory_is_bounded_by_the_shard_size_not_the_model_size(tiny_model, tmp_path):
+    """Streaming: with small output shards the conversion's peak memory does not grow with the model (measured
+    ~79 MB extra for both 65 MB and 254 MB fp32 models with 8 MB shards). The same measurement with one shard
+    (the whole model held before writing) grows by about the model's size, so the measure itself can see it."""
+    size = dict(hidden_size=512, num_attention_heads=8, num_kv_heads=4, head_dim=64, intermediate_size=2048)
+    extra, model_bytes = {}, {}
+    for layers in (4, 16):
+        hf = tiny_model("qwen3", num_layers=layers, **size)
+        ckpt = make_checkpoint(hf, str(tmp_path / f"ckpt{layers}"))
+        model_bytes[layers] = sum(t.numel() * t.element_size() for t in megatron_key_tensors(hf).values())
+        for shard in (8_000_000, 10**12):
+            extra[layers, shard] = _conversion_peak_extra_bytes(ckpt, str(tmp_path / f"out{layers}_{shard}"), shard)
+    growth = model_bytes[16] - model_bytes[4]  # ~190 MB
+    # allocator noise is a few MB; a conversion that kept the model (or a second copy of it) would grow by >= growth
+    assert extra[16, 8_000_000] - extra[4, 8_000_000] < 0.25 * growth, (extra, model_bytes)
+    assert extra[16, 8_000_000] < 0.5 * model_bytes[16], (extra, model_bytes)
+    assert extra[16, 10**12] - extra[4, 10**12] > 0.75 * growth, (extra, model_bytes)  # the control

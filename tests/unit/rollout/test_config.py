@@ -1,4 +1,4 @@
-"""Engine, pool and sampling settings: validation that names the field, and the vLLM kwargs / environment they produce."""
+"""Engine, pool and sampling settings: validation naming the field, and the vLLM kwargs / environment they produce."""
 import pytest
 
 from megatron_rl.rollout.config import WORKER_EXTENSION, EngineConfig, RolloutPoolConfig
