@@ -1,5 +1,9 @@
-"""What the convert-to-hf / convert-from-hf commands treat as bad input (exit 2), and their parity line."""
+"""What the convert-to-hf / convert-from-hf commands share: their parser set-up (as `megatron-rl` subcommands and as
+the tools/convert_*.py scripts), what they treat as bad input (exit 2), and their parity line."""
 from __future__ import annotations
+
+import argparse
+from typing import Callable
 
 from megatron_rl.checkpoint.dcp_reader import DistCheckpointError
 from megatron_rl.checkpoint.format import CheckpointFormatError
@@ -25,3 +29,16 @@ def print_parity(command: str, parity) -> int:
         f"{parity.max_abs_diff:.3e} (tolerance {parity.tolerance:.0e}, max|logit| {parity.max_abs_logit:.2f})"
     )
     return 0 if parity.ok else 1
+
+
+def command_parser(
+    factory: Callable[..., argparse.ArgumentParser], name: str, description: str, epilog: str,
+    configure: Callable[[argparse.ArgumentParser], None], run: Callable[[argparse.Namespace], int], **kwargs,
+) -> argparse.ArgumentParser:
+    """The parser of one convert command: `factory` is `subparsers.add_parser` (name: the subcommand) or
+    `argparse.ArgumentParser` (name: the script shown in --help); `run` is stored as the `run` default."""
+    parser = factory(name, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     **kwargs)
+    configure(parser)
+    parser.set_defaults(run=run)
+    return parser

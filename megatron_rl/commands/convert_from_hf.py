@@ -43,12 +43,10 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        NAME, help="convert a Hugging Face folder to a megatron_rl checkpoint", description=DESCRIPTION,
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    configure(p)
-    p.set_defaults(run=run)
+    from megatron_rl.commands.convert_errors import command_parser
+
+    command_parser(subparsers.add_parser, NAME, DESCRIPTION, EPILOG, configure, run,
+                   help="convert a Hugging Face folder to a megatron_rl checkpoint")
 
 
 def run(args) -> int:
@@ -74,9 +72,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="convert_from_hf.py", description=DESCRIPTION, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    configure(parser)
+    from megatron_rl.commands.convert_errors import command_parser
+
+    parser = command_parser(argparse.ArgumentParser, "convert_from_hf.py", DESCRIPTION, EPILOG, configure, run)
     return run(parser.parse_args(argv))

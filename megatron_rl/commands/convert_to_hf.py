@@ -46,12 +46,10 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        NAME, help="convert a megatron_rl checkpoint to a Hugging Face folder", description=DESCRIPTION,
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    configure(p)
-    p.set_defaults(run=run)
+    from megatron_rl.commands.convert_errors import command_parser
+
+    command_parser(subparsers.add_parser, NAME, DESCRIPTION, EPILOG, configure, run,
+                   help="convert a megatron_rl checkpoint to a Hugging Face folder")
 
 
 def run(args) -> int:
@@ -77,9 +75,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="convert_to_hf.py", description=DESCRIPTION, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    configure(parser)
+    from megatron_rl.commands.convert_errors import command_parser
+
+    parser = command_parser(argparse.ArgumentParser, "convert_to_hf.py", DESCRIPTION, EPILOG, configure, run)
     return run(parser.parse_args(argv))
