@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -30,9 +31,11 @@ from megatron_rl.checkpoint.dcp_reader import DistCheckpointError, DistCheckpoin
 from megatron_rl.checkpoint.format import (
     HF_CONFIG_DIR,
     MODEL_DIR,
+    CheckpointFormatError,
     CheckpointInfo,
     check_arch_matches,
     copy_hf_side_files,
+    hf_side_files,
     read_info,
 )
 from megatron_rl.checkpoint.model_ckpt import atomic_checkpoint_dir
@@ -163,7 +166,18 @@ def convert_to_hf(
     ckpt_dir, out_dir = os.path.abspath(os.fspath(ckpt_dir)), os.path.abspath(os.fspath(out_dir))
     info = read_info(ckpt_dir)
     config_dir = os.path.abspath(os.fspath(hf_config_dir)) if hf_config_dir else os.path.join(ckpt_dir, HF_CONFIG_DIR)
+    if not hf_config_dir and not os.path.isfile(os.path.join(config_dir, "config.json")):
+        raise CheckpointFormatError(
+            f"{ckpt_dir} has no {HF_CONFIG_DIR}/config.json (saved without hf_source_dir?); pass the HF folder of the "
+            "model it was trained from as hf_config_dir (--hf-config DIR)"
+        )
     arch = load_arch(config_dir)
+    if not any(name.startswith("tokenizer") for name in hf_side_files(config_dir)):
+        warnings.warn(
+            f"{config_dir} has no tokenizer files, so {out_dir} gets none: transformers and vLLM need them. Pass the "
+            "original model's folder as hf_config_dir (--hf-config DIR) or copy its tokenizer files afterwards",
+            stacklevel=2,
+        )
     check_arch_matches(info, arch, what=f"config.json in {config_dir}")
     out_dtype = dtype or info.dtype
     if out_dtype not in OUTPUT_DTYPES:

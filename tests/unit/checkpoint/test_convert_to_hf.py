@@ -128,6 +128,32 @@ def test_unfinished_checkpoint_and_existing_output_are_refused(tiny_model, tmp_p
     assert_same_tensors(hf, tmp_path / "out")
 
 
+def test_checkpoint_without_hf_config_asks_for_one_and_a_missing_tokenizer_is_reported(tiny_model, tmp_path):
+    hf = tiny_model("qwen3")
+    ckpt = make_checkpoint(hf, str(tmp_path / "ckpt"))
+    shutil.rmtree(os.path.join(ckpt, "hf_config"))
+    with pytest.raises(CheckpointFormatError, match=r"no hf_config/config.json .*\(--hf-config DIR\)"):
+        convert_to_hf(ckpt, tmp_path / "out", progress=False)
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    shutil.copyfile(os.path.join(hf, "config.json"), config_only / "config.json")
+    with pytest.warns(UserWarning, match="has no tokenizer files"):
+        convert_to_hf(ckpt, tmp_path / "out", hf_config_dir=config_only, progress=False)
+    assert_same_tensors(hf, tmp_path / "out")
+    convert_to_hf(ckpt, tmp_path / "out2", hf_config_dir=hf, progress=False)
+    assert os.path.isfile(tmp_path / "out2" / "tokenizer.json")
+
+
+def test_progress_bar_counts_the_bytes_written(tiny_model, tmp_path, capsys):
+    ckpt = make_checkpoint(tiny_model("qwen3"), str(tmp_path / "ckpt"))
+    report = convert_to_hf(ckpt, tmp_path / "out", progress=True)
+    from tqdm import tqdm
+
+    err = capsys.readouterr().err
+    total = tqdm.format_sizeof(report.total_bytes)  # e.g. "1.71M"
+    assert "convert_to_hf: 100%" in err and f"| {total}/{total} [" in err, err  # counted tensor by tensor to the end
+
+
 _PEAK_RSS_SCRIPT = """
 import gc, json, re, sys
 from megatron_rl.checkpoint.convert import convert_to_hf
