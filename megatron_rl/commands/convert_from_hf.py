@@ -7,8 +7,9 @@ import sys
 NAME = "convert-from-hf"
 DESCRIPTION = """\
 Convert a Hugging Face Qwen2 / Qwen3 / Qwen3-MoE folder into a megatron_rl checkpoint directory (Megatron
-distributed checkpoint + hf_config/ + megatron_rl.json) sharded for a target parallel layout, so a large run
-starts from it without every rank reading the full HF files.
+distributed checkpoint + hf_config/ + megatron_rl.json) sharded for a target parallel layout; each rank of a
+later job reads only its own chunks of it (`megatron_rl.checkpoint.load_model_checkpoint`). Note: `megatron-rl
+train` does not start from such a checkpoint yet; its actors load model.path, an HF folder.
 
 The layout's ranks are spawned on this machine's CPU (gloo); each builds its shard of the Megatron model, reads
 only the HF tensors it needs, and all write the checkpoint together. The checkpoint loads into any other layout
