@@ -17,6 +17,9 @@ from megatron_rl.parallel.spawn import spawn_ranks
 
 pytestmark = pytest.mark.distributed
 RTOL = 1e-5
+# Weight export in buckets of at most this many bytes: above the largest tiny-model tensor (the 512 x 128 fp32
+# embedding, 262144 bytes), far below the model (~1.7 MB), so every export here is several buckets.
+EXPORT_BUCKET_BYTES = 300_000
 
 
 def make_batch(n: int = 6, seed: int = 0, vocab: int = 400) -> ActorBatch:
@@ -34,53 +37,59 @@ def perturbed(log_probs, seed: int = 1):
     return [lp + 0.01 * (torch.rand(lp.shape, generator=g) - 0.5) for lp in log_probs]
 
 
-def _train_rank(path, layout, packing, max_tokens, old_log_probs, loss="luspo"):
+def _train_rank(path, layout, packing, max_tokens, old_log_probs, loss="luspo", entropy_coef=0.0):
     cfg = ActorConfig(
         model_path=path, layout=ParallelLayout(**layout), packing=packing, max_tokens_per_microbatch=max_tokens,
         optimizer=OptimizerSettings(name="sgd", lr=0.05, weight_decay=0.0, clip_grad=0.0),
-        loss=PolicyLossSettings(name=loss),
+        loss=PolicyLossSettings(name=loss, entropy_coef=entropy_coef),
     )
     actor = MegatronActor(cfg).setup()
     batch = make_batch()
-    log_probs = actor.compute_log_probs(batch)
-    holder = [log_probs]
+    holder = [actor.compute_log_probs(batch, with_entropy=True)]
     torch.distributed.broadcast_object_list(holder, src=0)
-    batch.old_log_probs = old_log_probs if old_log_probs is not None else perturbed(holder[0])
+    log_probs, entropies = [lp for lp, _ in holder[0]], [ent for _, ent in holder[0]]
+    batch.old_log_probs = old_log_probs if old_log_probs is not None else perturbed(log_probs)
 
     def weights():
-        out = {}
-        for bucket in actor.export_hf_weights(dst=0):
+        out, bucket_sizes = {}, []
+        for bucket in actor.export_hf_weights(bucket_bytes=EXPORT_BUCKET_BYTES, dst=0):
             out.update(bucket)
-        return out
+            bucket_sizes.append(sum(t.numel() * t.element_size() for _, t in bucket))
+        return out, bucket_sizes
 
-    before = weights()
+    before, bucket_sizes = weights()
     metrics = actor.train_step(batch)
-    after = weights()
+    after, _ = weights()
     actor.shutdown()
     if torch.distributed.get_rank() != 0:
         return None
-    return {"log_probs": log_probs, "old": batch.old_log_probs, "metrics": metrics,
-            "delta": {k: after[k] - before[k] for k in after}}
+    return {"log_probs": log_probs, "entropies": entropies, "old": batch.old_log_probs, "metrics": metrics,
+            "delta": {k: after[k] - before[k] for k in after}, "bucket_sizes": bucket_sizes}
 
 
-def run(path, layout=None, packing=True, max_tokens=48, old=None, loss="luspo"):
+def run(path, layout=None, packing=True, max_tokens=48, old=None, loss="luspo", entropy_coef=0.0):
     layout = dict(layout or {})
     world = layout.pop("world", None)
     lay = ParallelLayout(**layout)
     world = world or max(lay.model_parallel_size, lay.etp * lay.ep * lay.pp)
-    return spawn_ranks(_train_rank, world, args=(path, layout, packing, max_tokens, old, loss), timeout=600)[0]
+    args = (path, layout, packing, max_tokens, old, loss, entropy_coef)
+    return spawn_ranks(_train_rank, world, args=args, timeout=600)[0]
 
 
 def assert_same_step(case, ref):
     for key in ("loss", "grad_norm"):
         a, b = case["metrics"][key], ref["metrics"][key]
         assert abs(a - b) <= RTOL * abs(b), (key, a, b)
+    assert case["delta"].keys() == ref["delta"].keys(), "the export does not hold the same HF tensors"
     num = sum(float((case["delta"][k] - ref["delta"][k]).pow(2).sum()) for k in ref["delta"])
     den = sum(float(ref["delta"][k].pow(2).sum()) for k in ref["delta"])
     assert den > 0, "the reference step changed no weight"
     assert (num / den) ** 0.5 <= RTOL, ("weight update differs", (num / den) ** 0.5)
-    for a, b in zip(case["log_probs"], ref["log_probs"]):
+    # forward-only log-probs and entropies (|H| <= log 512 ~ 6.2) agree to float-sum-order noise
+    for a, b in zip(case["log_probs"] + case["entropies"], ref["log_probs"] + ref["entropies"]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    # the export is bucketed in every layout: several buckets, none above the bound
+    assert len(case["bucket_sizes"]) >= 3 and max(case["bucket_sizes"]) <= EXPORT_BUCKET_BYTES, case["bucket_sizes"]
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +110,7 @@ def test_reference_step_is_meaningful(dense_ref):
     assert m["num_sequences"] == 6 and m["num_microbatches"] >= 2  # several micro-batches even in the reference
     assert 0 < m["seq_clip_frac_low"] + m["seq_clip_frac_high"] < 1  # some sequences clipped, some not
     assert m["grad_norm"] > 0
+    assert len(ref["bucket_sizes"]) >= 3 and max(ref["bucket_sizes"]) <= EXPORT_BUCKET_BYTES
 
 
 @pytest.mark.parametrize(
@@ -135,20 +145,48 @@ def test_dense_products_match_single_process(dense_ref, layout):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("loss", ["dapo", "grpo", "gspo"])
+def test_other_registered_losses_match_under_dp_and_cp(dense_ref, loss):
+    """Token-mean (DAPO), per-sequence token-mean (GRPO) and sequence-ratio (GSPO) normalisers go through the same
+    global counts: DP=2 x CP=2 with unequal tokens per rank == one process."""
+    path, luspo_ref = dense_ref
+    ref = run(path, old=luspo_ref["old"], loss=loss)
+    assert_same_step(run(path, {"cp": 2, "world": 4}, old=luspo_ref["old"], loss=loss), ref)
+
+
+@pytest.mark.slow
 def test_moe_pipeline_and_expert_parallel(moe_ref):
     path, ref = moe_ref
     assert_same_step(run(path, {"pp": 2, "ep": 2}, old=ref["old"]), ref)
 
 
-def test_log_probs_equal_transformers(dense_ref, moe_ref):
+def hf_log_probs_and_entropies(path, batch):
+    """transformers' per-response-token log-probs and full-vocabulary entropies (fp32), one sequence at a time."""
     from transformers import AutoModelForCausalLM
 
-    batch = make_batch()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    log_probs, entropies = [], []
+    for p, r in zip(batch.prompt_ids, batch.response_ids):
+        ids = torch.cat([p, r]).unsqueeze(0)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0].float(), -1)[p.numel() - 1 : ids.shape[1] - 1]
+        log_probs.append(logp.gather(-1, r.unsqueeze(-1)).squeeze(-1))
+        entropies.append(-(logp.exp() * logp).sum(-1))
+    return log_probs, entropies
+
+
+def test_log_probs_and_entropies_equal_transformers(dense_ref, moe_ref):
+    """atol 1e-5 on log-probs ~ -6 and entropies ~ 6 (fp32): only the order of float sums differs."""
     for path, ref in (dense_ref, moe_ref):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        for i, (p, r) in enumerate(zip(batch.prompt_ids, batch.response_ids)):
-            ids = torch.cat([p, r]).unsqueeze(0)
-            with torch.no_grad():
-                logp = torch.log_softmax(model(ids).logits[0].float(), -1)
-            expected = logp[p.numel() - 1 : ids.shape[1] - 1].gather(-1, r.unsqueeze(-1)).squeeze(-1)
-            torch.testing.assert_close(ref["log_probs"][i], expected, rtol=0, atol=1e-5)
+        log_probs, entropies = hf_log_probs_and_entropies(path, make_batch())
+        for got, expected in zip(ref["log_probs"] + ref["entropies"], log_probs + entropies):
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_entropy_bonus_gradient_matches_under_tp(dense_ref):
+    """The entropy term's gradient crosses the vocab-parallel all-reduces (token_entropy): TP=2 == TP=1."""
+    path, no_bonus = dense_ref
+    ref = run(path, old=no_bonus["old"], entropy_coef=0.05)
+    assert abs(ref["metrics"]["loss"] - no_bonus["metrics"]["loss"]) > 1e-3  # the bonus changes the objective
+    assert_same_step(run(path, {"tp": 2}, old=no_bonus["old"], entropy_coef=0.05), ref)

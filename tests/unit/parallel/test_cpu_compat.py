@@ -17,19 +17,16 @@ import megatron.core.tensor_parallel.mappings as mappings
 import megatron.core.transformer.moe.moe_utils as moe_utils
 import megatron.core.tensor_parallel.random as mrandom
 from megatron.core.optimizer import distrib_optimizer
-originals = {
-    "current_device": torch.cuda.current_device, "Stream": torch.cuda.Stream, "Event": torch.cuda.Event,
-    "record_stream": torch.Tensor.record_stream, "gather": mappings._gather_along_first_dim,
-    "move": moe_utils.maybe_move_tensor_to_cpu, "rng": mrandom._get_cuda_rng_state,
-    "distopt": distrib_optimizer.DistributedOptimizer.load_state_dict,
-}
-def changed():
-    now = {
+def current():
+    return {
         "current_device": torch.cuda.current_device, "Stream": torch.cuda.Stream, "Event": torch.cuda.Event,
         "record_stream": torch.Tensor.record_stream, "gather": mappings._gather_along_first_dim,
         "move": moe_utils.maybe_move_tensor_to_cpu, "rng": mrandom._get_cuda_rng_state,
         "distopt": distrib_optimizer.DistributedOptimizer.load_state_dict,
     }
+originals = current()
+def changed():
+    now = current()
     return [k for k in originals if now[k] is not originals[k]]
 """
 
