@@ -89,7 +89,8 @@ class ParallelLayout:
              f"parallel.tp={self.tp} does not divide num_attention_heads={arch.num_attention_heads}")
         need(arch.num_kv_heads % self.tp == 0,
              f"parallel.tp={self.tp} does not divide num_key_value_heads (query groups)={arch.num_kv_heads}")
-        need(arch.ffn_hidden_size % self.tp == 0,
+        has_dense_mlp = arch.moe is None or not all(arch.moe.moe_layers)  # an all-MoE model never builds it
+        need(not has_dense_mlp or arch.ffn_hidden_size % self.tp == 0,
              f"parallel.tp={self.tp} does not divide intermediate_size={arch.ffn_hidden_size}")
         need(arch.vocab_size % self.tp == 0,
              f"parallel.tp={self.tp} does not divide vocab_size={arch.vocab_size} (vocab-parallel embedding)")

@@ -56,3 +56,13 @@ def test_bad_values(kwargs, match):
 
 def test_sequence_parallel_defaults_on_with_tp():
     assert ParallelLayout(tp=2).use_sequence_parallel and not ParallelLayout().use_sequence_parallel
+
+
+def test_dense_mlp_size_only_checked_where_a_dense_mlp_exists():
+    """intermediate_size is the dense MLP's: irrelevant to an all-MoE model, checked once a layer is dense."""
+    odd = {**QWEN3_30B_A3B, "intermediate_size": 6145}
+    ParallelLayout(tp=2).validate(2, arch_from_dict(odd))
+    with pytest.raises(ParallelLayoutError, match="intermediate_size=6145"):
+        ParallelLayout(tp=2).validate(2, arch_from_dict({**odd, "mlp_only_layers": [0]}))
+    with pytest.raises(ParallelLayoutError, match="intermediate_size"):
+        ParallelLayout(tp=2).validate(2, arch_from_dict({**QWEN25_7B, "intermediate_size": 18945}))
