@@ -14,7 +14,8 @@ examples:
 
 Overrides are dotted keys into the config tree (see megatron_rl/config.py for every section); values are YAML:
   algorithm.lspo.enabled=false  actor.loss.name=gspo  sampling.max_tokens=512  data.train.path=[a.parquet,b.parquet]
-Exit status: 0 done, 2 bad configuration (reported before anything starts), 1 a failure during training."""
+Exit status: 0 done, 2 bad configuration or data (reported before Ray or any engine starts), 1 a failure during
+training."""
 
 
 def default_config_path() -> str:
@@ -64,10 +65,15 @@ def run(args) -> int:
     from megatron_rl.trainer import Trainer
 
     print(f"[train] run dir: {cfg.run_dir}  (resolved config: {os.path.join(cfg.run_dir, 'config.yaml')})", flush=True)
+    from megatron_rl.data import DataError
+
     try:
         final = Trainer(cfg, resume=args.resume).run()
     except FileExistsError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:  # found while reading the prompts, before Ray or any engine starts
+        print(f"data error: {e}", file=sys.stderr)
         return 2
     keys = ("eval/accuracy", "rollout/accuracy", "rollout/response_length_mean")
     print("[train] done: " + ", ".join(f"{k} {final[k]:.3f}" for k in keys if k in final), flush=True)

@@ -43,11 +43,13 @@ def _cli(*args, cwd=None, timeout=120):
                           timeout=timeout, cwd=cwd)
 
 
-def test_train_without_a_config_is_the_embedded_quickstart(tmp_path):
+def test_train_without_a_config_is_the_embedded_quickstart(tmp_path, monkeypatch, capsys):
     """`megatron-rl train` with no --config loads the packaged quickstart (here only resolved and printed)."""
-    out = _cli("train", "--print-config", "run.steps=3", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    cfg = yaml.safe_load(out.stdout)
+    from megatron_rl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--print-config", "run.steps=3"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["run"]["name"] == "quickstart" and cfg["run"]["steps"] == 3
     assert cfg["model"]["tiny_arch"] == "qwen3" and cfg["actor"]["loss"]["name"] == "luspo"
     assert cfg["algorithm"]["lspo"]["enabled"] is True and cfg["data"]["synthetic"]["task"] == "arithmetic"
@@ -61,9 +63,30 @@ def test_train_without_a_config_is_the_embedded_quickstart(tmp_path):
     (["--temperature", "-1"], "--temperature / --max-tokens (or the config's eval section): sampling.temperature"),
     (["--model", "no/such/model"], "no model to evaluate at 'no/such/model'"),
 ])
-def test_eval_flags_are_checked_before_anything_starts(tmp_path, flags, message):
-    start = time.monotonic()
-    out = _cli("eval", *flags, f"run.output_dir={tmp_path}", cwd=tmp_path)
-    assert out.returncode == 2 and message in out.stderr, out.stderr
-    assert time.monotonic() - start < 60  # seconds (Python start-up on a busy machine), no engine or conversion
+def test_eval_flags_are_checked_before_anything_starts(tmp_path, monkeypatch, capsys, flags, message):
+    """In-process (the command's own code path): exit status 2 and the flag named, before a checkpoint is converted
+    or an engine starts -- nothing is written."""
+    from megatron_rl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    try:
+        status = main(["eval", *flags, f"run.output_dir={tmp_path}"])
+    except SystemExit as exit_:  # argparse's own errors
+        status = exit_.code
+    assert status == 2 and message in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_train_with_bad_data_exits_2_before_ray_starts(tmp_path):
+    """A prompt file without the ground-truth column: a data error naming the column, found while the prompts are
+    read (after the tiny model is made, before Ray, the actor or vLLM start)."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "What is 1+1?", "solution": "2"}\n')
+    start = time.monotonic()
+    out = _cli("train", "data.synthetic=null", f"data.train.path={data}", "data.train.layout=simple",
+               "warmup.steps=0", f"run.output_dir={tmp_path / 'runs'}", cwd=tmp_path, timeout=300)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "data error:" in out.stderr and "missing column(s) ['answer']" in out.stderr
+    assert "data.ground_truth_key" in out.stderr  # the fix is named
+    assert "[setup] starting" not in out.stdout  # no actor or engine was started
+    assert time.monotonic() - start < 120

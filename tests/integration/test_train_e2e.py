@@ -1,11 +1,13 @@
 """The RL loop end to end on CPU: real megatron-core actor, real vLLM engine, Ray, rewards, checkpoints.
 
 - a 3-step run produces metrics, evaluations, checkpoints and the resolved config;
-- kill -9 of the whole run (driver, Ray, engine, actor) while a checkpoint is being written, then --resume,
-  gives the same step sequence as an uninterrupted run: same prompts, same metrics (tolerance 1e-5 relative:
-  identical weights, optimizer state, sampler position and per-request sampling seeds make the runs replay the
-  same computation; only float summation order could differ, and it does not on one machine);
-- bad configs fail in seconds with the key named.
+- kill -9 of the whole run (driver, Ray, engine, actor) while a checkpoint is being written, --resume, kill -9
+  again in the middle of the next step, --resume again: the same step sequence as an uninterrupted run, same
+  prompts, same metrics (tolerance 1e-5 relative: identical weights, optimizer state, sampler position and
+  per-request sampling seeds make the runs replay the same computation; only float summation order could differ,
+  and it does not on one machine), and no checkpoint ever looks complete before it is;
+- bad configs fail in seconds with the key named;
+- SIGTERM finishes the step, saves and exits (that run also exercises the KL reference model).
 """
 import json
 import math
@@ -63,7 +65,7 @@ def _records(run_dir):
 
 def test_three_step_run(tmp_path):
     out = tmp_path / "runs"
-    config_path = _write_config(tmp_path)
+    config_path = _write_config(tmp_path, **{"algorithm.mini_batches": 2})  # 4 groups -> 2 optimizer steps of 2
     result = _train(config_path, f"run.output_dir={out}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = out / "t"
@@ -73,10 +75,17 @@ def test_three_step_run(tmp_path):
         for key in ("rollout/reward_mean", "rollout/response_length_mean", "sampling/prompts_generated",
                     "time/rollout", "time/reward", "time/train", "time/sync", "time/other", "reward/num_timeouts"):
             assert key in r, key
+        for key in ("rollout/accuracy", "rollout/response_length_p10", "rollout/response_length_p50",
+                    "rollout/response_length_p90", "sampling/kept_accuracy", "sampling/dropped_accuracy",
+                    "sampling/kept_lspo", "sampling/dropped_lspo", "sampling/final_groups"):
+            assert key in r, key
+        assert r["sampling/final_groups"] == 4  # every step trains a full batch (top-up as a last resort)
     trained = [r for r in records[1:] if "train/loss" in r]
     assert trained, "no step trained (every batch was filtered empty)"
-    for key in ("train/grad_norm", "train/seq_clip_frac_low", "train/entropy", "mismatch/mean_abs_diff"):
+    for key in ("train/grad_norm", "train/seq_clip_frac_low", "train/seq_clip_frac_high", "train/entropy",
+                "train/approx_kl", "mismatch/mean_abs_diff"):
         assert key in trained[0], key
+    assert all(r["train/optimizer_steps"] == 2 for r in trained)  # algorithm.mini_batches=2, whole groups each
     # rollout (vLLM) and training (Megatron) log-probs agree on the same weights: fp32 here
     assert all(r["mismatch/mean_abs_diff"] < 1e-4 for r in trained)
     assert "eval/accuracy" in records[0] and "eval/accuracy" in records[2]
@@ -105,35 +114,54 @@ def _wait_for(predicate, timeout, proc):
     return False
 
 
-def test_kill_during_checkpoint_then_resume_replays_exactly(tmp_path):
-    steps = 4
-    config = _write_config(tmp_path, **{"run.steps": steps, "eval.every": 0, "eval.at_start": False})
-    ref_out, out = tmp_path / "ref", tmp_path / "killed"
-    reference = _train(config, f"run.output_dir={ref_out}")
-    assert reference.returncode == 0, reference.stderr[-3000:]
+def _start(config, out, log, *, resume):
+    """The training command in its own session (so kill -9 of the group takes Ray, engine and actors too)."""
+    with log.open("w") as output:
+        return subprocess.Popen([sys.executable, "-m", "megatron_rl.cli", "train", "--config", config,
+                                 f"run.output_dir={out}", *(["--resume"] if resume else [])],
+                                stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
 
-    ckpt_root = out / "t" / "checkpoints"
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_rl.cli", "train", "--config", config,
-                             f"run.output_dir={out}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+
+def _kill_when(proc, predicate, what):
     try:
-        # kill -9 the whole session (driver, Ray, engine and actor processes) while step 2's checkpoint is being
-        # written: its .tmp- directory exists and step_000002 does not yet
-        writing = lambda: ckpt_root.is_dir() and any(n.startswith("step_000002.tmp-") for n in os.listdir(ckpt_root))
-        assert _wait_for(writing, 600, proc), "the run never reached the checkpoint of step 2"
+        assert _wait_for(predicate, 600, proc), f"the run never reached {what}"
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    names = sorted(os.listdir(ckpt_root))
-    assert "step_000001" in names and "step_000002" not in names, names  # the half-written one never looks done
-    assert any(".tmp-" in n for n in names)
 
-    resumed = _train(config, f"run.output_dir={out}", "--resume")
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "[resume] continuing from step 1" in resumed.stdout
-    assert not any(".tmp-" in n for n in os.listdir(ckpt_root))
+
+def test_kill_at_any_time_then_resume_replays_exactly(tmp_path):
+    steps = 4
+    config = _write_config(tmp_path, **{"run.steps": steps, "eval.every": 0, "eval.at_start": False})
+    ref_out, out = tmp_path / "ref", tmp_path / "killed"
+    reference = _train(config, f"run.output_dir={ref_out}")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    ckpt_root = out / "t" / "checkpoints"
+    names = lambda: sorted(os.listdir(ckpt_root)) if ckpt_root.is_dir() else []
+
+    # kill 1, while step 2's checkpoint is being written: its .tmp- directory exists, step_000002 does not yet
+    _kill_when(_start(config, out, tmp_path / "run1.log", resume=False),
+               lambda: any(n.startswith("step_000002.tmp-") for n in names()), "the checkpoint of step 2")
+    assert "step_000001" in names() and "step_000002" not in names(), names()  # the half-written one never looks done
+    assert any(".tmp-" in n for n in names())
+
+    # kill 2, in the middle of step 3: step 2 is saved (a step starts right after its predecessor's save)
+    log2 = tmp_path / "resume2.log"
+    _kill_when(_start(config, out, log2, resume=True), lambda: "step_000002" in names(), "step 3")
+    assert "[resume] continuing from step 1" in log2.read_text()
+    assert "step_000003" not in names() and [r["step"] for r in _records(out / "t")][-1] == 2  # step 3 unfinished
+
+    log3 = tmp_path / "resume3.log"
+    resumed = _start(config, out, log3, resume=True)
+    try:
+        assert resumed.wait(timeout=900) == 0, log3.read_text()[-3000:]
+    finally:
+        if resumed.poll() is None:
+            os.killpg(resumed.pid, signal.SIGKILL)
+    assert "[resume] continuing from step 2" in log3.read_text()
+    assert not any(".tmp-" in n for n in names())
 
     ref, got = _records(ref_out / "t"), _records(out / "t")
     assert [r["step"] for r in got] == list(range(1, steps + 1))
@@ -166,7 +194,10 @@ def test_bad_config_fails_fast(tmp_path, override, message):
 
 
 def test_sigterm_finishes_the_step_saves_and_exits(tmp_path):
-    config = _write_config(tmp_path, **{"run.steps": 1000, "checkpoint.every": 0, "eval.every": 0, "eval.at_start": False})
+    # also the KL path: without a warm-up the reference model (loaded from model.path) equals the initial policy,
+    # so step 1's KL to it must be ~0 (k3 of identical forwards; a wrong reference gives O(0.1) nats)
+    config = _write_config(tmp_path, **{"run.steps": 1000, "checkpoint.every": 0, "eval.every": 0, "eval.at_start": False,
+                                        "warmup.steps": 0, "actor.loss.kl_coef": 0.01})
     out = tmp_path / "runs"
     proc = subprocess.Popen([sys.executable, "-m", "megatron_rl.cli", "train", "--config", config,
                              f"run.output_dir={out}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -181,6 +212,8 @@ def test_sigterm_finishes_the_step_saves_and_exits(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, output[-3000:]
     assert "[stop] SIGTERM: finishing the current step, then saving" in output
-    last = _records(out / "t")[-1]["step"]
+    records = _records(out / "t")
+    assert records[0]["step"] == 1 and abs(records[0]["train/kl"]) < 1e-6
+    last = records[-1]["step"]
     assert 1 <= last < 1000
     assert sorted(os.listdir(out / "t" / "checkpoints")) == [f"step_{last:06d}"]
