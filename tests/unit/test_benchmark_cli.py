@@ -1,23 +1,18 @@
-"""tools/benchmark.py: argument handling, the cp subcommand end to end, the GPU refusal, and the pure pieces of the
-benchmark modules (tables, step breakdown, length spreads, FLOP counting)."""
-import importlib.util
+"""tools/benchmark.py: argument handling, the cp subcommand end to end, the GPU refusal, the pure pieces of the
+benchmark modules (tables, step breakdown, length spreads, bucketing, FLOP counting), and (slow) the rollout, sync
+and step subcommands end to end."""
 import json
-import os
 
 import pytest
 import torch
 
 from megatron_rl.benchmarks.cp import SIZES
-
-TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "benchmark.py")
+from tests.unit.test_plot_metrics import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/benchmark.py", "benchmark_tool")
 
 
 @pytest.mark.parametrize("argv, message", [

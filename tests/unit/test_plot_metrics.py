@@ -1,19 +1,25 @@
-"""tools/plot_metrics.py: reading metrics.jsonl, series, smoothing by steps, seed aggregation, the PNG and the CLI."""
+"""tools/plot_metrics.py: reading metrics.jsonl, series, smoothing by steps, seed aggregation, the PNG and the CLI;
+and examples/length_dynamics/run.py, whose numbers and plots are built on it."""
 import importlib.util
 import json
 import os
 
 import pytest
 
-TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "plot_metrics.py")
+REPO = os.path.join(os.path.dirname(__file__), "..", "..")
+
+
+def load_script(relative_path: str, name: str):
+    """A repository script (tools/*.py, examples/**/*.py: not importable as a package) loaded as module `name`."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, relative_path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def pm():
-    spec = importlib.util.spec_from_file_location("plot_metrics", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/plot_metrics.py", "plot_metrics")
 
 
 def write_run(folder, records, extra_lines=()):
@@ -99,15 +105,9 @@ def test_cli(pm, tmp_path, capsys):
 
 
 # ---- examples/length_dynamics/run.py: the numbers and plots of the miniature are built on this tool ---------------
-RUN_PY = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "length_dynamics", "run.py")
-
-
 @pytest.fixture(scope="module")
 def ld():
-    spec = importlib.util.spec_from_file_location("length_dynamics_run", RUN_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/length_dynamics/run.py", "length_dynamics_run")
 
 
 def ld_records(steps, length, acc, responses=16):
