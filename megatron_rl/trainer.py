@@ -262,13 +262,14 @@ class Trainer:
         metrics.update(timer.breakdown())
         return metrics
 
-    def _mismatch(self, batch) -> dict:
+    @staticmethod
+    def _mismatch(batch) -> dict:
+        """mismatch/* metrics: the actor's recomputed old log-probs vs the engines' rollout log-probs."""
         from megatron_rl.rollout.mismatch import pad_logprobs, rollout_mismatch
 
         actor, mask = pad_logprobs([lp.tolist() for lp in batch.old_log_probs])
         rollout, _ = pad_logprobs([lp.tolist() for lp in batch.rollout_log_probs])
-        result = rollout_mismatch(actor, rollout, mask)
-        return {f"mismatch/{k}": float(v) for k, v in dataclasses.asdict(result).items()}
+        return rollout_mismatch(actor, rollout, mask).as_dict(prefix="mismatch/")
 
     # ------------------------------------------------------------------------------------ eval, warm-up
     def _eval_enabled(self) -> bool:

@@ -42,6 +42,7 @@ from megatron_rl.checkpoint.model_ckpt import atomic_checkpoint_dir
 from megatron_rl.checkpoint.sharded_keys import CanonicalSource, canonical_sources
 from megatron_rl.models.hf_io import HFCheckpointReader, expected_hf_shape, write_hf_safetensors
 from megatron_rl.models.qwen_arch import QwenArch, load_arch
+from megatron_rl.models.verify import verification_ids
 from megatron_rl.models.weight_mapping import TensorMapping, all_mappings, megatron_to_hf
 from megatron_rl.parallel.layout import ParallelLayout
 
@@ -272,7 +273,7 @@ def convert_from_hf(
     world = world_size or minimal_world_size(layout)
     layout.validate(world, arch)
     _refuse_existing(out_dir, overwrite)
-    input_ids = _verification_ids(hf_dir, arch) if verify else None
+    input_ids, input_source = verification_ids(hf_dir, arch.vocab_size) if verify else (None, None)
     rounding = comparison_dtype(model_dtype, arch.torch_dtype)
     results = spawn_ranks(
         _from_hf_rank, world,
@@ -290,32 +291,20 @@ def convert_from_hf(
     )
     if verify:
         logits = next(r for r in results if r is not None)
-        report.parity = _parity(logits, hf_dir, input_ids, layout.describe(world), world, tolerance, rounding)
+        report.parity = _parity(logits, hf_dir, input_ids, input_source, layout.describe(world), world, tolerance,
+                                rounding)
     return report
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Logit parity of a checkpoint and an HF folder
 # ------------------------------------------------------------------------------------------------------------
-def _verification_ids(hf_dir: str, arch: QwenArch) -> torch.Tensor:
-    """The verification prompt tokenized with the folder's tokenizer (fixed token ids when it has none)."""
-    from megatron_rl.models.verify import prompt_ids
-
-    has_tokenizer = any(n.startswith("tokenizer") for n in os.listdir(hf_dir))
-    if has_tokenizer:
-        return prompt_ids(hf_dir)
-    print(f"[verify] {hf_dir} has no tokenizer files: using 32 fixed token ids", flush=True)
-    return (torch.arange(32, dtype=torch.long) * 7919 % arch.vocab_size).unsqueeze(0)
-
-
 def _checkpoint_logits(ckpt_dir: str, arch: QwenArch, layout: ParallelLayout, input_ids: torch.Tensor, rounding):
     """On live parallel groups: a fresh fp32 model loaded from the checkpoint (weights rounded to `rounding`
     when given) -> logits on the reporting rank, None elsewhere."""
-    from megatron.core import parallel_state as ps
-
     from megatron_rl.checkpoint.model_ckpt import load_model_checkpoint
     from megatron_rl.models.builder import build_model_chunks, transformer_config
-    from megatron_rl.models.verify import megatron_logits
+    from megatron_rl.models.verify import is_logits_reporter, megatron_logits
 
     chunks = build_model_chunks(arch, transformer_config(arch, layout, dtype="float32"))
     load_model_checkpoint(chunks, ckpt_dir)
@@ -325,11 +314,7 @@ def _checkpoint_logits(ckpt_dir: str, arch: QwenArch, layout: ParallelLayout, in
                 for param in chunk.parameters():
                     param.copy_(param.to(OUTPUT_DTYPES[rounding]))
     logits = megatron_logits(chunks, input_ids)
-    reporter = (
-        logits is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
-        and ps.get_context_parallel_rank() == 0
-    )
-    return logits if reporter else None
+    return logits if is_logits_reporter(logits) else None
 
 
 def _checkpoint_logits_rank(ckpt_dir, layout_fields, input_ids, rounding):
@@ -355,14 +340,15 @@ def comparison_dtype(*dtypes: str) -> str | None:
     return None
 
 
-def _parity(logits, hf_dir: str, input_ids, layout: str, world: int, tolerance: float, rounding: str | None):
+def _parity(logits, hf_dir: str, input_ids, input_source: str, layout: str, world: int, tolerance: float,
+            rounding: str | None):
     from megatron_rl.models.verify import ParityReport, hf_logits
 
     reference = hf_logits(hf_dir, input_ids, weights_dtype=OUTPUT_DTYPES[rounding] if rounding else None)
     return ParityReport(
         layout=layout, world_size=world, num_tokens=int(input_ids.numel()),
         max_abs_diff=float((logits - reference).abs().max()), max_abs_logit=float(reference.abs().max()),
-        tolerance=tolerance,
+        tolerance=tolerance, input_source=input_source,
     )
 
 
@@ -389,10 +375,10 @@ def verify_checkpoint(
     check_arch_matches(info, hf_arch, what=f"config.json in {hf_dir}")
     world = world_size or minimal_world_size(layout)
     layout.validate(world, arch)
-    input_ids = _verification_ids(hf_dir, arch)
+    input_ids, input_source = verification_ids(hf_dir, arch.vocab_size)
     rounding = comparison_dtype(info.dtype, hf_arch.torch_dtype)
     results = spawn_ranks(
         _checkpoint_logits_rank, world, args=(ckpt_dir, dataclasses.asdict(layout), input_ids, rounding), timeout=timeout
     )
     logits = next(r for r in results if r is not None)
-    return _parity(logits, hf_dir, input_ids, layout.describe(world), world, tolerance, rounding)
+    return _parity(logits, hf_dir, input_ids, input_source, layout.describe(world), world, tolerance, rounding)

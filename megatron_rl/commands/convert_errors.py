@@ -26,7 +26,8 @@ def print_parity(command: str, parity) -> int:
     verdict = "PASS" if parity.ok else "FAIL"
     print(
         f"[{command}] verify {verdict}  layout: {parity.layout}  tokens: {parity.num_tokens}  max|dlogit|: "
-        f"{parity.max_abs_diff:.3e} (tolerance {parity.tolerance:.0e}, max|logit| {parity.max_abs_logit:.2f})"
+        f"{parity.max_abs_diff:.3e} (tolerance {parity.tolerance:.0e}, max|logit| {parity.max_abs_logit:.2f})  "
+        f"input: {parity.input_source}"
     )
     return 0 if parity.ok else 1
 

@@ -102,9 +102,18 @@ def megatron_logits(chunks: list, input_ids: torch.Tensor) -> torch.Tensor | Non
     return None
 
 
-def _parity_rank(hf_dir: str, layout_fields: dict, input_ids: torch.Tensor, check_export: bool):
+def is_logits_reporter(logits: torch.Tensor | None) -> bool:
+    """Whether this rank reports `megatron_logits`' result: the one rank of the last pipeline stage with TP, DP
+    and CP rank 0 (the other last-stage ranks hold identical copies)."""
     from megatron.core import parallel_state as ps
 
+    return (
+        logits is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+        and ps.get_context_parallel_rank() == 0
+    )
+
+
+def _parity_rank(hf_dir: str, layout_fields: dict, input_ids: torch.Tensor, check_export: bool):
     from megatron_rl.models.weight_transfer import export_hf_weights
     from megatron_rl.parallel.state import destroy_parallel
 
@@ -121,10 +130,7 @@ def _parity_rank(hf_dir: str, layout_fields: dict, input_ids: torch.Tensor, chec
                 export_ok &= torch.equal(tensor, reader.get(name))
         if torch.distributed.get_rank() == 0:  # every HF tensor exactly once, not just "what came out matched"
             export_ok &= sorted(exported) == sorted(expected_hf_names(arch))
-    is_reporter = (
-        logits is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
-        and ps.get_context_parallel_rank() == 0
-    )
+    is_reporter = is_logits_reporter(logits)
     destroy_parallel()
     return {"logits": logits if is_reporter else None, "export_ok": export_ok if torch.distributed.get_rank() == 0 else None}
 
