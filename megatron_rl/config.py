@@ -186,7 +186,8 @@ class EvalSettings:
 
 @dataclass(frozen=True)
 class WarmupSettings:
-    """Supervised warm-up on the synthetic task's reference answers before RL (0 steps = off)."""
+    """Supervised warm-up on the synthetic task's reference answers before RL (0 steps = off). With a KL term
+    (actor.loss.kl_coef > 0) the KL reference is reset to the warmed-up policy afterwards."""
 
     steps: int = 0
     batch_size: int = 32
@@ -367,12 +368,6 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"sampling.n={cfg.sampling.n}: {cfg.algorithm.advantage} needs groups of >= 2 responses")
     if cfg.warmup.steps and cfg.data.synthetic is None:
         raise ConfigError("warmup.steps > 0 needs data.synthetic (the warm-up trains on its reference answers)")
-    if cfg.warmup.steps and cfg.actor.loss.kl_coef > 0:
-        raise ConfigError(
-            f"actor.loss.kl_coef={cfg.actor.loss.kl_coef} with warmup.steps={cfg.warmup.steps}: the KL reference is "
-            "the model at model.path, i.e. the policy before the warm-up, so the KL term would pull RL back towards "
-            "it; set actor.loss.kl_coef=0 or warmup.steps=0 (or warm up separately and train from that model.path)"
-        )
     _check_reward(cfg.reward)
     if cfg.sampling.max_tokens > arch.max_position_embeddings:
         raise ConfigError(

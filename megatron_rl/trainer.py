@@ -255,8 +255,7 @@ class Trainer:
                      for mini in _split(batch, algo.mini_batches, group_size=cfg.sampling.n)]
             metrics.update({f"train/{key}": value for key, value in _combine_mini_batches(steps).items()})
         with timer("sync"):
-            stats = self.pool.update_weights(self.group.weight_buckets(), version=self.weights_version + 1)
-            self.weights_version += 1
+            stats = self._sync_weights()
         metrics["sync/seconds"] = float(getattr(stats, "seconds", float("nan")))
         metrics["sync/bytes"] = float(getattr(stats, "num_bytes", float("nan")))
         metrics.update(timer.breakdown())
@@ -294,7 +293,8 @@ class Trainer:
         return metrics
 
     def _warmup(self) -> None:
-        """Supervised warm-up on the synthetic task's reference answers, then a weight sync."""
+        """Supervised warm-up on the synthetic task's reference answers, then a weight sync. With a KL term the
+        reference becomes the warmed-up policy, so the KL anchors RL at the model RL starts from."""
         from megatron_rl.actor.batch import ActorBatch
         from megatron_rl.data import render_sft_example
         from megatron_rl.data.synthetic.export import sft_pairs
@@ -313,8 +313,17 @@ class Trainer:
             if (k + 1) % max(1, cfg.steps // 5) == 0 or k + 1 == cfg.steps:
                 self.echo(f"[warmup] step {k + 1}/{cfg.steps}: nll {m['nll']:.3f}")
         self.group.call("reset_optimizer_state")
-        self.pool.update_weights(self.group.weight_buckets(), version=self.weights_version + 1)
+        if self.cfg.actor.loss.kl_coef > 0:
+            self.group.call("reset_reference_to_policy")
+            self.echo("[warmup] KL reference set to the warmed-up policy")
+        self._sync_weights()
+
+    def _sync_weights(self):
+        """Stream the actor's weights to every engine as the next weights version (after each RL step, the warm-up,
+        a resume); returns the pool's sync stats."""
+        stats = self.pool.update_weights(self.group.weight_buckets(), version=self.weights_version + 1)
         self.weights_version += 1
+        return stats
 
     # ----------------------------------------------------------------------------------- checkpoints
     def _save(self) -> None:
@@ -334,8 +343,7 @@ class Trainer:
         self.step = step
         self._last_saved_step = step
         self.weights_version = int(state.get("weights_version", 0))
-        self.pool.update_weights(self.group.weight_buckets(), version=self.weights_version + 1)
-        self.weights_version += 1
+        self._sync_weights()
         self.echo(f"[resume] continuing from step {step} ({path})")
 
     # ---------------------------------------------------------------------------------- shutdown, signals

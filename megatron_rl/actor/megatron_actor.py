@@ -33,6 +33,9 @@ from megatron_rl.models.qwen_arch import load_arch
 from megatron_rl.parallel.schedule import run_schedule
 
 OPTIMIZER_DIR = "optimizer"
+# A KL reference that was reset to the policy (reset_reference_to_policy) no longer equals the model the actor
+# starts from, so training checkpoints carry it (a megatron_rl model checkpoint in this sub-directory).
+REFERENCE_DIR = "reference"
 # The distributed optimizer's state is saved "fully reshardable" (per-parameter tensors in model space), so a
 # checkpoint resumes under any DP size and parallel layout; megatron-core 0.16's other formats use the
 # `flattened_range` sharded tensors its own validation now rejects.
@@ -62,6 +65,8 @@ class MegatronActor:
         self.optimizer = None
         self.scheduler = None
         self.steps_done = 0
+        self.reference = None
+        self.reference_is_reset = False  # True once the reference is a copy of a trained policy (saved with it)
 
     # ------------------------------------------------------------------------------------------------ set-up
     def setup(self) -> "MegatronActor":
@@ -107,7 +112,6 @@ class MegatronActor:
             DistributedDataParallel(config=self.transformer_config, ddp_config=ddp_config, module=chunk) for chunk in chunks
         ]
         self.transformer_config.finalize_model_grads_func = _finalize_grads_without_token_scaling
-        self.reference = None
         if cfg.loss.kl_coef > 0:  # a frozen copy of the initial policy for the KL term
             self.reference = build_model_chunks(arch, self.transformer_config)
             load_hf_weights(self.reference, arch, HFCheckpointReader(cfg.model_path))
@@ -174,7 +178,8 @@ class MegatronActor:
     @torch.no_grad()
     def compute_log_probs(self, batch: ActorBatch, *, with_entropy: bool = False, model: str = "policy"):
         """Per-sequence response log-probs (and entropies) under the current weights (model="policy") or the
-        frozen initial weights (model="reference", built when loss.kl_coef > 0).
+        frozen KL reference (model="reference", built when loss.kl_coef > 0: the initial weights, or the policy's
+        at the last reset_reference_to_policy).
 
         Returns on global rank 0 a list with one [len(response_i)] tensor per sequence (a tuple
         (log_probs, entropies) per sequence when with_entropy), None on other ranks. Collective.
@@ -318,6 +323,31 @@ class MegatronActor:
             "tokens_per_second": tokens / elapsed if elapsed > 0 else float("nan"),
         }
 
+    @torch.no_grad()
+    def reset_reference_to_policy(self) -> None:
+        """Make the KL reference a frozen copy of the policy's current weights, e.g. after the supervised warm-up, so
+        that the KL term anchors RL at the warmed-up model rather than at the one training started from.
+
+        Both are built in the same layout, so every rank copies its own shards, parameter by parameter (through the
+        DDP / Float16Module wrappers of the policy; no communication). The reference is a copy, not an alias: later
+        updates of the policy leave it unchanged. Training checkpoints save it from now on (REFERENCE_DIR).
+        """
+        from megatron_rl.checkpoint.model_ckpt import unwrap_model
+
+        if self.reference is None:
+            raise ValueError("no reference model to reset: it is built only when actor.loss.kl_coef > 0")
+        for policy_chunk, reference_chunk in zip(self.model, self.reference, strict=True):
+            source = dict(unwrap_model(policy_chunk).named_parameters())
+            target = dict(unwrap_model(reference_chunk).named_parameters())
+            if source.keys() != target.keys():
+                raise RuntimeError(
+                    "the policy and reference models have different parameters: "
+                    f"{sorted(source.keys() ^ target.keys())[:5]}"
+                )
+            for name, param in target.items():
+                param.copy_(source[name])
+        self.reference_is_reset = True
+
     def reset_optimizer_state(self) -> None:
         """Forget Adam's moments and step count (e.g. after the supervised warm-up, before RL)."""
         for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
@@ -379,7 +409,10 @@ class MegatronActor:
     def save_checkpoint(self, ckpt_dir: str) -> dict:
         """Collective: write model (megatron_rl/checkpoint format) and optimizer state into an existing directory
         (the caller makes it atomic with checkpoint.model_ckpt.atomic_checkpoint_dir). Returns the small state
-        (LR scheduler, step counter) for the trainer's state file."""
+        (LR scheduler, step counter, whether the KL reference was saved) for the trainer's state file.
+
+        The KL reference is saved (in REFERENCE_DIR, as a model checkpoint) only once it was reset to a trained policy:
+        before that it is the model the actor starts from, which setup() loads again on resume."""
         import os
 
         from megatron.core import dist_checkpointing
@@ -387,6 +420,9 @@ class MegatronActor:
         from megatron_rl.checkpoint.model_ckpt import _save_strategy, model_sharded_state_dict, write_model_checkpoint
 
         write_model_checkpoint(self.model, self.arch, self.config.layout, ckpt_dir, hf_source_dir=self.config.model_path)
+        if self.reference_is_reset:
+            write_model_checkpoint(self.reference, self.arch, self.config.layout, os.path.join(ckpt_dir, REFERENCE_DIR),
+                                   hf_source_dir=self.config.model_path)
         # An optimizer that has not stepped since it was built or reset has no state to save; resuming then
         # starts a fresh one, which is the same thing (Adam creates zero moments and step 0 on its first step).
         has_state = self._optimizer_has_state()
@@ -398,7 +434,8 @@ class MegatronActor:
             sharded = self.optimizer.sharded_state_dict(model_sharded_state_dict(self.model), metadata=OPTIMIZER_METADATA)
             dist_checkpointing.save(sharded, optimizer_dir, sharded_strategy=_save_strategy(True))
         dist.barrier()
-        return {"scheduler": self.scheduler.state_dict(), "steps_done": self.steps_done, "optimizer_state": has_state}
+        return {"scheduler": self.scheduler.state_dict(), "steps_done": self.steps_done, "optimizer_state": has_state,
+                "reference_saved": self.reference_is_reset}
 
     def _optimizer_has_state(self) -> bool:
         local = any(len(o.optimizer.state) > 0 for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
@@ -407,7 +444,9 @@ class MegatronActor:
         return bool(flag.item())
 
     def load_checkpoint(self, ckpt_dir: str, state: dict | None = None, *, load_optimizer: bool = True) -> None:
-        """Collective: restore weights (any saved layout) and, when asked, optimizer and scheduler state."""
+        """Collective: restore weights (any saved layout), the KL reference when the checkpoint holds one (see
+        save_checkpoint; ignored when this actor has no reference, i.e. loss.kl_coef is now 0) and, when asked,
+        optimizer and scheduler state."""
         import os
 
         from megatron.core import dist_checkpointing
@@ -415,6 +454,9 @@ class MegatronActor:
         from megatron_rl.checkpoint.model_ckpt import load_model_checkpoint, model_sharded_state_dict
 
         load_model_checkpoint(self.model, ckpt_dir)
+        if state is not None and state.get("reference_saved") and self.reference is not None:
+            load_model_checkpoint(self.reference, os.path.join(ckpt_dir, REFERENCE_DIR))
+            self.reference_is_reset = True
         if state is not None and not state.get("optimizer_state", True):
             self.reset_optimizer_state()  # saved before any step: nothing to restore
         elif load_optimizer:

@@ -92,7 +92,6 @@ def test_derived_defaults_write_shared_settings_once():
         (BASE + ["reward.fn=mth"], "reward.fn / reward.kwargs: reward function 'mth' is neither a built-in name"),
         (BASE + ["reward.fn=no_such_pkg.rewards:score"], "cannot import module 'no_such_pkg.rewards'"),
         (BASE + ["reward.fn=math", "reward.kwargs={strictness: 1}"], "unexpected keyword argument 'strictness'"),
-        (BASE + ["warmup.steps=2", "actor.loss.kl_coef=0.01"], "the KL reference is the model at model.path"),
     ],
 )
 def test_cross_checks(overrides, message):
