@@ -8,7 +8,8 @@ replaces it (`megatron_rl.models.builder.block_spec`), so the actor packs sequen
 - bshd, CP: K/V are all-gathered over the CP group (autograd-aware); the causal mask is built from *global*
   positions of Megatron's load-balanced layout (rank r holds chunks r and 2*cp-1-r of 2*cp chunks).
 - thd (packed): `cu_seqlens` (padded, global, as TE takes them) delimit sequences; each sequence attends causally
-  within itself only. With CP each sequence is itself split into 2*cp chunks per rank (TE's THD CP layout,
+  within itself only. Without CP, sequences of similar length are batched into one padded SDPA call
+  (`packed_causal_attention`), so an RL pack of many short responses costs a few calls, not one per sequence. With CP each sequence is itself split into 2*cp chunks per rank (TE's THD CP layout,
   which Megatron's THD RoPE also assumes), and the mask uses global positions inside each sequence.
 GQA is handled by SDPA's `enable_gqa`. The math is the same as Megatron's: softmax(q k^T * scale) v.
 """
@@ -112,27 +113,85 @@ class TorchCoreAttention(torch.nn.Module):
         local_lengths = [n // cp for n in lengths]
         if sum(local_lengths) != t:
             raise ValueError(f"packed sequences hold {sum(local_lengths)} local tokens but the input has {t}")
+        if cp == 1:
+            return packed_causal_attention(query, key, value, lengths, self.scale).reshape(t, hq * d)
         # One split per tensor, not a slice per sequence: the backward of N basic slices would zero-fill and add N
         # full-size [t, heads, d] gradients (O(N x t) per layer); split's backward concatenates once (O(t)).
         queries = query.split(local_lengths)
-        if cp == 1:
-            keys, values = key.split(local_lengths), value.split(local_lengths)
-        else:  # every rank's local tokens, per sequence: [cp, n_local, heads, d]
-            gathered_k = all_gather_cp(key, self.cp_group).view(cp, t, *key.shape[1:])
-            gathered_v = all_gather_cp(value, self.cp_group).view(cp, t, *value.shape[1:])
-            keys, values = gathered_k.split(local_lengths, dim=1), gathered_v.split(local_lengths, dim=1)
+        # every rank's local tokens, per sequence: [cp, n_local, heads, d]
+        gathered_k = all_gather_cp(key, self.cp_group).view(cp, t, *key.shape[1:])
+        gathered_v = all_gather_cp(value, self.cp_group).view(cp, t, *value.shape[1:])
+        keys, values = gathered_k.split(local_lengths, dim=1), gathered_v.split(local_lengths, dim=1)
         outputs = []
         for n, q, k, v in zip(lengths, queries, keys, values):
             if q.shape[0] == 0:
                 continue
             q = q.permute(1, 0, 2).unsqueeze(0)
-            if cp == 1:
-                out = _sdpa(q, k.permute(1, 0, 2).unsqueeze(0), v.permute(1, 0, 2).unsqueeze(0), self.scale, causal=True)
-            else:
-                k = k.reshape(-1, *key.shape[1:]).permute(1, 0, 2).unsqueeze(0)
-                v = v.reshape(-1, *value.shape[1:]).permute(1, 0, 2).unsqueeze(0)
-                q_pos = cp_local_positions(n, cp, self.cp_rank, device=query.device)
-                k_pos = torch.cat([cp_local_positions(n, cp, r, device=query.device) for r in range(cp)])
-                out = _sdpa(q, k, v, self.scale, allowed=q_pos[:, None] >= k_pos[None, :])
+            k = k.reshape(-1, *key.shape[1:]).permute(1, 0, 2).unsqueeze(0)
+            v = v.reshape(-1, *value.shape[1:]).permute(1, 0, 2).unsqueeze(0)
+            q_pos = cp_local_positions(n, cp, self.cp_rank, device=query.device)
+            k_pos = torch.cat([cp_local_positions(n, cp, r, device=query.device) for r in range(cp)])
+            out = _sdpa(q, k, v, self.scale, allowed=q_pos[:, None] >= k_pos[None, :])
             outputs.append(out.squeeze(0).permute(1, 0, 2))
         return torch.cat(outputs, dim=0).reshape(t, hq * d)
+
+
+def length_buckets(lengths: list[int], max_padded_per_real: float = 2.0) -> list[list[int]]:
+    """Group the non-empty sequences of a pack so each group can run as ONE padded attention call.
+
+    Sequences are taken longest first; a group is closed when padding all its members to its longest one would
+    exceed `max_padded_per_real` x its real tokens. Returns lists of indices into `lengths` (each group's first
+    index is its longest sequence); every sequence with length > 0 is in exactly one group.
+    """
+    if max_padded_per_real < 1:
+        raise ValueError(f"max_padded_per_real must be >= 1, got {max_padded_per_real}")
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for i in order:
+        if current and (len(current) + 1) * lengths[current[0]] > max_padded_per_real * (real + lengths[i]):
+            groups.append(current)
+            current, real = [], 0
+        current.append(i)
+        real += lengths[i]
+    if current:
+        groups.append(current)
+    return groups
+
+
+def packed_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int],
+                            scale: float) -> torch.Tensor:
+    """Causal attention within each sequence of a pack (no CP): query [t, hq, d], key/value [t, hkv, d], where
+    consecutive runs of `lengths` tokens are independent sequences. Returns [t, hq, d].
+
+    Instead of one SDPA call per sequence (slow for RL batches of many short responses), sequences of similar length
+    (`length_buckets`) are gathered into a padded [group, hq, longest, d] batch and run as one causal call. Padding
+    sits after each sequence's real tokens, so the causal mask already hides it from every real query; padded query
+    rows are computed and dropped. Each token goes through exactly one call, so values and gradients equal the
+    per-sequence computation (up to float summation order inside SDPA).
+    """
+    t = query.shape[0]
+    if sum(lengths) != t:
+        raise ValueError(f"packed sequence lengths sum to {sum(lengths)} but the input has {t} tokens")
+    starts = [0]
+    for n in lengths[:-1]:
+        starts.append(starts[-1] + n)
+    groups = length_buckets(lengths)
+    if len(groups) == 1 and len(set(lengths)) == 1:  # equal lengths: a plain reshape, no gather
+        b, n = len(lengths), lengths[0]
+        q, k, v = (x.reshape(b, n, *x.shape[1:]).transpose(1, 2) for x in (query, key, value))
+        return _sdpa(q, k, v, scale, causal=True).transpose(1, 2).reshape(query.shape)
+    outputs, token_index = [], []
+    for group in groups:
+        longest = lengths[group[0]]
+        offsets = torch.arange(longest, device=query.device)
+        group_starts = torch.tensor([starts[i] for i in group], device=query.device)
+        group_lengths = torch.tensor([lengths[i] for i in group], device=query.device)
+        real = offsets[None, :] < group_lengths[:, None]  # [group, longest]
+        index = torch.where(real, group_starts[:, None] + offsets[None, :], 0)  # padding reads token 0, then dropped
+        q, k, v = (x[index].transpose(1, 2) for x in (query, key, value))  # [group, heads, longest, d]
+        out = _sdpa(q, k, v, scale, causal=True).transpose(1, 2)  # [group, longest, hq, d]
+        outputs.append(out[real])
+        token_index.append(index[real])
+    return torch.cat(outputs)[torch.argsort(torch.cat(token_index))]
