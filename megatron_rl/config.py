@@ -5,7 +5,8 @@
 Sections (each a frozen dataclass; components reuse the dataclasses of the modules they configure):
 
     run         name, output_dir, seed, steps                          -> run dir = output_dir/name
-    model       path (HF folder) or tiny_arch + tiny (a random tiny model made in the run dir)
+    model       path (HF folder) or tiny_arch + tiny (a random tiny model made in the run dir); optional
+                megatron_checkpoint (start from a converted or trained megatron_rl checkpoint)
     data        train / val (megatron_rl.data.PromptDataConfig) or synthetic (generated into the run dir)
     reward      reward function (name or "pkg.module:fn"), workers, timeout
     algorithm   advantage estimator, prompts per step, dynamic sampling, LSPO, overlong, old log-probs, mini-batches
@@ -19,7 +20,8 @@ Sections (each a frozen dataclass; components reuse the dataclasses of the modul
     resources   actor ranks (the Megatron world size), Ray address, CPUs/GPUs
 
 Derived defaults (`derive_defaults`, applied to the raw mapping before typing, so a config file stays short and
-two settings that must agree are written once): actor.model_path and rollout.engine.model come from model.path;
+two settings that must agree are written once): actor.model_path and rollout.engine.model come from model.path,
+actor.megatron_checkpoint from model.megatron_checkpoint;
 actor.temperature from sampling.temperature (both given and different is an error); the Dr.GRPO length constant
 (actor.loss.max_response_length), the DAPO overlong limit and eval.max_tokens from sampling.max_tokens; the data
 files of data.synthetic live in <run dir>/data. The resolved tree is written to <run dir>/config.yaml.
@@ -76,9 +78,16 @@ class RunSettings:
 @dataclass(frozen=True)
 class ModelSettings:
     """path: the HF folder to train (config.json, safetensors, tokenizer). With path empty and tiny_arch set,
-    a random tiny model of that architecture (sizes in `tiny`) is made in <run dir>/tiny_model."""
+    a random tiny model of that architecture (sizes in `tiny`) is made in <run dir>/tiny_model.
+
+    megatron_checkpoint: a megatron_rl checkpoint directory to start from instead of path's weights: the output of
+    `megatron-rl convert-from-hf` or a training checkpoint (runs/NAME/checkpoints/step_N: its model only), in any
+    saved layout (it reshards on load). path stays required: it gives config.json (which must describe the same
+    architecture: checked when the config loads), the tokenizer and the vLLM engines' start-up weights, which the
+    checkpoint's replace before the first rollout. The KL reference starts from the checkpoint too."""
 
     path: str = ""
+    megatron_checkpoint: str = ""
     tiny_arch: str | None = None
     tiny: TinySize = field(default_factory=TinySize)
 
@@ -295,6 +304,7 @@ def derive_defaults(raw: dict) -> dict:
             model["path"] = os.path.join(run_dir, "tiny_model")
     path = model.get("path", "")
     _setdefault(raw, "actor.model_path", path)
+    _setdefault(raw, "actor.megatron_checkpoint", model.get("megatron_checkpoint", ""))
     _setdefault(raw, "rollout.engine.model", path)
 
     sampling_t, actor_t = _get(raw, "sampling.temperature"), _get(raw, "actor.temperature")
@@ -368,6 +378,8 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"sampling.n={cfg.sampling.n}: {cfg.algorithm.advantage} needs groups of >= 2 responses")
     if cfg.warmup.steps and cfg.data.synthetic is None:
         raise ConfigError("warmup.steps > 0 needs data.synthetic (the warm-up trains on its reference answers)")
+    if cfg.actor.megatron_checkpoint:
+        _check_megatron_checkpoint(cfg, arch)
     _check_reward(cfg.reward)
     if cfg.sampling.max_tokens > arch.max_position_embeddings:
         raise ConfigError(
@@ -393,6 +405,26 @@ def validate_config(cfg: TrainConfig) -> None:
             )
     if cfg.rollout.device != device:
         raise ConfigError(f"rollout.device={cfg.rollout.device!r} but resources.device resolves to {device!r}")
+
+
+def _check_megatron_checkpoint(cfg: TrainConfig, arch) -> None:
+    """A finished checkpoint of model.path's architecture, every shard present: checked from its JSON and DCP
+    metadata (`checkpoint.model_ckpt.check_model_checkpoint`), before Ray or any engine starts."""
+    from megatron_rl.checkpoint.dcp_reader import DistCheckpointError
+    from megatron_rl.checkpoint.format import CheckpointFormatError
+    from megatron_rl.checkpoint.model_ckpt import check_model_checkpoint
+    from megatron_rl.models.qwen_arch import ModelConfigError
+
+    ckpt = cfg.actor.megatron_checkpoint
+    key = "model.megatron_checkpoint" if ckpt == cfg.model.megatron_checkpoint else "actor.megatron_checkpoint"
+    try:
+        check_model_checkpoint(ckpt, arch, what=f"model.path's config.json ({cfg.model.path})")
+    except (CheckpointFormatError, DistCheckpointError, ModelConfigError) as e:
+        raise ConfigError(
+            f"{key}={ckpt}: {e}\nFix: point {key} at a finished megatron_rl checkpoint of the model at model.path "
+            "(the directory holding megatron_rl.json: a convert-from-hf output or runs/NAME/checkpoints/step_N), or "
+            f"set {key}='' to start from model.path's weights"
+        ) from None
 
 
 def _check_reward(reward: RewardSettings) -> None:

@@ -126,7 +126,9 @@ class Trainer:
                 "resources.colocate=true (engines sleeping on the actors' GPUs) is not implemented yet; use separate "
                 "GPU pools (colocate=false)"
             )
-        self.echo(f"[setup] starting {cfg.resources.actor_ranks} Megatron rank(s) ({cfg.actor.layout.describe(cfg.resources.actor_ranks)})")
+        source = cfg.actor.megatron_checkpoint or cfg.actor.model_path
+        self.echo(f"[setup] starting {cfg.resources.actor_ranks} Megatron rank(s) "
+                  f"({cfg.actor.layout.describe(cfg.resources.actor_ranks)}) from {source}")
         self.group = ActorGroup(cfg.actor, cfg.resources.actor_ranks, device=device,
                                 cpus_per_rank=cfg.resources.actor_cpus_per_rank)
         self.echo(f"[setup] starting {cfg.rollout.num_engines} vLLM engine(s) on {device}")
@@ -158,17 +160,31 @@ class Trainer:
             self._start_services()
             # after ray.init, which installs its own SIGTERM handler: ours lets the current step finish and save
             previous_handlers = self._install_signal_handlers()
-            if resume_from is not None:
-                self._resume(*resume_from)
-            else:
-                self._warmup()
-                if cfg.eval.at_start and self._eval_enabled():
-                    self.metrics.log(0, self._evaluate())
+            self._prepare_policy(resume_from)
+            if resume_from is None and cfg.eval.at_start and self._eval_enabled():
+                self.metrics.log(0, self._evaluate())
             last = self._loop()
         finally:
             self._restore_signal_handlers(previous_handlers)
             self.shutdown()
         return last
+
+    def _prepare_policy(self, resume_from: tuple[int, str] | None) -> None:
+        """Bring the actor to the weights step 1 trains from, then make the engines generate with them.
+
+        The actor set itself up from model.megatron_checkpoint when set, else from model.path; then either a resume
+        loads the checkpoint (model, optimizer, sampler, step) or the optional warm-up trains. The engines started
+        from model.path's weights, so they are synced whenever the actor's differ from those: after a resume, a
+        warm-up, or a start from model.megatron_checkpoint (DESIGN.md contract 4: rollout and training see the same
+        weights from the first step on).
+        """
+        if resume_from is not None:
+            self._resume(*resume_from)
+            changed = True
+        else:
+            changed = self._warmup() or bool(self.cfg.actor.megatron_checkpoint)
+        if changed:
+            self._sync_weights()
 
     def _loop(self) -> dict:
         from tqdm import tqdm
@@ -292,16 +308,17 @@ class Trainer:
                   f"(mean response length {metrics.get('eval/mean_response_length', float('nan')):.1f})")
         return metrics
 
-    def _warmup(self) -> None:
-        """Supervised warm-up on the synthetic task's reference answers, then a weight sync. With a KL term the
-        reference becomes the warmed-up policy, so the KL anchors RL at the model RL starts from."""
+    def _warmup(self) -> bool:
+        """Supervised warm-up on the synthetic task's reference answers; returns whether it ran (the engines then
+        need a weight sync). With a KL term the reference becomes the warmed-up policy, so the KL anchors RL at the
+        model RL starts from."""
         from megatron_rl.actor.batch import ActorBatch
         from megatron_rl.data import render_sft_example
         from megatron_rl.data.synthetic.export import sft_pairs
 
         cfg = self.cfg.warmup
         if cfg.steps == 0:
-            return
+            return False
         syn = self.cfg.data.synthetic
         pairs = sft_pairs(syn.task, cfg.steps * cfg.batch_size, seed=cfg.seed, difficulty=syn.difficulty)
         self.echo(f"[warmup] {cfg.steps} supervised steps of {cfg.batch_size} examples (lr {cfg.lr})")
@@ -316,11 +333,11 @@ class Trainer:
         if self.cfg.actor.loss.kl_coef > 0:
             self.group.call("reset_reference_to_policy")
             self.echo("[warmup] KL reference set to the warmed-up policy")
-        self._sync_weights()
+        return True
 
     def _sync_weights(self):
-        """Stream the actor's weights to every engine as the next weights version (after each RL step, the warm-up,
-        a resume); returns the pool's sync stats."""
+        """Stream the actor's weights to every engine as the next weights version (after each RL step, and before
+        the first one when the actor's weights are not model.path's: `_prepare_policy`); returns the pool's stats."""
         stats = self.pool.update_weights(self.group.weight_buckets(), version=self.weights_version + 1)
         self.weights_version += 1
         return stats
@@ -343,7 +360,6 @@ class Trainer:
         self.step = step
         self._last_saved_step = step
         self.weights_version = int(state.get("weights_version", 0))
-        self._sync_weights()
         self.echo(f"[resume] continuing from step {step} ({path})")
 
     # ---------------------------------------------------------------------------------- shutdown, signals

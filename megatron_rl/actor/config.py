@@ -89,7 +89,11 @@ class PolicyLossSettings:
 
 @dataclass(frozen=True)
 class ActorConfig:
-    """model_path: HF folder to start from (the trainer fills it from model.path). layout: TP/PP/CP/EP/ETP/VPP. dtype: float32 or bfloat16.
+    """model_path: HF folder of the model (the trainer fills it from model.path): its config.json defines the
+    architecture, its weights are the starting point unless megatron_checkpoint is set. megatron_checkpoint: a
+    megatron_rl checkpoint directory (convert-from-hf output or a training checkpoint's step_N) to start the policy
+    and the KL reference from instead, in any saved layout (the trainer fills it from model.megatron_checkpoint).
+    layout: TP/PP/CP/EP/ETP/VPP. dtype: float32 or bfloat16.
 
     packing: pack variable-length sequences into one THD stream per micro-batch (no padding); False pads every
     sequence of a micro-batch to the longest (bshd). max_tokens_per_microbatch: token budget that decides the
@@ -98,6 +102,7 @@ class ActorConfig:
     """
 
     model_path: str = ""
+    megatron_checkpoint: str = ""
     layout: ParallelLayout = field(default_factory=ParallelLayout)
     dtype: str = "float32"
     seed: int = 1234

@@ -5,7 +5,7 @@ every rank receives the same `ActorBatch` and calls the same method; results tha
 log-probs) come back on global rank 0, reduced metrics come back on every rank.
 
     actor = MegatronActor(ActorConfig(model_path=..., layout=ParallelLayout(tp=2)))
-    actor.setup()                                   # process groups, model, HF weights, DDP, optimizer
+    actor.setup()                                   # process groups, model, weights, DDP, optimizer
     logps = actor.compute_log_probs(batch)          # forward only, through the pipeline schedule
     metrics = actor.train_step(batch)               # one optimizer step over the global batch
     for bucket in actor.export_hf_weights():        # full HF-named tensors for weight sync
@@ -28,7 +28,6 @@ from megatron_rl.actor.batch import ActorBatch, MicroBatch, build_microbatch, pl
 from megatron_rl.actor.config import ActorConfig
 from megatron_rl.actor.logprobs import token_entropy, token_log_probs
 from megatron_rl.algorithms import GlobalBatchCounts, LossMetrics, policy_loss_share, sft_loss_share
-from megatron_rl.models.hf_io import HFCheckpointReader
 from megatron_rl.models.qwen_arch import load_arch
 from megatron_rl.parallel.schedule import run_schedule
 
@@ -70,7 +69,8 @@ class MegatronActor:
 
     # ------------------------------------------------------------------------------------------------ set-up
     def setup(self) -> "MegatronActor":
-        """Create process groups, build and load the model, wrap it in DDP, build the optimizer.
+        """Create process groups, build the model and load its starting weights (the HF folder model_path, or
+        megatron_checkpoint when set: actor/initial_weights.py), wrap it in DDP, build the optimizer.
 
         Collective: every rank of the (already initialised) torch.distributed world calls it.
         """
@@ -80,13 +80,12 @@ class MegatronActor:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
         from megatron.core import rerun_state_machine
 
+        from megatron_rl.actor.initial_weights import InitialWeights
         from megatron_rl.models.builder import build_model_chunks, transformer_config
-        from megatron_rl.models.weight_transfer import load_hf_weights
         from megatron_rl.parallel.state import initialize_parallel
 
         cfg, arch = self.config, self.arch
-        reader = HFCheckpointReader(cfg.model_path)
-        reader.validate(arch)
+        initial_weights = InitialWeights(cfg, arch)  # a bad source fails here, before any process group exists
         cfg.layout.validate(dist.get_world_size(), arch)
         self.dp_size = initialize_parallel(cfg.layout, seed=cfg.seed)
         if rerun_state_machine._GLOBAL_RERUN_STATE_MACHINE is None:  # the optimizer asks for it; explicit = no warning
@@ -96,8 +95,7 @@ class MegatronActor:
             calculate_per_token_loss=True,
         )
         chunks = build_model_chunks(arch, self.transformer_config)
-        load_hf_weights(chunks, arch, reader)
-        reader.close()
+        initial_weights.load(chunks)
         if self.transformer_config.bf16:
             from megatron.core.transformer.module import Float16Module
 
@@ -114,9 +112,10 @@ class MegatronActor:
         self.transformer_config.finalize_model_grads_func = _finalize_grads_without_token_scaling
         if cfg.loss.kl_coef > 0:  # a frozen copy of the initial policy for the KL term
             self.reference = build_model_chunks(arch, self.transformer_config)
-            load_hf_weights(self.reference, arch, HFCheckpointReader(cfg.model_path))
+            initial_weights.load(self.reference)
             for chunk in self.reference:
                 chunk.requires_grad_(False)
+        initial_weights.close()
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer=opt.name, sgd_momentum=0.0, lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,

@@ -20,6 +20,7 @@ barrier (`atomic_checkpoint_dir`), so a directory with the final name is always 
 API (collective functions are called by every rank of the training world):
     save_model_checkpoint(chunks, arch, layout, out_dir, hf_source_dir=None)     collective, atomic
     load_model_checkpoint(chunks, ckpt_dir) -> CheckpointInfo                   collective, any layout
+    check_model_checkpoint(ckpt_dir, arch, what=...) -> CheckpointInfo          up-front checks, no process group
     atomic_checkpoint_dir(out_dir) + write_model_checkpoint(chunks, arch, layout, tmp_dir, ...)
                                                                                 to add optimizer/trainer state
     model_sharded_state_dict(chunks)    the model's sharded state dict (build the optimizer's from it)
@@ -32,6 +33,7 @@ from megatron_rl.checkpoint.format import CheckpointFormatError, CheckpointInfo,
 from megatron_rl.checkpoint.model_ckpt import (
     SHARDED_STATE_DICT_METADATA,
     atomic_checkpoint_dir,
+    check_model_checkpoint,
     load_model_checkpoint,
     model_sharded_state_dict,
     save_model_checkpoint,
@@ -45,6 +47,7 @@ __all__ = [
     "DistCheckpointError",
     "DistCheckpointReader",
     "atomic_checkpoint_dir",
+    "check_model_checkpoint",
     "load_model_checkpoint",
     "model_sharded_state_dict",
     "read_info",

@@ -44,6 +44,7 @@ from megatron_rl.checkpoint.format import (
     CheckpointFormatError,
     CheckpointInfo,
     arch_summary,
+    check_arch_matches,
     copy_hf_side_files,
     read_info,
     summary_mismatches,
@@ -315,6 +316,31 @@ def save_model_checkpoint(
     return os.path.abspath(os.fspath(out_dir))
 
 
+def _check_sharded_metadata(info: CheckpointInfo, ckpt_dir: str) -> None:
+    if info.sharded_metadata != SHARDED_STATE_DICT_METADATA:
+        raise CheckpointFormatError(
+            f"{ckpt_dir} was saved with sharded-state-dict options {info.sharded_metadata}, this version uses "
+            f"{SHARDED_STATE_DICT_METADATA}; convert it with tools/convert_to_hf.py and back with convert_from_hf.py"
+        )
+
+
+def check_model_checkpoint(ckpt_dir: str | os.PathLike, arch: QwenArch, *, what: str) -> CheckpointInfo:
+    """Cheap checks that `ckpt_dir` can be loaded into a model of `arch` (described by `what`), for callers that want
+    to fail before starting any process or reading any tensor: a finished megatron_rl checkpoint (`read_info`:
+    refuses `.tmp-` and foreign directories), sharded-state-dict options this version reads, the same architecture
+    (`check_arch_matches` names every differing field) and every shard file present and complete. No process
+    group needed; reads only JSON and the DCP metadata. `load_model_checkpoint` checks the first three again
+    against the built model."""
+    from megatron_rl.checkpoint.dcp_reader import DistCheckpointReader
+
+    ckpt_dir = os.fspath(ckpt_dir)
+    info = read_info(ckpt_dir)
+    _check_sharded_metadata(info, ckpt_dir)
+    check_arch_matches(info, arch, what=what)
+    DistCheckpointReader(os.path.join(ckpt_dir, MODEL_DIR)).check_files()
+    return info
+
+
 def load_model_checkpoint(chunks: list, ckpt_dir: str | os.PathLike) -> CheckpointInfo:
     """Collective: load the model weights of a checkpoint directory into `chunks` (built in any layout).
 
@@ -327,11 +353,7 @@ def load_model_checkpoint(chunks: list, ckpt_dir: str | os.PathLike) -> Checkpoi
     ckpt_dir = os.fspath(ckpt_dir)
     info = read_info(ckpt_dir)
     check_model_matches(chunks, info.arch, what=f"the checkpoint {ckpt_dir}")
-    if info.sharded_metadata != SHARDED_STATE_DICT_METADATA:
-        raise CheckpointFormatError(
-            f"{ckpt_dir} was saved with sharded-state-dict options {info.sharded_metadata}, this version uses "
-            f"{SHARDED_STATE_DICT_METADATA}; convert it with tools/convert_to_hf.py and back with convert_from_hf.py"
-        )
+    _check_sharded_metadata(info, ckpt_dir)
     model_dir = os.path.join(ckpt_dir, MODEL_DIR)
     sharded = model_sharded_state_dict(chunks)
     with _quiet_dcp_deprecations():

@@ -8,8 +8,9 @@ NAME = "convert-from-hf"
 DESCRIPTION = """\
 Convert a Hugging Face Qwen2 / Qwen3 / Qwen3-MoE folder into a megatron_rl checkpoint directory (Megatron
 distributed checkpoint + hf_config/ + megatron_rl.json) sharded for a target parallel layout; each rank of a
-later job reads only its own chunks of it (`megatron_rl.checkpoint.load_model_checkpoint`). Note: `megatron-rl
-train` does not start from such a checkpoint yet; its actors load model.path, an HF folder.
+later job reads only its own chunks of it (`megatron_rl.checkpoint.load_model_checkpoint`). Start training from it
+with `megatron-rl train model.path=HF_DIR model.megatron_checkpoint=OUT` (model.path still gives config.json, the
+tokenizer and the rollout engines' start-up weights; the checkpoint's weights replace them before the first rollout).
 
 The layout's ranks are spawned on this machine's CPU (gloo); each builds its shard of the Megatron model, reads
 only the HF tensors it needs, and all write the checkpoint together. The checkpoint loads into any other layout
@@ -20,6 +21,7 @@ examples:
   megatron-rl convert-from-hf --hf /models/Qwen2.5-7B --out /ckpt/qwen25-7b-tp2 --tp 2
   python tools/convert_from_hf.py --hf /models/Qwen3-30B-A3B --out /ckpt/q3moe --tp 2 --ep 4 --dtype bfloat16
   python tools/convert_from_hf.py --hf HF --out CKPT --tp 2 --verify       # + logits parity after saving
+  megatron-rl train --config my.yaml model.path=HF model.megatron_checkpoint=CKPT   # train from it
 
 exit status: 0 on success (and parity within --tolerance with --verify), 1 when verification fails,
 2 on bad input (inconsistent HF folder, layout that does not fit the model, existing output directory)."""

@@ -3,6 +3,7 @@
     <run dir>/checkpoints/step_000012/
         megatron_rl.json, model/, hf_config/     the model (megatron_rl/checkpoint format; convert_to_hf reads it)
         optimizer/                               Megatron optimizer state (distributed checkpoint, reshardable)
+        reference/                               the KL reference once reset to the policy (a model checkpoint)
         trainer_state.json                       step, data-sampler position, LR scheduler, weight version
         rng.pt                                   the driver's RNG states
         metrics.jsonl                            the metrics history up to this step
