@@ -7,7 +7,6 @@ away from the reference; `reset_reference_to_policy()` makes the reference compu
 alias); and a fresh actor that loads the training checkpoint gets the reset reference back, not model.path's.
 """
 import pytest
-import torch
 
 from megatron_rl.actor.config import ActorConfig, OptimizerSettings, PolicyLossSettings
 from megatron_rl.actor.megatron_actor import REFERENCE_DIR, MegatronActor
