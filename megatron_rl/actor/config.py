@@ -56,6 +56,10 @@ class PolicyLossSettings:
 
     clip_low / clip_high: None = the loss's paper defaults (LUSPO 2e-3 / 2.5e-3, GSPO 3e-4 / 4e-4, DAPO 0.2 / 0.28).
     max_response_length: Dr.GRPO's constant normaliser; None = the generation limit the trainer passes in.
+    exclude_fully_masked: the seq-mean losses (grpo, dr_grpo, gspo, gspo_token, luspo) divide by the number of
+    sequences with at least one unmasked token instead of all sequences (verl's convention). False (default) keeps
+    fully masked rows (e.g. truncated responses under algorithm.overlong mask_truncated) in N, as every measured
+    result here did; see megatron_rl/algorithms/normalization.py, item 1.
     """
 
     name: str = "luspo"
@@ -67,15 +71,22 @@ class PolicyLossSettings:
     entropy_coef: float = 0.0
     tis_cap: float | None = None
     max_response_length: int | None = None
+    exclude_fully_masked: bool = False
 
     def __post_init__(self):
         get_loss_spec(self.name)  # unknown names raise with the registered list
+        if not isinstance(self.exclude_fully_masked, bool):
+            raise ValueError(f"loss.exclude_fully_masked must be true or false, got {self.exclude_fully_masked!r}")
         if self.kl_coef < 0:
             raise ValueError(f"loss.kl_coef must be >= 0, got {self.kl_coef}")
         if self.kl_estimator not in ("k1", "k2", "k3", "low_var_kl"):
             raise ValueError(f"loss.kl_estimator must be k1, k2, k3 or low_var_kl, got {self.kl_estimator!r}")
         if self.tis_cap is not None and not self.tis_cap > 0:
             raise ValueError(f"loss.tis_cap must be > 0 or null, got {self.tis_cap}")
+
+    def count_options(self) -> dict:
+        """Keyword options for GlobalBatchCounts.from_masks: the loss settings that decide the step's counts."""
+        return dict(exclude_fully_masked=self.exclude_fully_masked)
 
     def options(self) -> dict:
         """Keyword options for policy_loss_share (defaults left to the loss spec)."""

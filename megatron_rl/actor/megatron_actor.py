@@ -257,7 +257,7 @@ class MegatronActor:
         limit = max_response_length or cfg.loss.max_response_length or max(batch.max_response_length, 1)
         counts = GlobalBatchCounts.from_masks(
             [mb.mask.to(_comm_device()) for mb in microbatches], dp_group=self._groups["dp"], cp_group=self._groups["cp"],
-            max_response_length=limit,
+            max_response_length=limit, **(cfg.loss.count_options() if objective == "policy" else {}),
         )
         cp_group = self._groups["cp"] if cfg.layout.cp > 1 else None
         present = {name for name in ("ref_log_probs", "rollout_log_probs") if getattr(batch, name) is not None}

@@ -24,6 +24,9 @@ and the loss is sum_it m_it c_i l_it with c_i from the aggregation (normalizatio
 With a per-sequence advantage, gspo equals the paper's (1/N) sum_i -min(s_i A_i, clip(s_i) A_i) in value
 and gradient (per-token gradient -s_i A_i / (N |y_i|) when unclipped); luspo multiplies each sequence's
 term by |y_i|, so its per-token gradient -s_i A_i / N does not depend on the sequence's length.
+N counts every row by default; `exclude_fully_masked=True` (config actor.loss.exclude_fully_masked) counts only
+rows with at least one unmasked token, as verl's seq-mean modes do (normalization.py, item 1). It lives in the
+step's `GlobalBatchCounts` (`from_masks(..., exclude_fully_masked=)`), so `policy_loss_share` follows its counts.
 Log-ratios are clamped to [-20, 20] before exp (values that large mean corrupted inputs; it keeps exp finite).
 
 Metrics (metrics.LossMetrics, (sum, count) pairs): over valid tokens: clip_frac_low (ratio < 1 - eps_low
@@ -137,12 +140,15 @@ def policy_loss(
     response_mask: torch.Tensor,
     *,
     max_response_length: int | None = None,
+    exclude_fully_masked: bool = False,
     **options,
 ) -> tuple[torch.Tensor, LossMetrics]:
     """The loss `name` of a whole batch held by one process: `(loss, metrics)`.
 
     log_probs, old_log_probs, response_mask: [batch, response_len]; advantages: [batch] (one per sequence)
-    or [batch, response_len]. max_response_length: Dr.GRPO's L_max (default response_len). `options` are
+    or [batch, response_len]. max_response_length: Dr.GRPO's L_max (default response_len).
+    exclude_fully_masked: the seq-mean losses divide by the number of rows with at least one unmasked token
+    instead of all rows (default False: all rows; see normalization.py, item 1). `options` are
     the keyword options of `policy_loss_share` (clip_low, clip_high, aggregation, kl_coef, kl_estimator,
     ref_log_probs, entropy_coef, entropy, tis_cap, rollout_log_probs). It is `policy_loss_share` with the
     global counts of this one batch, so the distributed path runs the same code.
@@ -157,7 +163,9 @@ def policy_loss(
     mask = as_bool_mask(response_mask, "response_mask")
     if mask.shape[0] == 0:
         raise ValueError(_EMPTY_BATCH)
-    counts = GlobalBatchCounts.from_masks([mask], max_response_length=max_response_length)
+    counts = GlobalBatchCounts.from_masks(
+        [mask], max_response_length=max_response_length, exclude_fully_masked=exclude_fully_masked
+    )
     return policy_loss_share(name, log_probs, old_log_probs, advantages, mask, counts=counts, **options)
 
 
@@ -184,7 +192,8 @@ def policy_loss_share(
     """This micro-batch's additive share of the step's loss `name`, and its metrics (see normalization.py).
 
     Tensors hold this rank's local part: its DP rows and, under CP, its CP chunks (`split_for_cp`), shape
-    [b, T_local]; advantages [b] or [b, T_local]. counts: the step's `GlobalBatchCounts`. cp_group: the
+    [b, T_local]; advantages [b] or [b, T_local]. counts: the step's `GlobalBatchCounts` (they also decide
+    whether fully masked rows count in the seq-mean N: `from_masks(..., exclude_fully_masked=)`). cp_group: the
     context-parallel group (None = no CP); sequence-ratio losses and "seq-mean-token-mean" all-reduce two
     scalars per sequence over it, so every CP rank must call this for the same micro-batch.
 
