@@ -39,3 +39,21 @@ def make_batch(seed: int = 1, rows: int = 16, width: int = 16, dtype=torch.float
         ref_log_probs=ref_log_probs, entropy=entropy, response_mask=mask, rewards=rewards,
         advantages=advantages, token_advantages=token_advantages,
     )
+
+
+# Rows fully masked by `with_fully_masked_rows` (row 0 is already the empty response): with DP=2 (rows interleaved)
+# and 4 micro-batches, rows 8 and 10 make one whole micro-batch of DP rank 0 fully masked.
+FULLY_MASKED_ROWS = (5, 8, 10)
+# A row whose valid tokens are only positions 4..7: under CP=2 they all lie in CP rank 1's chunks (rank 0 holds
+# 0-3 and 12-15 of the 16 positions), so CP rank 0 sees it fully masked although the sequence is not.
+CP_ONE_SIDED_ROW = 9
+
+
+def with_fully_masked_rows(batch: dict) -> dict:
+    """The batch with rows masked out as `mask_truncated` does to truncated responses (FULLY_MASKED_ROWS), and
+    CP_ONE_SIDED_ROW keeping positions 4..7 only. Every other tensor is unchanged."""
+    mask = batch["response_mask"].clone()
+    mask[list(FULLY_MASKED_ROWS)] = False
+    mask[CP_ONE_SIDED_ROW] = False
+    mask[CP_ONE_SIDED_ROW, 4:8] = True
+    return {**batch, "response_mask": mask}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron_rl.algorithms import LOSS_REGISTRY, kl_estimate, policy_loss
-from tests.unit.algorithms.loss_batches import make_batch
+from tests.unit.algorithms.loss_batches import FULLY_MASKED_ROWS, make_batch, with_fully_masked_rows
 
 TOL = dict(rtol=1e-12, atol=1e-15)
 
@@ -54,9 +54,10 @@ def dr_grpo_reference(terms, n_seq, max_len, **_):
     return sum(sum(row) for row in terms if row) / (n_seq * max_len)
 
 
-def gspo_reference(lp, old, adv, mask, eps_low, eps_high, length_weighted=False):
+def gspo_reference(lp, old, adv, mask, eps_low, eps_high, length_weighted=False, n_seq=None):
     """GSPO eq. 5/7: s_i = exp(mean_t (lp - old)), J = (1/G) sum_i -min(s_i A_i, clip(s_i) A_i), gradients
-    through s_i itself (the literal sequence form). LUSPO: each sequence's term multiplied by |y_i|."""
+    through s_i itself (the literal sequence form). LUSPO: each sequence's term multiplied by |y_i|.
+    n_seq: G, default every row."""
     total = 0.0
     for i in range(lp.shape[0]):
         toks = valid_tokens(mask, i)
@@ -65,10 +66,10 @@ def gspo_reference(lp, old, adv, mask, eps_low, eps_high, length_weighted=False)
         s = torch.exp(sum(lp[i, t] - old[i, t] for t in toks) / len(toks))
         term = clip_surrogate(s, adv[i], eps_low, eps_high)
         total = total + (len(toks) * term if length_weighted else term)
-    return total / lp.shape[0]
+    return total / (lp.shape[0] if n_seq is None else n_seq)
 
 
-def gspo_token_reference(lp, old, adv, mask, eps_low, eps_high):
+def gspo_token_reference(lp, old, adv, mask, eps_low, eps_high, n_seq=None):
     """GSPO-token eq. 13: s_it = sg(s_i) * pi(y_it) / sg(pi(y_it)); (1/G) sum_i (1/|y_i|) sum_t -min(s_it A_it, ...)."""
     total = 0.0
     for i in range(lp.shape[0]):
@@ -78,7 +79,7 @@ def gspo_token_reference(lp, old, adv, mask, eps_low, eps_high):
         s = math.exp(sum(float(lp[i, t].detach() - old[i, t]) for t in toks) / len(toks))
         row = [clip_surrogate(s * torch.exp(lp[i, t] - lp[i, t].detach()), adv[i, t], eps_low, eps_high) for t in toks]
         total = total + sum(row) / len(toks)
-    return total / lp.shape[0]
+    return total / (lp.shape[0] if n_seq is None else n_seq)
 
 
 TOKEN_REFERENCES = {"ppo": token_mean_reference, "grpo": grpo_reference, "dapo": token_mean_reference,
@@ -87,16 +88,18 @@ PAPER_CLIPS = {"ppo": (0.2, 0.2), "grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "dr_g
                "gspo": (3e-4, 4e-4), "gspo_token": (3e-4, 4e-4), "luspo": (2e-3, 2.5e-3)}
 
 
-def reference(name, b, lp, eps_low, eps_high, adv=None, extra=None):
+def reference(name, b, lp, eps_low, eps_high, adv=None, extra=None, n_seq=None):
+    """The paper formula of loss `name`; n_seq: the number of sequences G it averages over (default every row)."""
     old, mask = b["old_log_probs"], b["response_mask"]
     adv = b["advantages"] if adv is None else adv
+    n_seq = lp.shape[0] if n_seq is None else n_seq
     if name in TOKEN_REFERENCES:
         terms = token_terms(lp, old, adv, mask, eps_low, eps_high, extra)
-        return TOKEN_REFERENCES[name](terms, n_seq=lp.shape[0], max_len=lp.shape[1])
+        return TOKEN_REFERENCES[name](terms, n_seq=n_seq, max_len=lp.shape[1])
     assert extra is None
     if name == "gspo_token":
-        return gspo_token_reference(lp, old, adv, mask, eps_low, eps_high)
-    return gspo_reference(lp, old, adv, mask, eps_low, eps_high, length_weighted=(name == "luspo"))
+        return gspo_token_reference(lp, old, adv, mask, eps_low, eps_high, n_seq=n_seq)
+    return gspo_reference(lp, old, adv, mask, eps_low, eps_high, length_weighted=(name == "luspo"), n_seq=n_seq)
 
 
 def value_and_grad(fn, log_probs):
@@ -131,6 +134,51 @@ def test_loss_matches_paper_formula(name, seed):
     mask = b["response_mask"]
     assert (got_grad[mask] == 0).any() and (got_grad[mask] != 0).any()
     assert (got_grad[~mask] == 0).all()
+
+
+SEQ_MEAN_LOSSES = sorted(n for n, spec in LOSS_REGISTRY.items() if spec.aggregation != "token-mean")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("name", sorted(PAPER_CLIPS))
+def test_exclude_fully_masked_matches_paper_formula_over_nonempty_rows(name, seed):
+    """exclude_fully_masked=True: G in each paper formula is the number of rows with at least one unmasked token
+    (verl's seq-mean convention). The batch has four fully masked rows (the empty response plus FULLY_MASKED_ROWS,
+    as mask_truncated leaves truncated responses) out of 16; token-mean losses (ppo, dapo) are unchanged."""
+    b = with_fully_masked_rows(make_batch(seed))
+    mask = b["response_mask"]
+    nonempty = int(mask.any(-1).sum())
+    assert nonempty == mask.shape[0] - 1 - len(FULLY_MASKED_ROWS) == 12
+    adv = b["token_advantages"] if name == "gspo_token" else b["advantages"]
+    eps_low, eps_high = PAPER_CLIPS[name]
+
+    def ours(exclude):
+        return lambda lp: policy_loss(name, lp, b["old_log_probs"], adv, mask, exclude_fully_masked=exclude)[0]
+
+    got, got_grad = value_and_grad(ours(True), b["log_probs"])
+    want, want_grad = value_and_grad(
+        lambda lp: reference(name, b, lp, eps_low, eps_high, adv, n_seq=nonempty), b["log_probs"])
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(got_grad, want_grad, **TOL)
+    assert (got_grad[mask] != 0).any() and (got_grad[~mask] == 0).all()
+    # Against the default (N = all 16 rows): seq-mean losses scale by 16/12 exactly, token-mean ones not at all.
+    default, default_grad = value_and_grad(ours(False), b["log_probs"])
+    scale = mask.shape[0] / nonempty if name in SEQ_MEAN_LOSSES else 1.0
+    assert default != 0
+    torch.testing.assert_close(got, default * scale, **TOL)
+    torch.testing.assert_close(got_grad, default_grad * scale, **TOL)
+
+
+def test_exclude_fully_masked_on_an_all_masked_batch_gives_zero_not_nan():
+    """Every row fully masked: N = 0 non-empty rows, the loss is the empty sum 0 (never 0/0) with zero gradient."""
+    b = make_batch()
+    empty = torch.zeros_like(b["response_mask"])
+    for name in PAPER_CLIPS:
+        adv = b["token_advantages"] if name == "gspo_token" else b["advantages"]
+        lp = b["log_probs"].clone().requires_grad_()
+        loss, _ = policy_loss(name, lp, b["old_log_probs"], adv, empty, exclude_fully_masked=True)
+        loss.backward()
+        assert loss.item() == 0.0 and not lp.grad.any(), name
 
 
 @pytest.mark.parametrize("seed", SEEDS)

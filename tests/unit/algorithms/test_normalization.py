@@ -7,7 +7,7 @@ import torch
 
 from megatron_rl.algorithms import LOSS_REGISTRY, GlobalBatchCounts, LossMetrics, policy_loss, policy_loss_share
 from megatron_rl.algorithms.normalization import token_weights
-from tests.unit.algorithms.loss_batches import make_batch
+from tests.unit.algorithms.loss_batches import make_batch, with_fully_masked_rows
 
 # Uneven micro-batch sizes, each trimmed to its own longest response (dynamic padding), as an actor may do.
 MICRO_BATCH_ROWS = [slice(0, 3), slice(3, 8), slice(8, 9), slice(9, 16)]
@@ -20,6 +20,40 @@ def test_counts_from_masks():
     assert counts == GlobalBatchCounts(16, int(b["response_mask"].sum()), 16)
     assert GlobalBatchCounts.from_masks(masks, max_response_length=4096).max_response_length == 4096
     assert GlobalBatchCounts.from_masks([m.float() for m in masks]).num_tokens == counts.num_tokens
+
+
+def test_counts_exclude_fully_masked_rows_across_micro_batches():
+    b = with_fully_masked_rows(make_batch())
+    masks = [b["response_mask"][rows] for rows in MICRO_BATCH_ROWS]
+    default = GlobalBatchCounts.from_masks(masks)
+    assert (default.sequence_count, default.num_nonempty_sequences, default.exclude_fully_masked) == (16, None, False)
+    counts = GlobalBatchCounts.from_masks(masks, exclude_fully_masked=True)
+    assert counts.exclude_fully_masked and counts.num_sequences == 16  # rows are still all rows
+    assert counts.num_nonempty_sequences == counts.sequence_count == int(b["response_mask"].any(-1).sum()) == 12
+    assert counts.num_tokens == default.num_tokens
+    # The seq-mean weights use the non-empty N; token-mean's do not change.
+    lengths = b["response_mask"].sum(1)
+    for aggregation in ("seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"):
+        w_on = token_weights(aggregation, b["response_mask"], lengths, counts)
+        w_off = token_weights(aggregation, b["response_mask"], lengths, default)
+        torch.testing.assert_close(w_on, w_off * 16 / 12, rtol=1e-15, atol=0)  # one float64 division each
+    assert torch.equal(token_weights("token-mean", b["response_mask"], None, counts),
+                       token_weights("token-mean", b["response_mask"], None, default))
+
+
+def test_exclude_fully_masked_is_validated():
+    mask = make_batch()["response_mask"]
+    for bad in (1, "true", None):
+        with pytest.raises(TypeError, match="exclude_fully_masked must be a bool"):
+            GlobalBatchCounts.from_masks([mask], exclude_fully_masked=bad)
+        with pytest.raises(TypeError, match="exclude_fully_masked must be a bool"):
+            policy_loss("luspo", mask.double(), mask.double(), mask.double()[:, 0], mask, exclude_fully_masked=bad)
+    with pytest.raises(ValueError, match="needs num_nonempty_sequences.*from_masks"):
+        GlobalBatchCounts(16, 10, 16, exclude_fully_masked=True)
+    with pytest.raises(ValueError, match=r"num_nonempty_sequences must be in \[0, num_sequences=16\]"):
+        GlobalBatchCounts(16, 10, 16, num_nonempty_sequences=17, exclude_fully_masked=True)
+    all_masked = GlobalBatchCounts.from_masks([torch.zeros_like(mask)], exclude_fully_masked=True)
+    assert (all_masked.num_sequences, all_masked.sequence_count) == (16, 0)
 
 
 def test_weights_of_each_aggregation_on_the_full_batch():
