@@ -9,6 +9,13 @@ backward per micro-batch. The sum of the shares over micro-batches and ranks, an
 whole batch. Metrics (sum, count) pairs after `LossMetrics.reduce(dp, cp)` must equal the single-process pairs,
 which also proves that per-sequence metrics are counted once, not once per CP rank.
 
+The batch (loss_batches.with_fully_masked_rows) has fully masked rows, as `mask_truncated` leaves truncated
+responses: with DP=2 and 4 micro-batches one whole micro-batch of DP rank 0 is fully masked, and one row has valid
+tokens only in CP rank 1's chunks under CP=2 (CP rank 0 sees it fully masked; it is not). The
+"+exclude_fully_masked" variants (every seq-mean loss) build the counts with `exclude_fully_masked=True`: N must
+be the 12 rows that are non-empty over their whole sequence on every rank of every layout, and the shares must add
+up to the single-process `policy_loss(..., exclude_fully_masked=True)`.
+
 Tolerance: everything is float64 and differs only in summation order (and the order of the all-reduce), so
 rounding is ~1e-15 relative; we assert 1e-10 relative (the issue asks for <= 1e-6; a normalisation bug is
 off by a factor such as dp, cp or the number of micro-batches).
@@ -28,7 +35,12 @@ from megatron_rl.algorithms import (
     split_for_cp,
 )
 from megatron_rl.parallel.spawn import spawn_ranks
-from tests.unit.algorithms.loss_batches import make_batch
+from tests.unit.algorithms.loss_batches import (
+    CP_ONE_SIDED_ROW,
+    FULLY_MASKED_ROWS,
+    make_batch,
+    with_fully_masked_rows,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -42,6 +54,11 @@ _OPTION_TENSORS = ("ref_log_probs", "entropy", "rollout_log_probs")
 # variant -> (loss name, scalar options, tensor options taken from the batch)
 VARIANTS = {name: (name, {}, ()) for name in sorted(LOSS_REGISTRY)}
 VARIANTS.update({f"{name}+kl+entropy+tis": (name, _OPTIONS, _OPTION_TENSORS) for name in ("grpo", "dapo", "luspo")})
+_SEQ_MEAN = sorted(n for n, spec in LOSS_REGISTRY.items() if spec.aggregation != "token-mean")
+# exclude_fully_masked is a counting option: _run_split passes it to GlobalBatchCounts.from_masks, _reference to
+# policy_loss.
+VARIANTS.update({f"{name}+exclude_fully_masked": (name, {"exclude_fully_masked": True}, ()) for name in _SEQ_MEAN})
+NONEMPTY_ROWS = 12  # 16 rows minus the empty response and FULLY_MASKED_ROWS
 
 
 def _advantages(batch, name):
@@ -78,8 +95,10 @@ def _run_split(batch, name, options, tensor_options, dp, cp, micro_batches, dp_g
         return split_for_cp(x, cp, cp_rank) if x.dim() == 2 else x
 
     micro = torch.tensor_split(my_rows, micro_batches)
+    options = dict(options)
+    exclude = options.pop("exclude_fully_masked", False)
     counts = GlobalBatchCounts.from_masks([local("response_mask", r) for r in micro], dp_group=dp_group,
-                                          cp_group=cp_group)
+                                          cp_group=cp_group, exclude_fully_masked=exclude)
     loss = 0.0
     grads = {k: torch.zeros(rows, width, dtype=torch.float64) for k in ("log_probs", "entropy")}
     metrics = LossMetrics()
@@ -98,7 +117,7 @@ def _run_split(batch, name, options, tensor_options, dp, cp, micro_batches, dp_g
             grads["entropy"][index] = extra["entropy"].grad
         metrics.merge(mb_metrics)
     reduced = metrics.reduce(dp_group, cp_group)
-    return loss, grads, {m: reduced.pair(m) for m in reduced.names()}
+    return loss, grads, {m: reduced.pair(m) for m in reduced.names()}, counts
 
 
 def _literal_gspo_grad(batch, cp, cp_group):
@@ -139,7 +158,7 @@ def _rank_main(batch):
 
 @pytest.fixture(scope="module")
 def batch():
-    return make_batch()
+    return with_fully_masked_rows(make_batch())
 
 
 @pytest.fixture(scope="module")
@@ -164,13 +183,16 @@ def _reference(batch, variant):
 def test_split_equals_single_process(rank_results, batch, dp, cp, micro_batches, variant):
     want_loss, want_grads, want_metrics = _reference(batch, variant)
     per_rank = [rank_results[r]["splits"][(dp, cp, micro_batches, variant)] for r in range(dp * cp)]
-    loss = torch.tensor(sum(loss for loss, _, _ in per_rank), dtype=torch.float64)
+    exclude = VARIANTS[variant][1].get("exclude_fully_masked", False)
+    for r, (_, _, _, counts) in enumerate(per_rank):  # every rank holds the same global N, decided per sequence
+        assert (counts.num_sequences, counts.sequence_count) == (16, NONEMPTY_ROWS if exclude else 16), (r, counts)
+    loss = torch.tensor(sum(loss for loss, _, _, _ in per_rank), dtype=torch.float64)
     torch.testing.assert_close(loss, want_loss, **TOL)
-    grad = sum(grads["log_probs"] for _, grads, _ in per_rank)
+    grad = sum(grads["log_probs"] for _, grads, _, _ in per_rank)
     torch.testing.assert_close(grad, want_grads["log_probs"], **TOL)
     if want_grads["entropy"] is not None:
-        torch.testing.assert_close(sum(g["entropy"] for _, g, _ in per_rank), want_grads["entropy"], **TOL)
-    for r, (_, _, metrics) in enumerate(per_rank):
+        torch.testing.assert_close(sum(g["entropy"] for _, g, _, _ in per_rank), want_grads["entropy"], **TOL)
+    for r, (_, _, metrics, _) in enumerate(per_rank):
         assert metrics.keys() == want_metrics.keys()
         for m, pair in want_metrics.items():  # every rank holds the same reduced (sum, count)
             assert metrics[m] == pytest.approx(pair, rel=1e-10, abs=1e-14), (r, m)
@@ -182,3 +204,15 @@ def test_token_form_with_detached_reduction_equals_literal_gspo_with_differentia
     grad = sum(rank_results[r]["literal_gspo"][cp] for r in range(cp))
     torch.testing.assert_close(grad, want_grads["log_probs"], **TOL)
     assert torch.count_nonzero(grad) > 0
+
+
+def test_batch_has_the_masking_cases_the_exclusion_variants_need(batch):
+    """Not vacuous: fully masked rows (one whole micro-batch of DP rank 0 at DP=2 x 4 micro-batches), and a row that
+    is fully masked on CP rank 0 but not on CP rank 1 (so a per-rank decision would drop it), with a non-zero
+    advantage (so dropping it from N changes the loss)."""
+    mask = batch["response_mask"]
+    assert int(mask.any(-1).sum()) == NONEMPTY_ROWS and not mask[list(FULLY_MASKED_ROWS)].any()
+    dp_rank0_micro_batches = torch.tensor_split(torch.arange(16)[0::2], 4)
+    assert any(not mask[rows].any() for rows in dp_rank0_micro_batches)
+    assert not split_for_cp(mask, 2, 0)[CP_ONE_SIDED_ROW].any() and split_for_cp(mask, 2, 1)[CP_ONE_SIDED_ROW].any()
+    assert batch["advantages"][CP_ONE_SIDED_ROW] != 0
