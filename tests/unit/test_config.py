@@ -3,6 +3,7 @@ import dataclasses
 from typing import Literal, Mapping
 
 import pytest
+import torch
 import yaml
 
 from megatron_rl.config import ConfigError, TrainConfig, config_yaml, load_config
@@ -113,3 +114,39 @@ def test_quickstart_is_what_the_readme_says():
     cfg = load_config("examples/configs/quickstart_cpu.yaml")
     assert cfg.actor.loss.name == "luspo" and cfg.algorithm.lspo.enabled and cfg.algorithm.dynamic_sampling.accuracy_filter
     assert cfg.model.tiny_arch == "qwen3" and cfg.run.steps == 200 and cfg.warmup.steps == 80
+
+
+def test_exclude_fully_masked_validates_and_reaches_the_actor_loss_counts():
+    """actor.loss.exclude_fully_masked: bool only, default False (N = every row, as all measured results used);
+    the actor builds its step's GlobalBatchCounts with `cfg.actor.loss.count_options()`, so the flag decides N."""
+    from megatron_rl.actor.config import PolicyLossSettings
+    from megatron_rl.algorithms import GlobalBatchCounts, policy_loss, policy_loss_share
+
+    assert load_config(None, BASE).actor.loss.exclude_fully_masked is False
+    cfg = load_config(None, BASE + ["actor.loss.exclude_fully_masked=true"])
+    assert cfg.actor.loss.exclude_fully_masked is True
+    for bad, message in (("1", "must be true or false, got 1"), ("'true'", "must be true or false, got 'true'"),
+                         ("null", "must not be null")):
+        with pytest.raises(ConfigError, match=rf"actor\.loss\.exclude_fully_masked: {message}"):
+            load_config(None, BASE + [f"actor.loss.exclude_fully_masked={bad}"])
+    with pytest.raises(ValueError, match="loss.exclude_fully_masked must be true or false, got 1"):
+        PolicyLossSettings(exclude_fully_masked=1)  # built in code, not from YAML
+
+    # Two micro-batches with one fully masked row each; LUSPO's N is 4 rows by default, 2 with the flag.
+    masks = [torch.tensor([[True, True, False], [False, False, False]]),
+             torch.tensor([[False, False, False], [True, False, False]])]
+    g = torch.Generator().manual_seed(0)
+    log_probs = [-torch.rand(2, 3, generator=g, dtype=torch.float64) for _ in range(2)]
+    old = [lp - 1e-3 for lp in log_probs]
+    advantages = [torch.tensor([1.0, -1.0], dtype=torch.float64), torch.tensor([0.5, -0.5], dtype=torch.float64)]
+    losses = {}
+    for loss_cfg in (load_config(None, BASE).actor.loss, cfg.actor.loss):
+        counts = GlobalBatchCounts.from_masks(masks, **loss_cfg.count_options())
+        losses[loss_cfg.exclude_fully_masked] = sum(
+            policy_loss_share(loss_cfg.name, lp, o, a, m, counts=counts, **loss_cfg.options())[0]
+            for lp, o, a, m in zip(log_probs, old, advantages, masks))
+    assert cfg.actor.loss.name == "luspo" and losses[False] != 0
+    torch.testing.assert_close(losses[True], 2 * losses[False], rtol=1e-15, atol=0)  # N: 4 rows -> 2 non-empty
+    whole = policy_loss("luspo", torch.cat(log_probs), torch.cat(old), torch.cat(advantages), torch.cat(masks),
+                        exclude_fully_masked=True)[0]
+    torch.testing.assert_close(losses[True], whole, rtol=1e-14, atol=0)  # float64, two partial sums vs one
