@@ -37,14 +37,18 @@ def perturbed(log_probs, seed: int = 1):
     return [lp + 0.01 * (torch.rand(lp.shape, generator=g) - 0.5) for lp in log_probs]
 
 
-def _train_rank(path, layout, packing, max_tokens, old_log_probs, loss="luspo", entropy_coef=0.0):
+def _train_rank(path, layout, packing, max_tokens, old_log_probs, loss="luspo", entropy_coef=0.0,
+                exclude_fully_masked=False, masked_rows=()):
     cfg = ActorConfig(
         model_path=path, layout=ParallelLayout(**layout), packing=packing, max_tokens_per_microbatch=max_tokens,
         optimizer=OptimizerSettings(name="sgd", lr=0.05, weight_decay=0.0, clip_grad=0.0),
-        loss=PolicyLossSettings(name=loss, entropy_coef=entropy_coef),
+        loss=PolicyLossSettings(name=loss, entropy_coef=entropy_coef, exclude_fully_masked=exclude_fully_masked),
     )
     actor = MegatronActor(cfg).setup()
     batch = make_batch()
+    if masked_rows:  # these responses are left out of the loss entirely (e.g. truncated, DAPO overlong filtering)
+        batch.loss_mask = [torch.full(r.shape, i not in masked_rows, dtype=torch.bool)
+                           for i, r in enumerate(batch.response_ids)]
     holder = [actor.compute_log_probs(batch, with_entropy=True)]
     torch.distributed.broadcast_object_list(holder, src=0)
     log_probs, entropies = [lp for lp, _ in holder[0]], [ent for _, ent in holder[0]]
@@ -67,12 +71,13 @@ def _train_rank(path, layout, packing, max_tokens, old_log_probs, loss="luspo", 
             "delta": {k: after[k] - before[k] for k in after}, "bucket_sizes": bucket_sizes}
 
 
-def run(path, layout=None, packing=True, max_tokens=48, old=None, loss="luspo", entropy_coef=0.0):
+def run(path, layout=None, packing=True, max_tokens=48, old=None, loss="luspo", entropy_coef=0.0,
+        exclude_fully_masked=False, masked_rows=()):
     layout = dict(layout or {})
     world = layout.pop("world", None)
     lay = ParallelLayout(**layout)
     world = world or max(lay.model_parallel_size, lay.etp * lay.ep * lay.pp)
-    args = (path, layout, packing, max_tokens, old, loss, entropy_coef)
+    args = (path, layout, packing, max_tokens, old, loss, entropy_coef, exclude_fully_masked, masked_rows)
     return spawn_ranks(_train_rank, world, args=args, timeout=600)[0]
 
 
@@ -152,6 +157,22 @@ def test_other_registered_losses_match_under_dp_and_cp(dense_ref, loss):
     path, luspo_ref = dense_ref
     ref = run(path, old=luspo_ref["old"], loss=loss)
     assert_same_step(run(path, {"cp": 2, "world": 4}, old=luspo_ref["old"], loss=loss), ref)
+
+
+def test_exclude_fully_masked_rescales_the_step_and_holds_under_cp_and_dp(dense_ref):
+    """actor.loss.exclude_fully_masked: 2 of 6 responses fully masked, LUSPO divides by the 4 non-empty rows instead
+    of 6, so loss and gradient are exactly 6/4 times the default (SGD, no clipping; fp32 rounding, 1e-5); and the
+    non-empty count is global: DP=2 x CP=2 (the masked rows land on different ranks) == one process."""
+    path, luspo_ref = dense_ref
+    masked = (0, 3)
+    default = run(path, old=luspo_ref["old"], masked_rows=masked)
+    ref = run(path, old=luspo_ref["old"], masked_rows=masked, exclude_fully_masked=True)
+    for key in ("loss", "grad_norm"):
+        a, b = ref["metrics"][key], 6 / 4 * default["metrics"][key]
+        assert b != 0 and abs(a - b) <= RTOL * abs(b), (key, a, b)
+    assert_same_step(
+        run(path, {"cp": 2, "world": 4}, old=luspo_ref["old"], masked_rows=masked, exclude_fully_masked=True), ref
+    )
 
 
 @pytest.mark.slow
