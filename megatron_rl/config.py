@@ -234,7 +234,10 @@ class ResourceSettings:
     """actor_ranks: the Megatron world size (GPUs of the training actors; CPU processes here).
     ray_address: None = start a private local Ray; "auto" = join the cluster a launcher started (Slurm script).
     num_cpus / num_gpus: what the local Ray may use (None = the machine's). device: "auto" picks gpu when CUDA
-    is available. colocate: GPU only, engines share the actors' GPUs (vLLM sleeps during training)."""
+    is available. colocate: the rollout engines run on the actor ranks' resources (their Ray bundles: no CPUs or
+    GPUs of their own) and hand the memory to the actors while they train (vLLM sleep mode on GPU; on CPU, where vLLM
+    has no sleep mode, the same placement and hand-off protocol without the vLLM calls). See
+    megatron_rl/rollout/placement.py."""
 
     actor_ranks: int = 1
     ray_address: str | None = None
@@ -327,6 +330,7 @@ def derive_defaults(raw: dict) -> dict:
 
         device = "gpu" if torch.cuda.is_available() else "cpu"
     _setdefault(raw, "rollout.device", device)
+    _setdefault(raw, "rollout.colocate", bool(_get(raw, "resources.colocate", False)))
 
     synthetic = _get(raw, "data.synthetic")
     if synthetic is not None:
@@ -387,13 +391,25 @@ def validate_config(cfg: TrainConfig) -> None:
             f"{arch.max_position_embeddings}"
         )
     device = cfg.resources.resolved_device
+    if cfg.rollout.colocate != cfg.resources.colocate:
+        raise ConfigError(f"rollout.colocate={cfg.rollout.colocate} but resources.colocate={cfg.resources.colocate}; "
+                          "set only resources.colocate (rollout.colocate follows it)")
+    if cfg.resources.colocate:
+        from megatron_rl.rollout.placement import colocated_engine_bundles
+
+        try:
+            colocated_engine_bundles(cfg.rollout.num_engines, cfg.rollout.engine.tensor_parallel_size,
+                                     cfg.resources.actor_ranks)
+        except ValueError as e:
+            raise ConfigError(f"resources.colocate=true: {e}") from None
     if device == "cpu":
-        needed = cfg.resources.actor_ranks * cfg.resources.actor_cpus_per_rank + \
-            cfg.rollout.num_engines * cfg.rollout.engine.cpus_per_engine
+        needed = required_cpus(cfg)
         if cfg.resources.num_cpus is not None and needed > cfg.resources.num_cpus:
+            engines = "0 for colocated engines" if cfg.resources.colocate else \
+                "rollout.num_engines x rollout.engine.cpus_per_engine"
             raise ConfigError(
                 f"resources.num_cpus={cfg.resources.num_cpus} is less than the actors and engines need ({needed}: "
-                f"resources.actor_ranks x actor_cpus_per_rank + rollout.num_engines x rollout.engine.cpus_per_engine)"
+                f"resources.actor_ranks x actor_cpus_per_rank + {engines})"
             )
     else:
         actor_gpus = cfg.resources.actor_ranks
@@ -405,6 +421,16 @@ def validate_config(cfg: TrainConfig) -> None:
             )
     if cfg.rollout.device != device:
         raise ConfigError(f"rollout.device={cfg.rollout.device!r} but resources.device resolves to {device!r}")
+
+
+def required_cpus(cfg: TrainConfig) -> int:
+    """Ray CPUs the actors and engines reserve: actor_ranks x actor_cpus_per_rank, plus num_engines x
+    cpus_per_engine unless colocated (colocated engines run in the actors' bundles with no CPU of their own,
+    megatron_rl/rollout/placement.py). The config check and the trainer's local Ray cluster both use it."""
+    actors = cfg.resources.actor_ranks * cfg.resources.actor_cpus_per_rank
+    if cfg.resources.colocate:
+        return actors
+    return actors + cfg.rollout.num_engines * cfg.rollout.engine.cpus_per_engine
 
 
 def _check_megatron_checkpoint(cfg: TrainConfig, arch) -> None:

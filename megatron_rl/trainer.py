@@ -27,7 +27,7 @@ import signal
 import time
 import warnings
 
-from megatron_rl.config import TrainConfig, config_yaml
+from megatron_rl.config import TrainConfig, config_yaml, required_cpus
 from megatron_rl.training.checkpointing import (
     latest_checkpoint,
     load_trainer_state,
@@ -105,6 +105,7 @@ class Trainer:
 
         from megatron_rl.actor.ray_group import ActorGroup
         from megatron_rl.rewards import RewardPool
+        from megatron_rl.rollout.placement import COLOCATED_GPU_SHARE, ColocatedPlacement
         from megatron_rl.rollout.pool import RolloutPool
         from megatron_rl.rollout.ray_cluster import start_local_ray_cluster
 
@@ -113,26 +114,26 @@ class Trainer:
                                       fn_kwargs=dict(cfg.reward.kwargs))
         device = cfg.resources.resolved_device
         if cfg.resources.ray_address is None:
-            needed = cfg.resources.actor_ranks * cfg.resources.actor_cpus_per_rank + \
-                cfg.rollout.num_engines * cfg.rollout.engine.cpus_per_engine
-            num_cpus = cfg.resources.num_cpus or max(needed, os.cpu_count() or 1)
+            num_cpus = cfg.resources.num_cpus or max(required_cpus(cfg), os.cpu_count() or 1)
             start_local_ray_cluster(num_cpus=num_cpus, num_gpus=cfg.resources.num_gpus)
             self._owns_ray = True
         else:
             ray.init(address=cfg.resources.ray_address, log_to_driver=False)
             self._owns_ray = False
-        if cfg.resources.colocate:
-            raise NotImplementedError(
-                "resources.colocate=true (engines sleeping on the actors' GPUs) is not implemented yet; use separate "
-                "GPU pools (colocate=false)"
-            )
         source = cfg.actor.megatron_checkpoint or cfg.actor.model_path
         self.echo(f"[setup] starting {cfg.resources.actor_ranks} Megatron rank(s) "
                   f"({cfg.actor.layout.describe(cfg.resources.actor_ranks)}) from {source}")
+        colocate = cfg.resources.colocate
         self.group = ActorGroup(cfg.actor, cfg.resources.actor_ranks, device=device,
-                                cpus_per_rank=cfg.resources.actor_cpus_per_rank)
-        self.echo(f"[setup] starting {cfg.rollout.num_engines} vLLM engine(s) on {device}")
-        self.pool = RolloutPool(cfg.rollout)
+                                cpus_per_rank=cfg.resources.actor_cpus_per_rank,
+                                gpu_share=COLOCATED_GPU_SHARE if colocate and device == "gpu" else 1.0)
+        self.echo(f"[setup] starting {cfg.rollout.num_engines} vLLM engine(s) on {device}"
+                  + (" colocated with the actor ranks" if colocate else ""))
+        placement = None
+        if colocate:
+            placement = ColocatedPlacement.on(self.group.placement_group, cfg.resources.actor_ranks,
+                                              cfg.rollout.num_engines, cfg.rollout.engine.tensor_parallel_size)
+        self.pool = RolloutPool(cfg.rollout, colocated_with=placement)
 
     # ---------------------------------------------------------------------------------------------- run
     def run(self) -> dict:
@@ -224,6 +225,8 @@ class Trainer:
 
         cfg, algo = self.cfg, self.cfg.algorithm
         timer = StepTimer()
+        if cfg.resources.colocate:  # colocate/handoff lists this step's events; the set-up's sync is not one of them
+            self.pool.take_handoff_events()
         reward_metrics = [RewardMetrics()]
         generated = []  # every scored group of the step, kept or not: the policy's actual performance
         per_round = algo.prompts_per_round or algo.prompts_per_step
@@ -260,6 +263,8 @@ class Trainer:
         metrics["train/advantage_abs_mean"] = float(batch.advantages.abs().mean())
 
         with timer("train"):
+            if cfg.resources.colocate:  # the rollout is done: hand the memory to the actors (woken in _sync_weights)
+                self.pool.sleep(level=1)
             if algo.old_log_probs == "recompute":
                 batch.old_log_probs = self.group.call("compute_log_probs", batch)[0]
                 metrics.update(self._mismatch(batch))
@@ -274,6 +279,9 @@ class Trainer:
             stats = self._sync_weights()
         metrics["sync/seconds"] = float(getattr(stats, "seconds", float("nan")))
         metrics["sync/bytes"] = float(getattr(stats, "num_bytes", float("nan")))
+        if cfg.resources.colocate:
+            metrics["colocate/handoff"] = self.pool.take_handoff_events()
+            metrics["colocate/vllm_sleep_calls"] = float(self.pool.stats.vllm_sleep_calls)
         metrics.update(timer.breakdown())
         return metrics
 
@@ -337,9 +345,15 @@ class Trainer:
 
     def _sync_weights(self):
         """Stream the actor's weights to every engine as the next weights version (after each RL step, and before
-        the first one when the actor's weights are not model.path's: `_prepare_policy`); returns the pool's stats."""
+        the first one when the actor's weights are not model.path's: `_prepare_policy`); returns the pool's stats.
+
+        Colocated engines asleep since the rollout wake up in vLLM's RLHF colocate order: weights, sync, KV cache."""
+        if "weights" in self.pool.asleep:
+            self.pool.wake_up(("weights",))
         stats = self.pool.update_weights(self.group.weight_buckets(), version=self.weights_version + 1)
         self.weights_version += 1
+        if self.pool.asleep:
+            self.pool.wake_up(("kv_cache",))
         return stats
 
     # ----------------------------------------------------------------------------------- checkpoints

@@ -6,7 +6,9 @@
     group.shutdown()
 
 Placement: one placement group with one bundle per rank ({"CPU": k} on CPU, {"GPU": 1, "CPU": k} on GPU), PACK
-strategy, rank r in bundle r, so consecutive ranks (a TP group) share a node when they fit. Rank 0 picks the
+strategy, rank r in bundle r, so consecutive ranks (a TP group) share a node when they fit. With colocated rollout
+engines (`gpu_share` < 1, see megatron_rl/rollout/placement.py) each rank takes only that share of its bundle's GPU
+and the engines run in the same bundles (`placement_group`). Rank 0 picks the
 rendezvous address (its node IP and a free port); every rank then joins torch.distributed (gloo on CPU, nccl on
 GPU) and builds its shard of the model. A failure on any rank surfaces as the first rank's traceback.
 """
@@ -73,26 +75,28 @@ class ActorGroup:
     """`world_size` Megatron ranks as Ray actors (see the module docstring)."""
 
     def __init__(self, config: ActorConfig, world_size: int, *, device: str = "cpu", cpus_per_rank: int = 1,
-                 timeout_s: float = 3600.0, env: dict[str, str] | None = None):
+                 timeout_s: float = 3600.0, env: dict[str, str] | None = None, gpu_share: float = 1.0):
         import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        from megatron_rl.rollout.placement import in_bundle, reserve_placement_group
         from megatron_rl.rollout.ray_cluster import require_ray
 
         require_ray()
+        if not 0 < gpu_share <= 1:
+            raise ValueError(f"gpu_share must be in (0, 1], got {gpu_share}")
         self.world_size = world_size
         self.timeout_s = timeout_s
         bundle = {"CPU": cpus_per_rank} if device == "cpu" else {"GPU": 1, "CPU": cpus_per_rank}
-        self._pg = placement_group([dict(bundle) for _ in range(world_size)], strategy="PACK")
-        ray.get(self._pg.ready(), timeout=timeout_s)
+        self._pg = reserve_placement_group(
+            [bundle] * world_size, "PACK", timeout_s, f"{world_size} actor rank(s)",
+            "Start Ray with more resources or lower resources.actor_ranks / actor_cpus_per_rank",
+        )
         worker_cls = ray.remote(_MegatronWorker)
         base_env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(cpus_per_rank), **(env or {})}
         self.workers = [
             worker_cls.options(
-                num_cpus=cpus_per_rank, num_gpus=0 if device == "cpu" else 1,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=self._pg,
-                                                                     placement_group_bundle_index=rank),
+                num_cpus=cpus_per_rank, num_gpus=0 if device == "cpu" else gpu_share,
+                scheduling_strategy=in_bundle(self._pg, rank),
             ).remote(rank, world_size, cpus_per_rank, base_env)
             for rank in range(world_size)
         ]
@@ -102,6 +106,11 @@ class ActorGroup:
         except BaseException:
             self.shutdown()
             raise
+
+    @property
+    def placement_group(self):
+        """The ranks' placement group (rank r in bundle r); colocated engines are placed in it too."""
+        return self._pg
 
     def _get(self, refs):
         import ray

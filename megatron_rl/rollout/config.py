@@ -39,6 +39,10 @@ class EngineConfig:
     cpu_kv_cache_gib: CPU only, KV-cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE). Set it explicitly: vLLM
         otherwise sizes it from the machine's memory. 1 GiB is plenty for tiny models.
     gpu_memory_utilization: GPU only, the fraction of GPU memory vLLM may use (weights + KV cache).
+    colocated_gpu_memory_utilization: GPU only, used instead of gpu_memory_utilization when the pool is colocated
+        with the actors (`RolloutPoolConfig.colocate`): the engine shares its GPU with a Megatron rank and sleeps
+        (vLLM sleep mode) while that rank trains; the rank's weights, gradients and optimizer state stay resident,
+        so the engine must leave room for them. 0.5 by default (half the GPU); must be in (0, 1).
     cpus_per_engine: Ray CPU resources reserved for each engine (CPU device: also its torch threads).
     env: extra environment variables for the engine process (e.g. VLLM_CPU_OMP_THREADS_BIND).
     engine_kwargs: extra keyword arguments for `vllm.LLM` (an escape hatch; they override ours).
@@ -55,6 +59,7 @@ class EngineConfig:
     seed: int = 0
     cpu_kv_cache_gib: int = 1
     gpu_memory_utilization: float = 0.85
+    colocated_gpu_memory_utilization: float = 0.5
     cpus_per_engine: int = 1
     env: Mapping[str, str] = field(default_factory=dict)
     engine_kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -73,13 +78,21 @@ class EngineConfig:
             )
         if not 0 < self.gpu_memory_utilization <= 1:
             _fail("engine.gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}", "e.g. 0.85")
+        if not 0 < self.colocated_gpu_memory_utilization < 1:
+            _fail(
+                "engine.colocated_gpu_memory_utilization", f"must be in (0, 1), got {self.colocated_gpu_memory_utilization}",
+                "leave room on the GPU for the colocated Megatron rank, e.g. 0.5",
+            )
         if self.cpus_per_engine < 1:
             _fail("engine.cpus_per_engine", f"must be >= 1, got {self.cpus_per_engine}", "use 1 or more")
         if self.max_model_len is not None and self.max_model_len < 2:
             _fail("engine.max_model_len", f"must be >= 2, got {self.max_model_len}", "or None for the model's own")
 
-    def llm_kwargs(self, device: str) -> dict[str, Any]:
-        """Keyword arguments for `vllm.LLM(**kwargs)` on `device` ("cpu" or "gpu")."""
+    def llm_kwargs(self, device: str, *, colocated: bool = False) -> dict[str, Any]:
+        """Keyword arguments for `vllm.LLM(**kwargs)` on `device` ("cpu" or "gpu").
+
+        colocated (GPU): sleep mode on (vLLM's RLHF colocate example) and colocated_gpu_memory_utilization. vLLM has
+        no sleep mode on CPU (it refuses enable_sleep_mode there), so a colocated CPU engine is a plain engine."""
         _check_device(device)
         kwargs: dict[str, Any] = dict(
             model=self.model,
@@ -103,6 +116,9 @@ class EngineConfig:
             kwargs["enable_chunked_prefill"] = False
         if device == "gpu":
             kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
+            if colocated:
+                kwargs["gpu_memory_utilization"] = self.colocated_gpu_memory_utilization
+                kwargs["enable_sleep_mode"] = True
             if self.tensor_parallel_size > 1:
                 # vLLM's Ray executor places the TP workers in the placement group the engine actor runs in.
                 kwargs["distributed_executor_backend"] = "ray"
@@ -138,6 +154,8 @@ class RolloutPoolConfig:
     startup_timeout_s: an engine (re)start, including the replay of the current weights, must finish within this.
     weight_sync_timeout_s: one engine's part of an `update_weights` call must finish within this.
     transport: how weights travel to the engines (see `megatron_rl.rollout.weight_transport.TRANSPORTS`).
+    colocate: the engines run on the actor ranks' resources (megatron_rl/rollout/placement.py) and hand the memory
+        back while the actors train (`RolloutPool.sleep` / `wake_up`); the trainer sets it from resources.colocate.
     """
 
     engine: EngineConfig
@@ -148,6 +166,7 @@ class RolloutPoolConfig:
     startup_timeout_s: float = 300.0
     weight_sync_timeout_s: float = 600.0
     transport: str = "object_store"
+    colocate: bool = False
 
     def __post_init__(self):
         _check_device(self.device)

@@ -86,18 +86,32 @@ def completions_from_output(prompt_index: int, output, engine_id: int, timings: 
     return out
 
 
+def _placement_group_id() -> str | None:
+    """Hex id of the Ray placement group this process runs in (None outside Ray or outside a group)."""
+    try:
+        import ray
+
+        group_id = ray.get_runtime_context().get_placement_group_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - diagnostics only
+        return None
+    return group_id
+
+
 class RolloutEngine:
     """A vLLM `LLM` plus the weight-update protocol of `megatron_rl.rollout.worker_extension`."""
 
-    def __init__(self, engine_id: int, config: EngineConfig, device: str):
+    def __init__(self, engine_id: int, config: EngineConfig, device: str, colocated: bool = False):
         os.environ.update(config.process_env(device))  # already set by runtime_env; keeps a direct use correct too
         start = time.perf_counter()
         from vllm import LLM
 
         self.engine_id = engine_id
         self.config = config
-        self.llm = LLM(**config.llm_kwargs(device))
+        self.llm = LLM(**config.llm_kwargs(device, colocated=colocated))
         self.startup_s = time.perf_counter() - start
+        # vLLM's own flag: True only where vLLM could enable sleep mode (GPU, colocated); on CPU vLLM's sleep/wake_up
+        # would only log a warning, so the hand-off below skips them there (the protocol around them is the same).
+        self.sleep_supported = bool(self.llm.llm_engine.model_config.enable_sleep_mode)
         self.expected_names = expected_update_names(config.model)
         self.weights_version = 0  # 0: the checkpoint the engine started from
         self.weights_valid = True
@@ -110,7 +124,23 @@ class RolloutEngine:
             "startup_s": self.startup_s,
             "weights_version": self.weights_version,
             "weights_valid": self.weights_valid,
+            "sleep_supported": self.sleep_supported,
+            "placement_group_id": _placement_group_id(),
         }
+
+    # ---- colocated memory hand-off (vLLM sleep mode; see RolloutPool.sleep / wake_up) ---------------------------
+    def sleep(self, level: int) -> bool:
+        """Free the GPU for the actors: level 1 offloads the weights to CPU memory and discards the KV cache.
+        Returns whether vLLM was called (False where sleep mode is unavailable, e.g. CPU)."""
+        if self.sleep_supported:
+            self.llm.sleep(level=level)
+        return self.sleep_supported
+
+    def wake_up(self, tags: Sequence[str] | None) -> bool:
+        """Re-allocate the memory of `tags` ("weights", "kv_cache"; None = all). Returns whether vLLM was called."""
+        if self.sleep_supported:
+            self.llm.wake_up(tags=None if tags is None else list(tags))
+        return self.sleep_supported
 
     def generate(self, requests: Sequence[tuple[int, Sequence[int]]], sampling: SamplingConfig) -> list[Completion]:
         """requests: (prompt_index, prompt token ids) pairs. Returns n Completions per request."""

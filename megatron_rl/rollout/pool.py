@@ -22,6 +22,16 @@ Placement: each engine gets its own placement group: on CPU one bundle {"CPU": c
 `tensor_parallel_size` bundles {"GPU": 1, "CPU": 1} packed on one node (STRICT_PACK), the engine actor in bundle 0
 and, for TP > 1, vLLM's Ray executor placing the TP workers in the group. The GPU placement follows vLLM's RLHF
 examples but has not been run here (no GPU in this environment).
+
+Colocated (`config.colocate`, with `colocated_with=ColocatedPlacement` from the actor group): the engines reserve
+nothing; engine e runs in the actor group's placement group in the bundles `colocated_with.engine_bundles[e]`, with
+no CPU and, on GPU, `placement.COLOCATED_GPU_SHARE` of each bundle's GPU (TP > 1: vLLM's Ray executor gets the same
+share and the bundle indices through VLLM_RAY_PER_WORKER_GPUS / VLLM_RAY_BUNDLE_INDICES). Memory hand-off, the order
+of vLLM's RLHF colocate example: `sleep()` after the rollout (level 1: weights to CPU memory, KV cache freed), the
+actors train, then `wake_up(("weights",))`, `update_weights(...)`, `wake_up(("kv_cache",))`. `generate` refuses while
+anything is asleep and `update_weights` while the weights are. On CPU vLLM has no sleep mode: the engines skip the
+vLLM calls (`PoolStats.vllm_sleep_calls` stays 0) but the pool runs the same protocol and records it
+(`take_handoff_events`).
 """
 from __future__ import annotations
 
@@ -32,6 +42,7 @@ from typing import Any, Iterable, Sequence
 
 from megatron_rl.rollout.config import RolloutPoolConfig
 from megatron_rl.rollout.engine import RolloutEngine
+from megatron_rl.rollout.placement import COLOCATED_GPU_SHARE, ColocatedPlacement, in_bundle, reserve_placement_group
 from megatron_rl.rollout.ray_cluster import require_ray
 from megatron_rl.rollout.sharding import assemble_completions, split_prompts
 from megatron_rl.rollout.types import Completion, PoolStats, SamplingConfig, WeightSyncStats
@@ -49,6 +60,7 @@ class _Slot:
     engine_id: int
     actor: Any
     placement_group: Any
+    owns_placement_group: bool = True  # False when colocated: the group is the actor group's
 
 
 @dataclass
@@ -92,10 +104,22 @@ def validate_prompts(prompts: Sequence[Sequence[int]], max_model_len: int | None
 class RolloutPool:
     """See the module docstring. Not thread-safe: one caller (the trainer's rank 0) drives it."""
 
-    def __init__(self, config: RolloutPoolConfig):
+    def __init__(self, config: RolloutPoolConfig, *, colocated_with: ColocatedPlacement | None = None):
         require_ray()
+        if config.colocate != (colocated_with is not None):
+            raise ValueError(
+                f"rollout.colocate={config.colocate} but colocated_with is "
+                f"{'set' if colocated_with is not None else 'None'}: a colocated pool needs the actor group's placement "
+                "(ColocatedPlacement.on(group.placement_group, ...)), a split pool must not get one"
+            )
+        if colocated_with is not None and len(colocated_with.engine_bundles) != config.num_engines:
+            raise ValueError(f"colocated_with places {len(colocated_with.engine_bundles)} engines, "
+                             f"rollout.num_engines={config.num_engines}")
         self.config = config
+        self.colocated_with = colocated_with
         self.stats = PoolStats()
+        self._asleep: set[str] = set()  # memory tags the engines have released ("weights", "kv_cache")
+        self._handoff_events: list[str] = []
         self._transport = make_transport(config.transport)  # unimplemented transports fail here, before any start
         self._version = 0
         self._invalid_reason: str | None = None
@@ -120,6 +144,49 @@ class RolloutPool:
     def engine_handles(self) -> list[Any]:
         """The engines' current Ray actor handles, by engine id (diagnostics and fault-injection tests)."""
         return [slot.actor for slot in self._slots]
+
+    @property
+    def asleep(self) -> frozenset[str]:
+        """The memory tags the engines have released (empty: fully awake)."""
+        return frozenset(self._asleep)
+
+    def sleep(self, level: int = 1) -> None:
+        """Colocated hand-off to the actors: every engine releases its GPU memory (vLLM sleep `level`: 1 offloads
+        the weights to CPU memory and drops the KV cache; 2 drops both). See the module docstring."""
+        if not self.config.colocate:
+            raise RolloutError("sleep() is for colocated pools (rollout.colocate=true); a split pool keeps its GPUs")
+        if level not in (1, 2):
+            raise ValueError(f"level must be 1 (weights to CPU memory) or 2 (discard weights), got {level}")
+        self._check_open()
+        if self._asleep:
+            raise RolloutError(f"the engines are already asleep ({sorted(self._asleep)}); wake_up() first")
+        called = self._on_every_engine("sleep", level)
+        self._asleep = {"weights", "kv_cache"}
+        self.stats.sleeps += 1
+        self.stats.vllm_sleep_calls += sum(bool(c) for c in called)
+        self._handoff_events.append(f"sleep:{level}")
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Give the engines back the memory of `tags` (None: all). Weight sync needs "weights" awake, generation
+        everything; vLLM's RLHF colocate order is wake_up(("weights",)), update_weights, wake_up(("kv_cache",))."""
+        self._check_open()
+        tags = ("weights", "kv_cache") if tags is None else tuple(tags)
+        unknown = [t for t in tags if t not in ("weights", "kv_cache")]
+        if unknown or not tags:
+            raise ValueError(f"tags must be a non-empty subset of ('weights', 'kv_cache'), got {tags}")
+        asleep = [t for t in tags if t in self._asleep]
+        if not asleep:
+            raise RolloutError(f"wake_up({tags}): nothing of that is asleep (asleep: {sorted(self._asleep)})")
+        self._on_every_engine("wake_up", asleep)
+        self._asleep -= set(asleep)
+        self.stats.wakes += 1
+        self._handoff_events.append("wake:" + ",".join(asleep))
+
+    def take_handoff_events(self) -> list[str]:
+        """The colocated pool's sleep / wake / weight-update events since the last call, in order (the trainer logs
+        them per step as colocate/handoff); always empty for a split pool."""
+        events, self._handoff_events = self._handoff_events, []
+        return events
 
     def engine_info(self) -> list[dict[str, Any]]:
         import ray
@@ -200,6 +267,8 @@ class RolloutPool:
         import ray
 
         self._check_open()
+        if "weights" in self._asleep:
+            raise RolloutError("update_weights while the engines' weights are asleep: call wake_up(('weights',)) first")
         version = self._version + 1 if version is None else int(version)
         if version <= self._version:
             raise ValueError(f"version must increase: got {version}, current weights are version {self._version}")
@@ -256,6 +325,8 @@ class RolloutPool:
         self._transport.commit()
         self._version = version
         self._invalid_reason = None
+        if self.config.colocate:
+            self._handoff_events.append(f"update_weights:{version}")
         for i, reason in lost:  # the surviving engines have the new weights; the restarted ones get them by replay
             self._restart(i, reason)
         return WeightSyncStats(
@@ -286,7 +357,7 @@ class RolloutPool:
         for slot in slots:
             if slot.actor is not None:
                 ray.kill(slot.actor, no_restart=True)
-            if slot.placement_group is not None:
+            if slot.placement_group is not None and slot.owns_placement_group:
                 remove_placement_group(slot.placement_group)
         self._transport.close()
         self._invalid_reason = "the pool was shut down"
@@ -306,43 +377,49 @@ class RolloutPool:
 
     def _actor_resources(self) -> dict[str, float]:
         engine = self.config.engine
+        if self.config.colocate:  # placement.py: no CPU; a share of the actor rank's GPU (vLLM's workers for TP > 1)
+            gpus = COLOCATED_GPU_SHARE if self.config.device == "gpu" and engine.tensor_parallel_size == 1 else 0
+            return {"num_cpus": 0, "num_gpus": gpus}
         if self.config.device == "cpu":
             return {"num_cpus": engine.cpus_per_engine, "num_gpus": 0}
         if engine.tensor_parallel_size == 1:
             return {"num_cpus": 1, "num_gpus": 1}
         return {"num_cpus": 0, "num_gpus": 0}  # vLLM's Ray executor takes the GPU bundles for its TP workers
 
+    def _process_env(self, engine_id: int) -> dict[str, str]:
+        env = dict(self.config.engine.process_env(self.config.device))
+        if self.config.colocate and self.config.device == "gpu" and self.config.engine.tensor_parallel_size > 1:
+            # vLLM's Ray executor: each TP worker takes this GPU share, in these bundles of the captured group
+            env["VLLM_RAY_PER_WORKER_GPUS"] = str(COLOCATED_GPU_SHARE)
+            env["VLLM_RAY_BUNDLE_INDICES"] = ",".join(map(str, self.colocated_with.engine_bundles[engine_id]))
+        return env
+
     def _spawn(self, engine_id: int, placement_group: Any = None) -> _Slot:
         import ray
-        from ray.util.placement_group import placement_group as make_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        owns = self.colocated_with is None
+        bundle_index = 0 if owns else self.colocated_with.engine_bundles[engine_id][0]
         if placement_group is None:
-            placement_group = make_placement_group(self._bundles(), strategy="STRICT_PACK")
-            try:
-                ray.get(placement_group.ready(), timeout=self.config.startup_timeout_s)
-            except ray.exceptions.GetTimeoutError:
-                from ray.util.placement_group import remove_placement_group
-
-                remove_placement_group(placement_group)
-                raise RolloutError(
-                    f"engine {engine_id}: Ray could not reserve {self._bundles()} within "
-                    f"{self.config.startup_timeout_s}s (available: {ray.available_resources()}). Start Ray with more "
-                    "resources or lower rollout.num_engines / engine.cpus_per_engine"
-                ) from None
+            if owns:
+                try:
+                    placement_group = reserve_placement_group(
+                        self._bundles(), "STRICT_PACK", self.config.startup_timeout_s, f"engine {engine_id}",
+                        "Start Ray with more resources or lower rollout.num_engines / engine.cpus_per_engine",
+                    )
+                except RuntimeError as error:
+                    raise RolloutError(str(error)) from None
+            else:
+                placement_group = self.colocated_with.placement_group
         options = dict(
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=placement_group,
-                placement_group_bundle_index=0,
-                placement_group_capture_child_tasks=True,
-            ),
-            runtime_env={"env_vars": self.config.engine.process_env(self.config.device)},
+            scheduling_strategy=in_bundle(placement_group, bundle_index, capture_child_tasks=True),
+            runtime_env={"env_vars": self._process_env(engine_id)},
             max_restarts=0,  # the pool restarts engines itself, with the current weights
             max_concurrency=1,
             **self._actor_resources(),
         )
-        actor = ray.remote(RolloutEngine).options(**options).remote(engine_id, self.config.engine, self.config.device)
-        return _Slot(engine_id, actor, placement_group)
+        actor = ray.remote(RolloutEngine).options(**options).remote(
+            engine_id, self.config.engine, self.config.device, self.config.colocate)
+        return _Slot(engine_id, actor, placement_group, owns)
 
     def _wait_started(self, slots: Sequence[_Slot]) -> None:
         import ray
@@ -393,12 +470,23 @@ class RolloutPool:
             except Exception as error:  # noqa: BLE001 - such an engine is replaced at the next failure it causes
                 logger.warning("engine %d: aborting its weight update failed: %s", slot.engine_id, error)
 
+    def _on_every_engine(self, method: str, *args) -> list[Any]:
+        import ray
+
+        refs = [getattr(slot.actor, method).remote(*args) for slot in self._slots]
+        try:
+            return ray.get(refs, timeout=self.config.weight_sync_timeout_s)
+        except Exception as error:  # noqa: BLE001 - a failed hand-off leaves memory in an unknown state
+            raise RolloutError(f"engine {method}({', '.join(map(repr, args))}) failed: {error}") from error
+
     def _check_open(self) -> None:
         if not self._slots:
             raise RolloutError("the pool was shut down")
 
     def _check_usable(self) -> None:
         self._check_open()
+        if self._asleep:
+            raise RolloutError(f"the engines are asleep ({sorted(self._asleep)}); call wake_up() before generating")
         if self._invalid_reason is not None:
             raise RolloutError(
                 f"{self._invalid_reason}; the engines' weights are undefined until update_weights completes"

@@ -102,3 +102,6 @@ class PoolStats:
     timeouts: int = 0  # shares of a generate call that exceeded request_timeout_s
     engine_failures: int = 0  # engine deaths / engine-core crashes seen
     reissued_shares: int = 0  # shares of prompts sent again after a failure
+    sleeps: int = 0  # colocated memory hand-offs to the actors (RolloutPool.sleep calls)
+    wakes: int = 0  # RolloutPool.wake_up calls (one hand-off back is 1 or 2 of them: weights, then kv_cache)
+    vllm_sleep_calls: int = 0  # engine sleeps that reached vLLM (0 on CPU, where vLLM has no sleep mode)
