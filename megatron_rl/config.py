@@ -1,6 +1,6 @@
 """The one typed configuration tree of a training run: YAML + dotted CLI overrides, validated up front.
 
-    cfg = load_config("examples/configs/quickstart_cpu.yaml", ["actor.layout.tp=2", "run.steps=50"])
+    cfg = load_config("megatron_rl/configs/quickstart_cpu.yaml", ["actor.layout.tp=2", "run.steps=50"])
 
 Sections (each a frozen dataclass; components reuse the dataclasses of the modules they configure):
 
@@ -47,6 +47,7 @@ from megatron_rl.config_loader import (
     set_dotted,
 )
 from megatron_rl.data.config import PromptDataConfig
+from megatron_rl.errors import is_finite_number, require
 from megatron_rl.models.tiny import ARCHS as TINY_ARCHS
 from megatron_rl.models.tiny import TinySize
 from megatron_rl.rollout.config import RolloutPoolConfig
@@ -65,10 +66,11 @@ class RunSettings:
     steps: int = 10
 
     def __post_init__(self):
-        if not self.name or "/" in self.name:
-            raise ValueError(f"run.name must be a non-empty folder name, got {self.name!r}")
-        if self.steps < 0:
-            raise ValueError(f"run.steps must be >= 0, got {self.steps}")
+        require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
+                f"must be a non-empty folder name (no '/'), got {self.name!r}", "run")
+        require(bool(self.output_dir), "output_dir", "must not be empty (runs go to output_dir/name)", "run")
+        require(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}", "run")
+        require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}", "run")
 
     @property
     def dir(self) -> str:
@@ -92,10 +94,10 @@ class ModelSettings:
     tiny: TinySize = field(default_factory=TinySize)
 
     def __post_init__(self):
-        if self.tiny_arch is not None and self.tiny_arch not in TINY_ARCHS:
-            raise ValueError(f"model.tiny_arch must be one of {TINY_ARCHS}, got {self.tiny_arch!r}")
-        if not self.path and self.tiny_arch is None:
-            raise ValueError("model.path is required (or set model.tiny_arch for a random tiny model)")
+        require(self.tiny_arch is None or self.tiny_arch in TINY_ARCHS, "tiny_arch",
+                f"must be one of {list(TINY_ARCHS)} or null, got {self.tiny_arch!r}", "model")
+        require(bool(self.path) or self.tiny_arch is not None, "path",
+                "is required (or set model.tiny_arch for a random tiny model)", "model")
 
 
 @dataclass(frozen=True)
@@ -109,11 +111,15 @@ class SyntheticDataSettings:
     seed: int = 0
 
     def __post_init__(self):
-        from megatron_rl.data.synthetic.tasks import get_task
+        from megatron_rl.tasks.registry import SYNTHETIC_TASKS
 
-        get_task(self.task)
-        if self.num_train < 1 or self.num_val < 0:
-            raise ValueError("data.synthetic.num_train must be >= 1 and num_val >= 0")
+        require(self.task in SYNTHETIC_TASKS, "task", f"must be one of {sorted(SYNTHETIC_TASKS)}, got {self.task!r}",
+                "synthetic")
+        levels = SYNTHETIC_TASKS[self.task].levels
+        require(self.difficulty in levels, "difficulty",
+                f"must be one of the {self.task} levels {sorted(levels)}, got {self.difficulty!r}", "synthetic")
+        require(self.num_train >= 1, "num_train", f"must be >= 1, got {self.num_train}", "synthetic")
+        require(self.num_val >= 0, "num_val", f"must be >= 0 (0 = no validation set), got {self.num_val}", "synthetic")
 
 
 @dataclass(frozen=True)
@@ -136,10 +142,9 @@ class RewardSettings:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.num_workers < 1:
-            raise ValueError(f"reward.num_workers must be >= 1, got {self.num_workers}")
-        if not self.timeout_s > 0:
-            raise ValueError(f"reward.timeout_s must be > 0, got {self.timeout_s}")
+        require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}", "reward")
+        require(is_finite_number(self.timeout_s) and self.timeout_s > 0, "timeout_s",
+                f"must be a finite number of seconds > 0, got {self.timeout_s!r}", "reward")
 
 
 @dataclass(frozen=True)
@@ -162,14 +167,15 @@ class AlgorithmSettings:
     def __post_init__(self):
         from megatron_rl.algorithms import ADVANTAGE_ESTIMATORS
 
-        if self.advantage not in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"algorithm.advantage must be one of {sorted(ADVANTAGE_ESTIMATORS)}, got {self.advantage!r}")
-        if self.prompts_per_step < 1:
-            raise ValueError(f"algorithm.prompts_per_step must be >= 1, got {self.prompts_per_step}")
-        if self.prompts_per_round is not None and self.prompts_per_round < 1:
-            raise ValueError(f"algorithm.prompts_per_round must be >= 1, got {self.prompts_per_round}")
-        if self.mini_batches < 1:
-            raise ValueError(f"algorithm.mini_batches must be >= 1, got {self.mini_batches}")
+        def need(cond: bool, field: str, problem: str) -> None:
+            require(cond, field, problem, "algorithm")
+
+        need(self.advantage in ADVANTAGE_ESTIMATORS, "advantage",
+             f"must be one of {sorted(ADVANTAGE_ESTIMATORS)}, got {self.advantage!r}")
+        need(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
+        need(self.prompts_per_round is None or self.prompts_per_round >= 1, "prompts_per_round",
+             f"must be >= 1 or null (= prompts_per_step), got {self.prompts_per_round}")
+        need(self.mini_batches >= 1, "mini_batches", f"must be >= 1, got {self.mini_batches}")
 
 
 @dataclass(frozen=True)
@@ -187,10 +193,20 @@ class EvalSettings:
     max_tokens: int | None = None
 
     def __post_init__(self):
-        if self.every < 0:
-            raise ValueError(f"eval.every must be >= 0, got {self.every}")
-        if self.n < 1 or any(k < 1 or k > self.n for k in self.pass_ks):
-            raise ValueError(f"eval.pass_ks {self.pass_ks} must be within 1..eval.n={self.n}")
+        def need(cond: bool, field: str, problem: str) -> None:
+            require(cond, field, problem, "eval")
+
+        need(self.every >= 0, "every", f"must be >= 0 (0 = never during training), got {self.every}")
+        need(self.num_prompts is None or self.num_prompts >= 1, "num_prompts",
+             f"must be >= 1 or null (all validation prompts), got {self.num_prompts}")
+        need(self.n >= 1, "n", f"must be >= 1, got {self.n}")
+        need(len(self.pass_ks) > 0 and all(1 <= k <= self.n for k in self.pass_ks), "pass_ks",
+             f"must be a non-empty list of k within 1..eval.n={self.n}, got {self.pass_ks}")
+        need(is_finite_number(self.temperature) and self.temperature >= 0, "temperature",
+             f"must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        need(is_finite_number(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
+        need(self.max_tokens is None or self.max_tokens >= 1, "max_tokens",
+             f"must be >= 1 or null (= sampling.max_tokens), got {self.max_tokens}")
 
 
 @dataclass(frozen=True)
@@ -204,8 +220,10 @@ class WarmupSettings:
     seed: int = 12345
 
     def __post_init__(self):
-        if self.steps < 0 or self.batch_size < 1 or not self.lr > 0:
-            raise ValueError("warmup.steps must be >= 0, warmup.batch_size >= 1 and warmup.lr > 0")
+        require(self.steps >= 0, "steps", f"must be >= 0 (0 = no warm-up), got {self.steps}", "warmup")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}", "warmup")
+        require(is_finite_number(self.lr) and self.lr > 0, "lr", f"must be a finite number > 0, got {self.lr!r}",
+                "warmup")
 
 
 @dataclass(frozen=True)
@@ -217,8 +235,8 @@ class CheckpointSettings:
     at_exit: bool = True
 
     def __post_init__(self):
-        if self.every < 0 or self.keep_last < 1:
-            raise ValueError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
+        require(self.every >= 0, "every", f"must be >= 0 (0 = only at exit), got {self.every}", "checkpoint")
+        require(self.keep_last >= 1, "keep_last", f"must be >= 1, got {self.keep_last}", "checkpoint")
 
 
 @dataclass(frozen=True)
@@ -237,7 +255,7 @@ class ResourceSettings:
     is available. colocate: the rollout engines run on the actor ranks' resources (their Ray bundles: no CPUs or
     GPUs of their own) and hand the memory to the actors while they train (vLLM sleep mode on GPU; on CPU, where vLLM
     has no sleep mode, the same placement and hand-off protocol without the vLLM calls). See
-    megatron_rl/rollout/placement.py."""
+    megatron_rl/cluster/placement.py."""
 
     actor_ranks: int = 1
     ray_address: str | None = None
@@ -248,8 +266,13 @@ class ResourceSettings:
     colocate: bool = False
 
     def __post_init__(self):
-        if self.actor_ranks < 1:
-            raise ValueError(f"resources.actor_ranks must be >= 1, got {self.actor_ranks}")
+        def need(cond: bool, field: str, problem: str) -> None:
+            require(cond, field, problem, "resources")
+
+        need(self.actor_ranks >= 1, "actor_ranks", f"must be >= 1, got {self.actor_ranks}")
+        need(self.num_cpus is None or self.num_cpus >= 1, "num_cpus", f"must be >= 1 or null, got {self.num_cpus}")
+        need(self.num_gpus is None or self.num_gpus >= 0, "num_gpus", f"must be >= 0 or null, got {self.num_gpus}")
+        need(self.actor_cpus_per_rank >= 1, "actor_cpus_per_rank", f"must be >= 1, got {self.actor_cpus_per_rank}")
 
     @property
     def resolved_device(self) -> str:
@@ -294,6 +317,15 @@ def _setdefault(raw: dict, dotted: str, value) -> None:
     set_dotted(raw, dotted, value, overwrite=False)
 
 
+def _is_number(value) -> bool:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return False
+    return is_finite_number(value)
+
+
 def derive_defaults(raw: dict) -> dict:
     """Fill the settings that follow from others (module docstring). Returns a new mapping."""
     import copy
@@ -311,25 +343,31 @@ def derive_defaults(raw: dict) -> dict:
     _setdefault(raw, "rollout.engine.model", path)
 
     sampling_t, actor_t = _get(raw, "sampling.temperature"), _get(raw, "actor.temperature")
-    if sampling_t is not None and actor_t is not None and float(sampling_t) != float(actor_t):
+    if _is_number(sampling_t) and _is_number(actor_t) and float(sampling_t) != float(actor_t):
         raise ConfigError(
             f"actor.temperature ({actor_t}) differs from sampling.temperature ({sampling_t}): the actor must score "
             "responses at the temperature they were sampled with; set only sampling.temperature"
         )
-    if sampling_t is not None:
-        _setdefault(raw, "actor.temperature", sampling_t)
+    # A derived copy of a bad value would fail under the copy's key; copy only values of the right kind and leave bad
+    # ones to their own section's check, which names the key the user wrote.
+    if _is_number(sampling_t) and float(sampling_t) > 0:
+        _setdefault(raw, "actor.temperature", float(sampling_t))
     max_tokens = _get(raw, "sampling.max_tokens", SamplingConfig.max_tokens)
-    _setdefault(raw, "actor.loss.max_response_length", max_tokens)
-    if _get(raw, "algorithm.overlong.soft_penalty"):
-        _setdefault(raw, "algorithm.overlong.max_response_length", max_tokens)
-    _setdefault(raw, "eval.max_tokens", max_tokens)
+    if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens >= 1:
+        _setdefault(raw, "actor.loss.max_response_length", max_tokens)
+        if _get(raw, "algorithm.overlong.soft_penalty"):
+            _setdefault(raw, "algorithm.overlong.max_response_length", max_tokens)
+        _setdefault(raw, "eval.max_tokens", max_tokens)
     _setdefault(raw, "sampling.n", 8)
     device = _get(raw, "resources.device", "auto")
-    if device == "auto":
+    if device not in ("auto", "cpu", "gpu"):
+        device = None  # refused by resources.device's own check
+    elif device == "auto":
         import torch
 
         device = "gpu" if torch.cuda.is_available() else "cpu"
-    _setdefault(raw, "rollout.device", device)
+    if device is not None:
+        _setdefault(raw, "rollout.device", device)
     _setdefault(raw, "rollout.colocate", bool(_get(raw, "resources.colocate", False)))
 
     synthetic = _get(raw, "data.synthetic")
@@ -373,9 +411,9 @@ def validate_config(cfg: TrainConfig) -> None:
     except (ModelConfigError, FileNotFoundError) as e:
         raise ConfigError(f"model.path: {e}") from None
     try:
-        cfg.actor.layout.validate(cfg.resources.actor_ranks, arch)
+        cfg.actor.layout.validate(cfg.resources.actor_ranks, arch, key="actor.layout", world="resources.actor_ranks")
     except ParallelLayoutError as e:
-        raise ConfigError(f"actor.layout / resources.actor_ranks={cfg.resources.actor_ranks}: {e}") from None
+        raise ConfigError(str(e)) from None
     if cfg.data.train is None:
         raise ConfigError("data.train: no training prompts; give data.train.path or a data.synthetic section")
     if cfg.algorithm.advantage in ("grpo", "rloo") and cfg.sampling.n < 2:
@@ -395,7 +433,7 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"rollout.colocate={cfg.rollout.colocate} but resources.colocate={cfg.resources.colocate}; "
                           "set only resources.colocate (rollout.colocate follows it)")
     if cfg.resources.colocate:
-        from megatron_rl.rollout.placement import colocated_engine_bundles
+        from megatron_rl.cluster.placement import colocated_engine_bundles
 
         try:
             colocated_engine_bundles(cfg.rollout.num_engines, cfg.rollout.engine.tensor_parallel_size,
@@ -426,7 +464,7 @@ def validate_config(cfg: TrainConfig) -> None:
 def required_cpus(cfg: TrainConfig) -> int:
     """Ray CPUs the actors and engines reserve: actor_ranks x actor_cpus_per_rank, plus num_engines x
     cpus_per_engine unless colocated (colocated engines run in the actors' bundles with no CPU of their own,
-    megatron_rl/rollout/placement.py). The config check and the trainer's local Ray cluster both use it."""
+    megatron_rl/cluster/placement.py). The config check and the trainer's local Ray cluster both use it."""
     actors = cfg.resources.actor_ranks * cfg.resources.actor_cpus_per_rank
     if cfg.resources.colocate:
         return actors

@@ -3,6 +3,9 @@
     cfg = load_typed(TrainConfig, yaml_text_or_dict, ["actor.layout.tp=2", "algorithm.lspo.enabled=false"])
 
 - Unknown keys are errors that name the key and suggest the closest known one.
+- A settings dataclass checks its own values in __post_init__ and raises `FieldError(field, problem)` naming the
+  field relative to itself; `from_dict` reports it under the field's full dotted key in the tree
+  ("actor.loss.clip_low: must be in [0, 1) ..."), wherever the dataclass is embedded.
 - Values are checked against the field's annotation: int, float (ints accepted), bool, str, None/Optional,
   Literal, list/tuple, dict/Mapping, nested dataclasses; a dataclass's own __post_init__ checks run too, and
   their messages are prefixed with the dotted path of the section.
@@ -14,11 +17,14 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Mapping, Sequence
 
 import yaml
+
+from megatron_rl.errors import FieldError, is_finite_number, require  # noqa: F401 - part of this API
 
 
 class ConfigError(ValueError):
@@ -100,6 +106,8 @@ def from_dict(cls, data: Any, path: str = ""):
         return cls(**kwargs)
     except ConfigError:
         raise
+    except FieldError as e:
+        raise ConfigError(f"{_join(path, e.field)}: {e.problem}") from None
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{where}: {e}") from None
 
@@ -149,11 +157,13 @@ def coerce(tp, value: Any, path: str):
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: must be a number, got {value!r}")
+        if not math.isfinite(value):  # NaN compares False with every bound: it would slip through range checks
+            raise ConfigError(f"{path}: must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -72,7 +72,7 @@ def _size(text: str) -> str:
 def run_rollout(args) -> dict:
     from megatron_rl.benchmarks.models import bench_model
     from megatron_rl.benchmarks.rollout import throughput_rows
-    from megatron_rl.rollout.ray_cluster import local_ray_cluster
+    from megatron_rl.cluster.ray_cluster import local_ray_cluster
 
     with local_ray_cluster(num_cpus=args.num_cpus):
         rows = throughput_rows(
@@ -86,7 +86,7 @@ def run_rollout(args) -> dict:
 def run_sync(args) -> dict:
     from megatron_rl.benchmarks.models import bench_model
     from megatron_rl.benchmarks.sync import weight_sync_rows
-    from megatron_rl.rollout.ray_cluster import local_ray_cluster
+    from megatron_rl.cluster.ray_cluster import local_ray_cluster
 
     with local_ray_cluster(num_cpus=args.num_cpus):
         rows = weight_sync_rows(

@@ -68,14 +68,14 @@ def main(argv=None) -> int:
     def given(value, default):
         return default if value is None else value
 
-    size = dataclasses.replace(
-        d, hidden_size=a.hidden_size, num_layers=a.layers, num_attention_heads=a.heads, num_kv_heads=a.kv_heads,
-        head_dim=given(a.head_dim, d.head_dim), intermediate_size=a.ffn, num_experts=given(a.experts, d.num_experts),
-        top_k=given(a.top_k, d.top_k), moe_intermediate_size=given(a.expert_ffn, d.moe_intermediate_size),
-        mlp_only_layers=given(a.mlp_only_layers, ()), norm_topk_prob=not a.no_norm_topk_prob,
-        vocab_size=a.vocab_size, tie_word_embeddings=a.tie_embeddings, initializer_range=a.init_std,
-    )
     try:
+        size = dataclasses.replace(
+            d, hidden_size=a.hidden_size, num_layers=a.layers, num_attention_heads=a.heads, num_kv_heads=a.kv_heads,
+            head_dim=given(a.head_dim, d.head_dim), intermediate_size=a.ffn, num_experts=given(a.experts, d.num_experts),
+            top_k=given(a.top_k, d.top_k), moe_intermediate_size=given(a.expert_ffn, d.moe_intermediate_size),
+            mlp_only_layers=given(a.mlp_only_layers, ()), norm_topk_prob=not a.no_norm_topk_prob,
+            vocab_size=a.vocab_size, tie_word_embeddings=a.tie_embeddings, initializer_range=a.init_std,
+        )
         out = make_tiny_model(a.arch, a.out, size=size, seed=a.seed)
     except (ModelConfigError, ValueError) as e:
         p.error(str(e))

@@ -162,7 +162,7 @@ mrl_settings() {
   if [[ $RAY_LOOPBACK == 1 ]]; then
     ((NODES == 1)) || mrl_die "RAY_LOOPBACK=1 keeps Ray on 127.0.0.1: single-node jobs only (this one has $NODES)"
     RAY_HEAD_IP=127.0.0.1
-    # Ray 2.60 otherwise replaces 127.0.0.1 by the machine's routable address (see megatron_rl/rollout/ray_cluster.py)
+    # Ray 2.60 otherwise replaces 127.0.0.1 by the machine's routable address (see megatron_rl/cluster/ray_cluster.py)
     export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
   fi
   if [[ -n $RAY_HEAD_IP ]]; then mrl_check_head_ip "$RAY_HEAD_IP"; fi

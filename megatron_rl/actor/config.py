@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
-from megatron_rl.algorithms import get_loss_spec
+from megatron_rl.algorithms import AGGREGATIONS, KL_ESTIMATORS, LOSS_REGISTRY
+from megatron_rl.errors import is_finite_number, require
 from megatron_rl.parallel.layout import ParallelLayout
 
 
@@ -32,22 +34,25 @@ class OptimizerSettings:
     distributed_optimizer: bool = False
 
     def __post_init__(self):
-        if self.name not in ("adam", "sgd"):
-            raise ValueError(f"optimizer.name must be adam or sgd, got {self.name!r}")
-        if not self.lr > 0:
-            raise ValueError(f"optimizer.lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"optimizer.min_lr must be in [0, lr], got {self.min_lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
-        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
-            raise ValueError("optimizer.adam_beta1 and adam_beta2 must be in [0, 1)")
-        if self.clip_grad < 0:
-            raise ValueError(f"optimizer.clip_grad must be >= 0 (0 disables clipping), got {self.clip_grad}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.decay_style not in ("constant", "linear", "cosine"):
-            raise ValueError(f"optimizer.decay_style must be constant, linear or cosine, got {self.decay_style!r}")
+        need = partial(require, section="optimizer")
+        need(self.name in ("adam", "sgd"), "name", f"must be adam or sgd, got {self.name!r}")
+        need(is_finite_number(self.lr) and self.lr > 0, "lr", f"must be a finite number > 0, got {self.lr!r}")
+        need(is_finite_number(self.min_lr) and 0 <= self.min_lr <= self.lr, "min_lr",
+             f"must be in [0, lr={self.lr}], got {self.min_lr!r}")
+        need(is_finite_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
+             f"must be a finite number >= 0, got {self.weight_decay!r}")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            need(is_finite_number(value) and 0 <= value < 1, name, f"must be in [0, 1), got {value!r}")
+        need(is_finite_number(self.adam_eps) and self.adam_eps > 0, "adam_eps",
+             f"must be a finite number > 0, got {self.adam_eps!r}")
+        need(is_finite_number(self.clip_grad) and self.clip_grad >= 0, "clip_grad",
+             f"must be a finite number >= 0 (0 disables clipping), got {self.clip_grad!r}")
+        need(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        need(self.decay_steps is None or self.decay_steps >= 1, "decay_steps",
+             f"must be >= 1 or null (constant after warm-up), got {self.decay_steps}")
+        need(self.decay_style in ("constant", "linear", "cosine"), "decay_style",
+             f"must be constant, linear or cosine, got {self.decay_style!r}")
 
 
 @dataclass(frozen=True)
@@ -74,15 +79,28 @@ class PolicyLossSettings:
     exclude_fully_masked: bool = False
 
     def __post_init__(self):
-        get_loss_spec(self.name)  # unknown names raise with the registered list
-        if not isinstance(self.exclude_fully_masked, bool):
-            raise ValueError(f"loss.exclude_fully_masked must be true or false, got {self.exclude_fully_masked!r}")
-        if self.kl_coef < 0:
-            raise ValueError(f"loss.kl_coef must be >= 0, got {self.kl_coef}")
-        if self.kl_estimator not in ("k1", "k2", "k3", "low_var_kl"):
-            raise ValueError(f"loss.kl_estimator must be k1, k2, k3 or low_var_kl, got {self.kl_estimator!r}")
-        if self.tis_cap is not None and not self.tis_cap > 0:
-            raise ValueError(f"loss.tis_cap must be > 0 or null, got {self.tis_cap}")
+        need = partial(require, section="loss")
+        need(self.name in LOSS_REGISTRY, "name", f"must be a registered loss, one of {sorted(LOSS_REGISTRY)}; got "
+             f"{self.name!r}")
+        need(self.clip_low is None or (is_finite_number(self.clip_low) and 0 <= self.clip_low < 1), "clip_low",
+             f"must be in [0, 1) (the ratio's lower bound 1 - clip_low stays > 0) or null for the loss's paper "
+             f"default; got {self.clip_low!r}")
+        need(self.clip_high is None or (is_finite_number(self.clip_high) and self.clip_high >= 0), "clip_high",
+             f"must be a finite number >= 0 or null for the loss's paper default; got {self.clip_high!r}")
+        need(self.aggregation is None or self.aggregation in AGGREGATIONS, "aggregation",
+             f"must be one of {list(AGGREGATIONS)} or null (the loss's own); got {self.aggregation!r}")
+        need(is_finite_number(self.kl_coef) and self.kl_coef >= 0, "kl_coef",
+             f"must be a finite number >= 0 (0 disables the KL term); got {self.kl_coef!r}")
+        need(self.kl_estimator in KL_ESTIMATORS, "kl_estimator",
+             f"must be one of {list(KL_ESTIMATORS)}; got {self.kl_estimator!r}")
+        need(is_finite_number(self.entropy_coef), "entropy_coef",
+             f"must be a finite number (0 disables the entropy bonus); got {self.entropy_coef!r}")
+        need(self.tis_cap is None or (is_finite_number(self.tis_cap) and self.tis_cap > 0), "tis_cap",
+             f"must be a finite number > 0 or null (no truncated importance sampling); got {self.tis_cap!r}")
+        need(self.max_response_length is None or self.max_response_length >= 1, "max_response_length",
+             f"must be >= 1 or null (the generation limit); got {self.max_response_length!r}")
+        need(isinstance(self.exclude_fully_masked, bool), "exclude_fully_masked",
+             f"must be true or false, got {self.exclude_fully_masked!r}")
 
     def count_options(self) -> dict:
         """Keyword options for GlobalBatchCounts.from_masks: the loss settings that decide the step's counts."""
@@ -126,11 +144,11 @@ class ActorConfig:
     loss: PolicyLossSettings = field(default_factory=PolicyLossSettings)
 
     def __post_init__(self):
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"actor.dtype must be float32 or bfloat16, got {self.dtype!r}")
-        if self.max_tokens_per_microbatch < 1:
-            raise ValueError(f"actor.max_tokens_per_microbatch must be >= 1, got {self.max_tokens_per_microbatch}")
-        if not self.temperature > 0:
-            raise ValueError(f"actor.temperature must be > 0, got {self.temperature}")
-        if self.moe_aux_loss_coeff < 0:
-            raise ValueError(f"actor.moe_aux_loss_coeff must be >= 0, got {self.moe_aux_loss_coeff}")
+        need = partial(require, section="actor")
+        need(self.dtype in ("float32", "bfloat16"), "dtype", f"must be float32 or bfloat16, got {self.dtype!r}")
+        need(self.max_tokens_per_microbatch >= 1, "max_tokens_per_microbatch",
+             f"must be >= 1, got {self.max_tokens_per_microbatch}")
+        need(is_finite_number(self.temperature) and self.temperature > 0, "temperature",
+             f"must be a finite number > 0, got {self.temperature!r}")
+        need(is_finite_number(self.moe_aux_loss_coeff) and self.moe_aux_loss_coeff >= 0, "moe_aux_loss_coeff",
+             f"must be a finite number >= 0, got {self.moe_aux_loss_coeff!r}")

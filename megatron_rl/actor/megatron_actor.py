@@ -31,15 +31,6 @@ from megatron_rl.algorithms import GlobalBatchCounts, LossMetrics, policy_loss_s
 from megatron_rl.models.qwen_arch import load_arch
 from megatron_rl.parallel.schedule import run_schedule
 
-OPTIMIZER_DIR = "optimizer"
-# A KL reference that was reset to the policy (reset_reference_to_policy) no longer equals the model the actor
-# starts from, so training checkpoints carry it (a megatron_rl model checkpoint in this sub-directory).
-REFERENCE_DIR = "reference"
-# The distributed optimizer's state is saved "fully reshardable" (per-parameter tensors in model space), so a
-# checkpoint resumes under any DP size and parallel layout; megatron-core 0.16's other formats use the
-# `flattened_range` sharded tensors its own validation now rejects.
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
 
 def _comm_device() -> torch.device:
     """Where tensors for collectives must live: the current GPU under NCCL, the CPU under gloo."""
@@ -329,7 +320,7 @@ class MegatronActor:
 
         Both are built in the same layout, so every rank copies its own shards, parameter by parameter (through the
         DDP / Float16Module wrappers of the policy; no communication). The reference is a copy, not an alias: later
-        updates of the policy leave it unchanged. Training checkpoints save it from now on (REFERENCE_DIR).
+        updates of the policy leave it unchanged. Training checkpoints save it from now on (checkpoint/names.py, REFERENCE_DIR).
         """
         from megatron_rl.checkpoint.model_ckpt import unwrap_model
 
@@ -349,8 +340,9 @@ class MegatronActor:
 
     def reset_optimizer_state(self) -> None:
         """Forget Adam's moments and step count (e.g. after the supervised warm-up, before RL)."""
-        for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-            optimizer.optimizer.state.clear()
+        from megatron_rl.checkpoint.optimizer_ckpt import reset_optimizer_state
+
+        reset_optimizer_state(self.optimizer)
 
     def _set_lr(self, lr: float | None):
         """Set every param group's lr (None: leave as is); returns the previous value."""
@@ -406,41 +398,23 @@ class MegatronActor:
 
     # --------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, ckpt_dir: str) -> dict:
-        """Collective: write model (megatron_rl/checkpoint format) and optimizer state into an existing directory
-        (the caller makes it atomic with checkpoint.model_ckpt.atomic_checkpoint_dir). Returns the small state
-        (LR scheduler, step counter, whether the KL reference was saved) for the trainer's state file.
-
-        The KL reference is saved (in REFERENCE_DIR, as a model checkpoint) only once it was reset to a trained policy:
-        before that it is the model the actor starts from, which setup() loads again on resume."""
+        """Collective: write the model (megatron_rl/checkpoint format), the optimizer state and, once it was reset to
+        a trained policy, the KL reference into an existing step directory (the caller makes it atomic; every name is
+        in checkpoint/names.py). Returns the small state (LR scheduler, step counter, what was saved) for the trainer's
+        state file. Before a reset the reference is the model the actor starts from, which setup() loads again."""
         import os
 
-        from megatron.core import dist_checkpointing
-
-        from megatron_rl.checkpoint.model_ckpt import _save_strategy, model_sharded_state_dict, write_model_checkpoint
+        from megatron_rl.checkpoint.model_ckpt import write_model_checkpoint
+        from megatron_rl.checkpoint.names import REFERENCE_DIR
+        from megatron_rl.checkpoint.optimizer_ckpt import save_optimizer_state
 
         write_model_checkpoint(self.model, self.arch, self.config.layout, ckpt_dir, hf_source_dir=self.config.model_path)
         if self.reference_is_reset:
             write_model_checkpoint(self.reference, self.arch, self.config.layout, os.path.join(ckpt_dir, REFERENCE_DIR),
                                    hf_source_dir=self.config.model_path)
-        # An optimizer that has not stepped since it was built or reset has no state to save; resuming then
-        # starts a fresh one, which is the same thing (Adam creates zero moments and step 0 on its first step).
-        has_state = self._optimizer_has_state()
-        if has_state:
-            optimizer_dir = os.path.join(ckpt_dir, OPTIMIZER_DIR)
-            if dist.get_rank() == 0:
-                os.makedirs(optimizer_dir, exist_ok=True)
-            dist.barrier()
-            sharded = self.optimizer.sharded_state_dict(model_sharded_state_dict(self.model), metadata=OPTIMIZER_METADATA)
-            dist_checkpointing.save(sharded, optimizer_dir, sharded_strategy=_save_strategy(True))
-        dist.barrier()
+        has_state = save_optimizer_state(self.optimizer, self.model, ckpt_dir, _comm_device())
         return {"scheduler": self.scheduler.state_dict(), "steps_done": self.steps_done, "optimizer_state": has_state,
                 "reference_saved": self.reference_is_reset}
-
-    def _optimizer_has_state(self) -> bool:
-        local = any(len(o.optimizer.state) > 0 for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
-        flag = torch.tensor([int(local)], device=_comm_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank must agree on whether to write the optimizer
-        return bool(flag.item())
 
     def load_checkpoint(self, ckpt_dir: str, state: dict | None = None, *, load_optimizer: bool = True) -> None:
         """Collective: restore weights (any saved layout), the KL reference when the checkpoint holds one (see
@@ -448,9 +422,9 @@ class MegatronActor:
         optimizer and scheduler state."""
         import os
 
-        from megatron.core import dist_checkpointing
-
-        from megatron_rl.checkpoint.model_ckpt import load_model_checkpoint, model_sharded_state_dict
+        from megatron_rl.checkpoint.model_ckpt import load_model_checkpoint
+        from megatron_rl.checkpoint.names import REFERENCE_DIR
+        from megatron_rl.checkpoint.optimizer_ckpt import load_optimizer_state
 
         load_model_checkpoint(self.model, ckpt_dir)
         if state is not None and state.get("reference_saved") and self.reference is not None:
@@ -459,14 +433,7 @@ class MegatronActor:
         if state is not None and not state.get("optimizer_state", True):
             self.reset_optimizer_state()  # saved before any step: nothing to restore
         elif load_optimizer:
-            optimizer_dir = os.path.join(ckpt_dir, OPTIMIZER_DIR)
-            if not os.path.isdir(optimizer_dir):
-                raise FileNotFoundError(f"{ckpt_dir} has no {OPTIMIZER_DIR}/ (a model-only checkpoint?); "
-                                        "resume with load_optimizer=False to start a fresh optimizer")
-            sharded = self.optimizer.sharded_state_dict(
-                model_sharded_state_dict(self.model), is_loading=True, metadata=OPTIMIZER_METADATA
-            )
-            self.optimizer.load_state_dict(dist_checkpointing.load(sharded, optimizer_dir))
+            load_optimizer_state(self.optimizer, self.model, ckpt_dir)
         if state:
             self.scheduler.load_state_dict(state["scheduler"])
             self.steps_done = int(state["steps_done"])

@@ -1,13 +1,18 @@
 """The Megatron actor world as Ray actors: one `MegatronActor` per rank, driven from the trainer process.
 
     group = ActorGroup(actor_config, world_size=4, device="cpu")    # places ranks, inits torch.distributed
-    metrics = group.call("train_step", batch)[0]                    # same call on every rank; rank 0's result
+    old = group.compute_log_probs(batch)                            # every rank runs it; rank 0's result
+    metrics = group.train_step(batch)                               # one optimizer step over the whole batch
     pool.update_weights(group.weight_buckets(bucket_bytes))          # rank 0 streams HF buckets; others help gather
     group.shutdown()
 
+Each method mirrors the `MegatronActor` method of the same name (megatron_rl/actor/megatron_actor.py): the same
+arguments, called on every rank at once (the methods are collective), the result of global rank 0 returned. The batch
+is put into Ray's object store once and every rank reads it from there.
+
 Placement: one placement group with one bundle per rank ({"CPU": k} on CPU, {"GPU": 1, "CPU": k} on GPU), PACK
 strategy, rank r in bundle r, so consecutive ranks (a TP group) share a node when they fit. With colocated rollout
-engines (`gpu_share` < 1, see megatron_rl/rollout/placement.py) each rank takes only that share of its bundle's GPU
+engines (`gpu_share` < 1, see megatron_rl/cluster/placement.py) each rank takes only that share of its bundle's GPU
 and the engines run in the same bundles (`placement_group`). Rank 0 picks the
 rendezvous address (its node IP and a free port); every rank then joins torch.distributed (gloo on CPU, nccl on
 GPU) and builds its shard of the model. A failure on any rank surfaces as the first rank's traceback.
@@ -17,6 +22,7 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator
 
+from megatron_rl.actor.batch import ActorBatch
 from megatron_rl.actor.config import ActorConfig
 
 
@@ -78,8 +84,8 @@ class ActorGroup:
                  timeout_s: float = 3600.0, env: dict[str, str] | None = None, gpu_share: float = 1.0):
         import ray
 
-        from megatron_rl.rollout.placement import in_bundle, reserve_placement_group
-        from megatron_rl.rollout.ray_cluster import require_ray
+        from megatron_rl.cluster.placement import in_bundle, reserve_placement_group
+        from megatron_rl.cluster.ray_cluster import require_ray
 
         require_ray()
         if not 0 < gpu_share <= 1:
@@ -117,7 +123,34 @@ class ActorGroup:
 
         return ray.get(refs, timeout=self.timeout_s)
 
-    def call(self, method: str, *args, **kwargs) -> list:
+    # ---- the actor's collective methods, typed ------------------------------------------------------------
+    def compute_log_probs(self, batch: ActorBatch, *, model: str = "policy", with_entropy: bool = False) -> list:
+        """Per-sequence response log-probs under the policy or the KL reference (`MegatronActor.compute_log_probs`)."""
+        return self._call_all("compute_log_probs", batch, model=model, with_entropy=with_entropy)[0]
+
+    def train_step(self, batch: ActorBatch, *, objective: str = "policy", max_response_length: int | None = None,
+                   lr: float | None = None) -> dict[str, float]:
+        """One optimizer step over the whole batch; the reduced metrics (`MegatronActor.train_step`)."""
+        return self._call_all("train_step", batch, objective=objective, max_response_length=max_response_length,
+                              lr=lr)[0]
+
+    def reset_optimizer_state(self) -> None:
+        """Forget the optimizer's moments and step count (after the supervised warm-up)."""
+        self._call_all("reset_optimizer_state")
+
+    def reset_reference_to_policy(self) -> None:
+        """Make the KL reference a frozen copy of the current policy (`MegatronActor.reset_reference_to_policy`)."""
+        self._call_all("reset_reference_to_policy")
+
+    def save_checkpoint(self, ckpt_dir: str) -> dict:
+        """Write model, optimizer (and a reset KL reference) into `ckpt_dir`; the small state for trainer_state.json."""
+        return self._call_all("save_checkpoint", ckpt_dir)[0]
+
+    def load_checkpoint(self, ckpt_dir: str, state: dict | None = None, *, load_optimizer: bool = True) -> None:
+        """Restore what `save_checkpoint` wrote (any saved layout)."""
+        self._call_all("load_checkpoint", ckpt_dir, state, load_optimizer=load_optimizer)
+
+    def _call_all(self, method: str, *args, **kwargs) -> list:
         """Call `MegatronActor.<method>(*args, **kwargs)` on every rank; the results, by rank."""
         import ray
 

@@ -30,7 +30,7 @@ Which rewards to pass: the ones the advantages will be computed from (after any 
 `overlong.py`), because "all equal" is exactly the condition for all-zero group-relative advantages.
 
 Across ranks: the decision runs once, on global rank 0 (`rank0.decide_on_rank0(fill_batch, ...)`), and the kept
-payloads (make them sample ids, not tensors) are broadcast, so every rank trains on the same batch (DESIGN.md,
+payloads (make them sample ids, not tensors) are broadcast, so every rank trains on the same batch (docs/design.md,
 contract 3).
 """
 from __future__ import annotations
@@ -39,11 +39,20 @@ import math
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any, Callable, Literal, Sequence
 
 import torch
 
-from megatron_rl.algorithms.lspo import LengthQuantiles, LSPOConfig, group_mean_lengths, lspo_keep_mask
+from megatron_rl.algorithms.lspo import (
+    LengthQuantiles,
+    LSPOConfig,
+    group_mean_lengths,
+    lspo_keep_mask,
+)
+from megatron_rl.errors import FieldError
+
+_invalid = partial(FieldError, section="dynamic_sampling")  # a bad field of this section's config
 
 OnCap = Literal["train_smaller", "top_up"]
 _ON_CAP = ("train_smaller", "top_up")
@@ -78,19 +87,17 @@ class DynamicSamplingConfig:
     def __post_init__(self):
         for flag in ("accuracy_filter", "top_up_with_zero_advantage"):
             if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"dynamic_sampling.{flag} must be True or False, got {getattr(self, flag)!r}")
+                raise _invalid(flag, f"must be True or False, got {getattr(self, flag)!r}")
         if isinstance(self.max_rounds, bool) or not isinstance(self.max_rounds, int) or self.max_rounds < 1:
-            raise ValueError(f"dynamic_sampling.max_rounds must be an int >= 1, got {self.max_rounds!r}")
+            raise _invalid('max_rounds', f"must be an int >= 1, got {self.max_rounds!r}")
         if self.on_cap not in _ON_CAP:
-            raise ValueError(f"dynamic_sampling.on_cap must be one of {_ON_CAP}, got {self.on_cap!r}")
+            raise _invalid('on_cap', f"must be one of {_ON_CAP}, got {self.on_cap!r}")
         atol = self.reward_equal_atol
         if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not (atol >= 0 and math.isfinite(atol)):
-            raise ValueError(f"dynamic_sampling.reward_equal_atol must be a finite number >= 0, got {atol!r}")
+            raise _invalid('reward_equal_atol', f"must be a finite number >= 0, got {atol!r}")
         if self.top_up_with_zero_advantage and self.on_cap != "top_up":
-            raise ValueError(
-                "dynamic_sampling.top_up_with_zero_advantage=True only has an effect with on_cap='top_up', "
-                f"got on_cap={self.on_cap!r}"
-            )
+            raise _invalid("top_up_with_zero_advantage",
+                           f"true only has an effect with on_cap='top_up', got on_cap={self.on_cap!r}")
 
 
 @dataclass(frozen=True)

@@ -41,9 +41,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal, Sequence
 
 import torch
+
+from megatron_rl.errors import FieldError
+
+_invalid = partial(FieldError, section="lspo")  # a bad field of this section's config
 
 QuantileMethod = Literal["inverted_cdf", "linear"]
 KeepBands = Literal["both", "short", "long"]
@@ -70,20 +75,20 @@ class LSPOConfig:
 
     def __post_init__(self):
         if not isinstance(self.enabled, bool):
-            raise ValueError(f"lspo.enabled must be True or False, got {self.enabled!r}")
+            raise _invalid('enabled', f"must be True or False, got {self.enabled!r}")
         for name in ("low_quantile", "high_quantile", "max_quantile"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-                raise ValueError(f"lspo.{name} must be a number in (0, 1], got {value!r}")
+                raise _invalid(name, f"must be a number in (0, 1], got {value!r}")
         if not self.low_quantile <= self.high_quantile <= self.max_quantile:
-            raise ValueError(
-                "lspo quantiles must satisfy low_quantile <= high_quantile <= max_quantile, got "
-                f"{self.low_quantile} / {self.high_quantile} / {self.max_quantile} (paper defaults 0.30 / 0.65 / 0.95)"
-            )
+            raise _invalid("high_quantile",
+                           "must satisfy low_quantile <= high_quantile <= max_quantile, got "
+                           f"{self.low_quantile} / {self.high_quantile} / {self.max_quantile} (paper defaults "
+                           "0.30 / 0.65 / 0.95)")
         if self.keep not in _KEEP_BANDS:
-            raise ValueError(f"lspo.keep must be one of {_KEEP_BANDS}, got {self.keep!r}")
+            raise _invalid('keep', f"must be one of {_KEEP_BANDS}, got {self.keep!r}")
         if self.quantile_method not in _QUANTILE_METHODS:
-            raise ValueError(f"lspo.quantile_method must be one of {_QUANTILE_METHODS}, got {self.quantile_method!r}")
+            raise _invalid('quantile_method', f"must be one of {_QUANTILE_METHODS}, got {self.quantile_method!r}")
 
 
 @dataclass(frozen=True)

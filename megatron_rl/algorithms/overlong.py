@@ -20,9 +20,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Sequence
 
 import torch
+
+from megatron_rl.errors import FieldError
+
+_invalid = partial(FieldError, section="overlong")  # a bad field of this section's config
 
 # The finish reasons the rollout layer reports (mirror of megatron_rl.rollout.types.FinishReason, which this pure
 # module does not import; a test checks that the two agree).
@@ -45,23 +50,19 @@ class OverlongConfig:
     def __post_init__(self):
         for flag in ("soft_penalty", "mask_truncated"):
             if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"overlong.{flag} must be True or False, got {getattr(self, flag)!r}")
+                raise _invalid(flag, f"must be True or False, got {getattr(self, flag)!r}")
+        f = self.penalty_factor
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not (f >= 0 and math.isfinite(f)):
+            raise _invalid('penalty_factor', f"must be a finite number >= 0, got {f!r}")
         if not self.soft_penalty:
             return
         L, c = self.max_response_length, self.cache_length
         if isinstance(L, bool) or not isinstance(L, int) or L < 1:
-            raise ValueError(
-                f"overlong.max_response_length must be an int >= 1 when soft_penalty is on (set it to the rollout "
-                f"max_tokens), got {L!r}"
-            )
+            raise _invalid("max_response_length", "must be an int >= 1 when soft_penalty is on (set it to the "
+                           f"rollout max_tokens), got {L!r}")
         if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= L:
-            raise ValueError(
-                f"overlong.cache_length must be an int in [1, max_response_length={L}] when soft_penalty is on "
-                f"(DAPO uses 4096 of 20480), got {c!r}"
-            )
-        f = self.penalty_factor
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not (f >= 0 and math.isfinite(f)):
-            raise ValueError(f"overlong.penalty_factor must be a finite number >= 0, got {f!r}")
+            raise _invalid("cache_length", f"must be an int in [1, max_response_length={L}] when soft_penalty is on "
+                           f"(DAPO uses 4096 of 20480), got {c!r}")
 
 
 def soft_overlong_penalty(

@@ -1,4 +1,4 @@
-"""Make a sampling decision once, on one rank, and give every rank the same answer (DESIGN.md, contract 3).
+"""Make a sampling decision once, on one rank, and give every rank the same answer (docs/design.md, contract 3).
 
 Dynamic sampling and LSPO must not run independently on each rank: ranks can hold different views of the same
 rollouts (float noise in recomputed rewards, a different shard, a different arrival order), and two ranks that

@@ -7,7 +7,7 @@ The trainer times each part of `_rl_step` (`megatron_rl.training.timing.StepTime
 time/reward, time/train, time/sync, time/other and time/step per step to metrics.jsonl; "train" contains the
 old-log-prob (and reference log-prob) recompute and every mini-batch's `train_step`, whose own step time
 (train/step_seconds) and forward+backward time (train/fwd_bwd_seconds) the trainer sums over the mini-batches
-(`megatron_rl.trainer._combine_mini_batches`). Evaluation runs between steps and is not part of time/step. The
+(`megatron_rl.training.trainer._combine_mini_batches`). Evaluation runs between steps and is not part of time/step. The
 first `skip` steps are left out (allocator and engine warm-up).
 """
 from __future__ import annotations

@@ -29,8 +29,6 @@ import torch
 
 from megatron_rl.checkpoint.dcp_reader import DistCheckpointError, DistCheckpointReader
 from megatron_rl.checkpoint.format import (
-    HF_CONFIG_DIR,
-    MODEL_DIR,
     CheckpointFormatError,
     CheckpointInfo,
     check_arch_matches,
@@ -38,6 +36,7 @@ from megatron_rl.checkpoint.format import (
     hf_side_files,
     read_info,
 )
+from megatron_rl.checkpoint.names import HF_CONFIG_DIR, MODEL_DIR
 from megatron_rl.checkpoint.model_ckpt import atomic_checkpoint_dir
 from megatron_rl.checkpoint.sharded_keys import CanonicalSource, canonical_sources
 from megatron_rl.models.hf_io import HFCheckpointReader, expected_hf_shape, write_hf_safetensors

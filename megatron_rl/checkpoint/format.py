@@ -19,14 +19,11 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
+from megatron_rl.checkpoint.names import INFO_FILE, MODEL_DIR, TMP_MARKER
 from megatron_rl.models.qwen_arch import ModelConfigError, QwenArch
 
 FORMAT_NAME = "megatron_rl.model_checkpoint"
 FORMAT_VERSION = 1
-INFO_FILE = "megatron_rl.json"
-MODEL_DIR = "model"
-HF_CONFIG_DIR = "hf_config"
-TMP_MARKER = ".tmp-"
 
 # Files copied from an HF folder next to the weights (config, tokenizer, generation defaults, chat template).
 HF_SIDE_FILE_PATTERNS = (

@@ -38,9 +38,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl.checkpoint.format import (
-    HF_CONFIG_DIR,
-    MODEL_DIR,
-    TMP_MARKER,
     CheckpointFormatError,
     CheckpointInfo,
     arch_summary,
@@ -51,6 +48,7 @@ from megatron_rl.checkpoint.format import (
     write_hf_config,
     write_info,
 )
+from megatron_rl.checkpoint.names import HF_CONFIG_DIR, MODEL_DIR, TMP_MARKER
 from megatron_rl.models.qwen_arch import ModelConfigError, QwenArch, load_arch
 from megatron_rl.parallel.layout import ParallelLayout
 

@@ -51,13 +51,14 @@ def _int_list(text: str) -> list[int]:
 
 def _model_source(args, cfg) -> tuple[str, str | None]:
     """(kind, path): kind is "hf" or "checkpoint"."""
-    from megatron_rl.training.checkpointing import latest_checkpoint
+    from megatron_rl.checkpoint.names import CHECKPOINTS_DIR
+    from megatron_rl.checkpoint.run_state import latest_checkpoint
 
     if args.model:
         return "hf", args.model
     if args.checkpoint:
         return "checkpoint", args.checkpoint
-    latest = latest_checkpoint(os.path.join(cfg.run_dir, "checkpoints"))
+    latest = latest_checkpoint(os.path.join(cfg.run_dir, CHECKPOINTS_DIR))
     if latest is not None:
         return "checkpoint", latest[1]
     return "hf", cfg.model.path
@@ -65,7 +66,7 @@ def _model_source(args, cfg) -> tuple[str, str | None]:
 
 def _sampling(args, cfg):
     """(SamplingConfig, pass_ks) from the flags and the config's eval section; ValueError names the flag."""
-    from megatron_rl.evaluation import check_pass_ks
+    from megatron_rl.training.evaluation import check_pass_ks
     from megatron_rl.rollout.types import SamplingConfig
 
     ev = cfg.eval
@@ -140,9 +141,9 @@ def _evaluate(cfg, hf_dir: str, sampling, pass_ks, output: str, source: dict) ->
     from transformers import AutoTokenizer
 
     from megatron_rl.data import build_prompt_dataset
-    from megatron_rl.evaluation import run_evaluation
+    from megatron_rl.training.evaluation import run_evaluation
     from megatron_rl.rollout.pool import RolloutPool
-    from megatron_rl.rollout.ray_cluster import local_ray_cluster
+    from megatron_rl.cluster.ray_cluster import local_ray_cluster
     from megatron_rl.training.experience import generate_grouped
 
     data = cfg.data.val
@@ -154,7 +155,7 @@ def _evaluate(cfg, hf_dir: str, sampling, pass_ks, output: str, source: dict) ->
     if cfg.eval.num_prompts:
         data = dataclasses.replace(data, max_examples=cfg.eval.num_prompts)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    dataset = build_prompt_dataset(data, tokenizer)
+    dataset = build_prompt_dataset(data, tokenizer, key="data.val")
     pool_config = dataclasses.replace(cfg.rollout, engine=dataclasses.replace(cfg.rollout.engine, model=hf_dir))
     needed = cfg.rollout.num_engines * cfg.rollout.engine.cpus_per_engine
     with local_ray_cluster(num_cpus=max(needed, os.cpu_count() or 1)):

@@ -62,7 +62,7 @@ def run(args) -> int:
         print(config_yaml(cfg))
         return 0
     logging.basicConfig(level=os.environ.get("MEGATRON_RL_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
-    from megatron_rl.trainer import Trainer
+    from megatron_rl.training.trainer import Trainer
 
     print(f"[train] run dir: {cfg.run_dir}  (resolved config: {os.path.join(cfg.run_dir, 'config.yaml')})", flush=True)
     from megatron_rl.data import DataError

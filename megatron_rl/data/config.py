@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from megatron_rl.errors import require
+
 Layout = Literal["dapo", "simple"]
 OnProblem = Literal["error", "skip"]
 
@@ -48,22 +50,22 @@ class PromptDataConfig:
     cache_dir: str | None = None
 
     def __post_init__(self):
-        if not self.path:
-            raise ValueError("data.path is required: a .parquet/.jsonl/.json file or a list of them")
-        if self.layout not in ("dapo", "simple"):
-            raise ValueError(f"data.layout must be 'dapo' or 'simple', got {self.layout!r}")
+        def need(cond: bool, field: str, problem: str) -> None:
+            require(cond, field, problem, "data")
+
+        need(bool(self.path), "path", "is required: a .parquet/.jsonl/.json file or a list of them")
+        need(self.layout in ("dapo", "simple"), "layout", f"must be 'dapo' or 'simple', got {self.layout!r}")
         for name in ("on_invalid", "on_overlong"):
-            if getattr(self, name) not in ("error", "skip"):
-                raise ValueError(f"data.{name} must be 'error' or 'skip', got {getattr(self, name)!r}")
-        if self.max_prompt_len is not None and self.max_prompt_len < 1:
-            raise ValueError(f"data.max_prompt_len must be >= 1 or None, got {self.max_prompt_len}")
-        if self.max_examples is not None and self.max_examples < 1:
-            raise ValueError(f"data.max_examples must be >= 1 or None, got {self.max_examples}")
-        if "{prompt}" not in self.prompt_template:
-            raise ValueError(f"data.prompt_template must contain '{{prompt}}', got {self.prompt_template!r}")
-        if self.layout == "dapo" and self.prompt_template != "{prompt}":
-            raise ValueError("data.prompt_template applies to the simple layout only; a dapo prompt is already a "
-                             "list of chat messages (use data.system_prompt, or rewrite the file)")
+            need(getattr(self, name) in ("error", "skip"), name, f"must be 'error' or 'skip', got {getattr(self, name)!r}")
+        need(self.max_prompt_len is None or self.max_prompt_len >= 1, "max_prompt_len",
+             f"must be >= 1 or null, got {self.max_prompt_len}")
+        need(self.max_examples is None or self.max_examples >= 1, "max_examples",
+             f"must be >= 1 or null, got {self.max_examples}")
+        need("{prompt}" in self.prompt_template, "prompt_template",
+             f"must contain '{{prompt}}', got {self.prompt_template!r}")
+        need(self.layout != "dapo" or self.prompt_template == "{prompt}", "prompt_template",
+             "applies to the simple layout only; a dapo prompt is already a list of chat messages (use "
+             "system_prompt, or rewrite the file)")
 
     @property
     def resolved_prompt_key(self) -> str:

@@ -77,11 +77,12 @@ def _apply_policy(issues: list[RowIssue], policy: str, setting: str, what: str, 
                         f"{setting}=skip to skip them (they are then counted and listed in the report)")
 
 
-def build_prompt_dataset(config: PromptDataConfig, tokenizer: Any) -> PromptDataset:
-    """Read ``config.path``, validate every row, render and tokenize the prompts; see the module docstring."""
+def build_prompt_dataset(config: PromptDataConfig, tokenizer: Any, *, key: str = "data") -> PromptDataset:
+    """Read ``config.path``, validate every row, render and tokenize the prompts; see the module docstring.
+    key: the config key of this dataset, which error messages name ("data.train", "data.val")."""
     where = str(config.path)
-    table = load_table(config.path, config.cache_dir)
-    check_columns(list(table.column_names), config, where)
+    table = load_table(config.path, config.cache_dir, key=key)
+    check_columns(list(table.column_names), config, where, key=key)
     if config.max_examples is not None:
         table = table.select(range(min(config.max_examples, len(table))))
     wanted = [c for c in dict.fromkeys(required_columns(config) + ["data_source", "extra_info"])
@@ -89,15 +90,15 @@ def build_prompt_dataset(config: PromptDataConfig, tokenizer: Any) -> PromptData
     parsed = [parse_row(row, index, config) for index, row in enumerate(table.select_columns(wanted))]
     records = [item for item in parsed if isinstance(item, PromptRecord)]
     invalid = [item for item in parsed if isinstance(item, RowIssue)]
-    _apply_policy(invalid, config.on_invalid, "data.on_invalid", "invalid rows", where)
+    _apply_policy(invalid, config.on_invalid, f"{key}.on_invalid", "invalid rows", where)
 
     texts = [render_prompt(tokenizer, r.messages, config.apply_chat_template) for r in records]
     token_ids = tokenize_prompts(tokenizer, texts, config.apply_chat_template)
     overlong = [RowIssue(r.row, config.resolved_prompt_key, f"prompt is {len(ids)} tokens, longer than "
-                         f"data.max_prompt_len={config.max_prompt_len}", kind="overlong")
+                         f"{key}.max_prompt_len={config.max_prompt_len}", kind="overlong")
                 for r, ids in zip(records, token_ids)
                 if config.max_prompt_len is not None and len(ids) > config.max_prompt_len]
-    _apply_policy(overlong, config.on_overlong, "data.on_overlong", "over-long prompts", where)
+    _apply_policy(overlong, config.on_overlong, f"{key}.on_overlong", "over-long prompts", where)
 
     too_long = {issue.row for issue in overlong}
     examples = [PromptExample(r.row, ids, text, r.messages, r.ground_truth, r.data_source, r.extra_info)

@@ -26,12 +26,12 @@ def required_columns(config: PromptDataConfig) -> list[str]:
     return [config.resolved_prompt_key.split(".")[0], config.resolved_ground_truth_key.split(".")[0]]
 
 
-def check_columns(column_names: list[str], config: PromptDataConfig, where: str) -> None:
+def check_columns(column_names: list[str], config: PromptDataConfig, where: str, key: str = "data") -> None:
     missing = [c for c in required_columns(config) if c not in column_names]
     if missing:
         raise DataError(
-            f"{where}: missing column(s) {missing} for data.layout={config.layout!r}; the file has columns "
-            f"{column_names}. Set data.prompt_key / data.ground_truth_key to the right names, or data.layout"
+            f"{where}: missing column(s) {missing} for {key}.layout={config.layout!r}; the file has columns "
+            f"{column_names}. Set {key}.prompt_key / {key}.ground_truth_key to the right names, or {key}.layout"
         )
 
 

@@ -3,7 +3,7 @@
 Epoch e visits every index once in the order ``permutation(seed, e)``; batches run across epoch boundaries (no
 prompt is dropped or repeated within an epoch). ``state_dict()`` is (seed, epoch, position, num_items) -- saved
 with the model checkpoint, ``load_state_dict`` continues with exactly the indices that would have come next
-(DESIGN.md contract 5: a killed run resumes with nothing lost or repeated).
+(docs/design.md, contract 5: a killed run resumes with nothing lost or repeated).
 """
 from __future__ import annotations
 

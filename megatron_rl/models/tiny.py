@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from megatron_rl.errors import is_finite_number, require
 from megatron_rl.models.qwen_arch import arch_from_dict
 
 ARCHS = ("qwen2", "qwen3", "qwen3_moe")
@@ -86,6 +87,22 @@ class TinySize:
     # transformers' init std. Tests use a larger one (e.g. 0.2) so logits are O(1) and parity checks are
     # discriminating; 0.02 (the Qwen default) gives near-uniform logits.
     initializer_range: float = 0.02
+
+    def __post_init__(self):
+        for name in ("hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "head_dim", "intermediate_size",
+                     "num_experts", "top_k", "moe_intermediate_size", "vocab_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            require(value >= 1, name, f"must be >= 1, got {value}", "tiny")
+        require(self.num_attention_heads % self.num_kv_heads == 0, "num_kv_heads",
+                f"(HF num_key_value_heads) must divide num_attention_heads={self.num_attention_heads}, got "
+                f"{self.num_kv_heads}", "tiny")
+        require(self.top_k <= self.num_experts, "top_k",
+                f"(HF num_experts_per_tok) must be <= num_experts={self.num_experts}, got {self.top_k}",
+                "tiny")
+        require(all(0 <= i < self.num_layers for i in self.mlp_only_layers), "mlp_only_layers",
+                f"must be layer indices in [0, num_layers={self.num_layers}), got {list(self.mlp_only_layers)}", "tiny")
+        require(is_finite_number(self.initializer_range) and self.initializer_range > 0, "initializer_range",
+                f"must be a finite number > 0, got {self.initializer_range!r}", "tiny")
 
 
 def hf_config(arch: str, size: TinySize, eos_token_id: int, pad_token_id: int):

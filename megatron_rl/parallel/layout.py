@@ -7,12 +7,30 @@ fails in milliseconds with a message naming the setting to change.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
-from megatron_rl.models.qwen_arch import QwenArch
+from megatron_rl.errors import FieldError
+
+
+class ModelShape(Protocol):
+    """The architecture facts a layout is checked against (megatron_rl.models.qwen_arch.QwenArch has them); a
+    protocol, so that this layer needs nothing from the model layer above it (docs/design.md, layers)."""
+
+    model_type: str
+    num_attention_heads: int
+    num_kv_heads: int
+    ffn_hidden_size: int
+    vocab_size: int
+    num_layers: int
+    moe: Any  # None for dense models; else num_experts, expert_ffn_hidden_size, moe_layers
 
 
 class ParallelLayoutError(ValueError):
     """A parallel layout that does not fit the world size or the model (the message names the setting)."""
+
+
+class ParallelLayoutFieldError(ParallelLayoutError, FieldError):
+    """A layout field out of range on its own (reported under the full config key, e.g. actor.layout.tp)."""
 
 
 @dataclass(frozen=True)
@@ -31,16 +49,19 @@ class ParallelLayout:
     sequence_parallel: bool | None = None
 
     def __post_init__(self):
+        def need(cond: bool, field: str, problem: str) -> None:
+            if not cond:
+                raise ParallelLayoutFieldError(field, problem, "parallel")
+
         for name in ("tp", "pp", "cp", "ep", "etp"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ParallelLayoutError(f"parallel.{name} must be a positive integer, got {value!r}")
-        if self.vpp is not None and (not isinstance(self.vpp, int) or self.vpp < 1):
-            raise ParallelLayoutError(f"parallel.vpp must be a positive integer or null, got {self.vpp!r}")
-        if self.vpp is not None and self.vpp > 1 and self.pp == 1:
-            raise ParallelLayoutError("parallel.vpp > 1 needs parallel.pp > 1 (virtual stages interleave pipeline stages)")
-        if self.sequence_parallel and self.tp == 1:
-            raise ParallelLayoutError("parallel.sequence_parallel=true needs parallel.tp > 1")
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
+                 f"must be a positive integer, got {value!r}")
+        need(self.vpp is None or (isinstance(self.vpp, int) and self.vpp >= 1), "vpp",
+             f"must be a positive integer or null, got {self.vpp!r}")
+        need(self.vpp is None or self.vpp == 1 or self.pp > 1, "vpp",
+             f"{self.vpp} needs pp > 1 (virtual stages interleave pipeline stages)")
+        need(not (self.sequence_parallel and self.tp == 1), "sequence_parallel", "true needs tp > 1")
 
     @property
     def use_sequence_parallel(self) -> bool:
@@ -62,57 +83,58 @@ class ParallelLayout:
         """Ranks spanned by one replica of the dense part: TP x PP x CP."""
         return self.tp * self.pp * self.cp
 
-    def data_parallel_size(self, world_size: int) -> int:
-        """DP size for `world_size`, after checking both the dense and the expert decompositions divide it."""
+    def data_parallel_size(self, world_size: int, key: str = "parallel", world: str = "world size") -> int:
+        """DP size for `world_size`, after checking both the dense and the expert decompositions divide it.
+        key / world: how messages name the layout and the world size (the config: actor.layout, resources.actor_ranks)."""
         if world_size % self.model_parallel_size:
             raise ParallelLayoutError(
-                f"world size {world_size} is not divisible by tp*pp*cp = {self.tp}*{self.pp}*{self.cp} = "
-                f"{self.model_parallel_size}; change the number of GPUs/ranks or the parallel sizes"
+                f"{key}.tp x {key}.pp x {key}.cp = {self.tp}x{self.pp}x{self.cp} = {self.model_parallel_size} does not "
+                f"divide {world}={world_size}; change the number of GPUs/ranks or the parallel sizes"
             )
         expert_span = self.etp * self.ep * self.pp
         if world_size % expert_span:
             raise ParallelLayoutError(
-                f"world size {world_size} is not divisible by etp*ep*pp = {self.etp}*{self.ep}*{self.pp} = "
-                f"{expert_span}; change parallel.ep / parallel.etp"
+                f"{key}.etp x {key}.ep x {key}.pp = {self.etp}x{self.ep}x{self.pp} = {expert_span} does not divide "
+                f"{world}={world_size}; change {key}.ep / {key}.etp or the number of GPUs/ranks"
             )
-        dp = world_size // self.model_parallel_size
-        return dp
+        return world_size // self.model_parallel_size
 
-    def validate_for_arch(self, arch: QwenArch) -> None:
-        """Check every size the model's shapes impose; raise naming the first that does not divide."""
+    def validate_for_arch(self, arch: ModelShape, key: str = "parallel") -> None:
+        """Check every size the model's shapes impose; raise naming the first that does not divide. key: how the
+        messages name the layout (the config says "actor.layout")."""
 
         def need(cond: bool, msg: str):
             if not cond:
                 raise ParallelLayoutError(msg)
 
         need(arch.num_attention_heads % self.tp == 0,
-             f"parallel.tp={self.tp} does not divide num_attention_heads={arch.num_attention_heads}")
+             f"{key}.tp={self.tp} does not divide num_attention_heads={arch.num_attention_heads}")
         need(arch.num_kv_heads % self.tp == 0,
-             f"parallel.tp={self.tp} does not divide num_key_value_heads (query groups)={arch.num_kv_heads}")
+             f"{key}.tp={self.tp} does not divide num_key_value_heads (query groups)={arch.num_kv_heads}")
         has_dense_mlp = arch.moe is None or not all(arch.moe.moe_layers)  # an all-MoE model never builds it
         need(not has_dense_mlp or arch.ffn_hidden_size % self.tp == 0,
-             f"parallel.tp={self.tp} does not divide intermediate_size={arch.ffn_hidden_size}")
+             f"{key}.tp={self.tp} does not divide intermediate_size={arch.ffn_hidden_size}")
         need(arch.vocab_size % self.tp == 0,
-             f"parallel.tp={self.tp} does not divide vocab_size={arch.vocab_size} (vocab-parallel embedding)")
+             f"{key}.tp={self.tp} does not divide vocab_size={arch.vocab_size} (vocab-parallel embedding)")
         stages = self.pp * (self.vpp or 1)
         need(arch.num_layers % stages == 0,
-             f"pipeline stages pp*vpp={stages} do not divide num_hidden_layers={arch.num_layers}")
+             f"pipeline stages {key}.pp x {key}.vpp = {stages} do not divide num_hidden_layers={arch.num_layers}")
         need(arch.num_layers // stages >= 1, "more pipeline stages than layers")
         if arch.moe is None:
-            need(self.ep == 1, f"parallel.ep={self.ep} needs a MoE model; {arch.model_type} has no experts")
-            need(self.etp == 1, f"parallel.etp={self.etp} needs a MoE model; {arch.model_type} has no experts")
+            need(self.ep == 1, f"{key}.ep={self.ep} needs a MoE model; {arch.model_type} has no experts")
+            need(self.etp == 1, f"{key}.etp={self.etp} needs a MoE model; {arch.model_type} has no experts")
         else:
             need(arch.moe.num_experts % self.ep == 0,
-                 f"parallel.ep={self.ep} does not divide num_experts={arch.moe.num_experts}")
+                 f"{key}.ep={self.ep} does not divide num_experts={arch.moe.num_experts}")
             need(arch.moe.expert_ffn_hidden_size % self.etp == 0,
-                 f"parallel.etp={self.etp} does not divide moe_intermediate_size={arch.moe.expert_ffn_hidden_size}")
+                 f"{key}.etp={self.etp} does not divide moe_intermediate_size={arch.moe.expert_ffn_hidden_size}")
 
-    def validate(self, world_size: int, arch: QwenArch | None = None) -> int:
+    def validate(self, world_size: int, arch: ModelShape | None = None, key: str = "parallel",
+                 world: str = "world size") -> int:
         """Validate against the world (and the model when given); return the data-parallel size."""
-        dp = self.data_parallel_size(world_size)
-        if arch is not None:
-            self.validate_for_arch(arch)
-        return dp
+        if arch is not None:  # the model's constraints first: they name the one setting that can never work
+            self.validate_for_arch(arch, key)
+        return self.data_parallel_size(world_size, key, world)
 
     def describe(self, world_size: int) -> str:
         dp = self.data_parallel_size(world_size)

@@ -1,13 +1,13 @@
 """The "default" reward: route each response to its task's verifier by the row's ``data_source``.
 
-Every synthetic task (``megatron_rl.data.synthetic.tasks.SYNTHETIC_TASKS``: arithmetic, countdown, chain) goes to
+Every synthetic task (``megatron_rl.tasks.registry.SYNTHETIC_TASKS``: arithmetic, countdown, chain) goes to
 its own verifier under its data_source ``synthetic/<task>``; everything else (DAPO-Math-17k, AIME, MATH ...) to
 the math-verify reward. The same idea as verl's ``default_compute_score``. The routing table is derived from the
 task table, so a newly registered task is routed without touching this file.
 """
 from __future__ import annotations
 
-from megatron_rl.data.synthetic.tasks import SYNTHETIC_TASKS
+from megatron_rl.tasks.registry import SYNTHETIC_TASKS
 from megatron_rl.rewards.math_reward import math_reward, warm_up
 
 VERIFIERS_BY_DATA_SOURCE = {task.data_source: task.verify for task in SYNTHETIC_TASKS.values()}

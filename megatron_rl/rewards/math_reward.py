@@ -17,7 +17,7 @@ import functools
 import logging
 from typing import Literal
 
-from megatron_rl.rewards.extraction import clean_answer, extract_final_answer
+from megatron_rl.tasks.extraction import clean_answer, extract_final_answer
 
 # We disable math-verify's timeouts on purpose (see module docstring); silence its once-per-process warning
 # about that, and its debug/warning noise for unparsable answers (an unparsable answer simply scores 0).

@@ -30,9 +30,9 @@ BUILTIN_REWARDS: dict[str, str] = {
     "default": "megatron_rl.rewards.default:default_reward",
     "math": "megatron_rl.rewards.math_reward:math_reward",
     "format": "megatron_rl.rewards.math_reward:format_reward",
-    "arithmetic": "megatron_rl.data.synthetic.arithmetic:arithmetic_reward",
-    "countdown": "megatron_rl.data.synthetic.countdown:countdown_reward",
-    "chain": "megatron_rl.data.synthetic.chain:chain_reward",
+    "arithmetic": "megatron_rl.tasks.arithmetic:arithmetic_reward",
+    "countdown": "megatron_rl.tasks.countdown:countdown_reward",
+    "chain": "megatron_rl.tasks.chain:chain_reward",
 }
 # Dataset fields passed to a reward function that declares a parameter of this name (or **kwargs).
 OPTIONAL_FIELDS = ("data_source", "extra_info")

@@ -19,14 +19,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from megatron_rl.errors import FieldError, is_finite_number
+
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
 DEVICES = ("cpu", "gpu")
 # The worker extension that gives every vLLM worker the weight-sync methods (importable by name in the worker).
 WORKER_EXTENSION = "megatron_rl.rollout.worker_extension.WeightSyncExtension"
 
 
-def _fail(field_name: str, problem: str, fix: str) -> None:
-    raise ValueError(f"{field_name}: {problem}; {fix}")
+def _fail_in(field_name: str, problem: str, fix: str, section: str = "rollout") -> None:
+    """field_name is relative to `section` (the rollout section: "engine.model", "num_engines"; an engine: "model")."""
+    raise FieldError(field_name, f"{problem}; {fix}", section)
+
+
+def _engine_fail(field_name: str, problem: str, fix: str) -> None:
+    """field_name is one of EngineConfig's own fields."""
+    _fail_in(field_name, problem, fix, "engine")
 
 
 @dataclass(frozen=True)
@@ -66,27 +74,25 @@ class EngineConfig:
 
     def __post_init__(self):
         if not self.model:
-            _fail("engine.model", "is empty", "give the HF model folder the engines start from")
+            _engine_fail("model", "is empty", "give the HF model folder the engines start from")
         if self.tensor_parallel_size < 1:
-            _fail("engine.tensor_parallel_size", f"must be >= 1, got {self.tensor_parallel_size}", "use 1 or more")
+            _engine_fail("tensor_parallel_size", f"must be >= 1, got {self.tensor_parallel_size}", "use 1 or more")
         if self.logprobs_mode not in LOGPROBS_MODES:
-            _fail("engine.logprobs_mode", f"unknown mode {self.logprobs_mode!r}", f"use one of {LOGPROBS_MODES}")
+            _engine_fail("logprobs_mode", f"unknown mode {self.logprobs_mode!r}", f"use one of {LOGPROBS_MODES}")
         if self.cpu_kv_cache_gib < 1 or int(self.cpu_kv_cache_gib) != self.cpu_kv_cache_gib:
-            _fail(
-                "engine.cpu_kv_cache_gib", f"must be a whole number of GiB >= 1, got {self.cpu_kv_cache_gib}",
+            _engine_fail("cpu_kv_cache_gib", f"must be a whole number of GiB >= 1, got {self.cpu_kv_cache_gib}",
                 "VLLM_CPU_KVCACHE_SPACE takes whole GiB",
             )
         if not 0 < self.gpu_memory_utilization <= 1:
-            _fail("engine.gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}", "e.g. 0.85")
+            _engine_fail("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}", "e.g. 0.85")
         if not 0 < self.colocated_gpu_memory_utilization < 1:
-            _fail(
-                "engine.colocated_gpu_memory_utilization", f"must be in (0, 1), got {self.colocated_gpu_memory_utilization}",
+            _engine_fail("colocated_gpu_memory_utilization", f"must be in (0, 1), got {self.colocated_gpu_memory_utilization}",
                 "leave room on the GPU for the colocated Megatron rank, e.g. 0.5",
             )
         if self.cpus_per_engine < 1:
-            _fail("engine.cpus_per_engine", f"must be >= 1, got {self.cpus_per_engine}", "use 1 or more")
+            _engine_fail("cpus_per_engine", f"must be >= 1, got {self.cpus_per_engine}", "use 1 or more")
         if self.max_model_len is not None and self.max_model_len < 2:
-            _fail("engine.max_model_len", f"must be >= 2, got {self.max_model_len}", "or None for the model's own")
+            _engine_fail("max_model_len", f"must be >= 2, got {self.max_model_len}", "or None for the model's own")
 
     def llm_kwargs(self, device: str, *, colocated: bool = False) -> dict[str, Any]:
         """Keyword arguments for `vllm.LLM(**kwargs)` on `device` ("cpu" or "gpu").
@@ -154,7 +160,7 @@ class RolloutPoolConfig:
     startup_timeout_s: an engine (re)start, including the replay of the current weights, must finish within this.
     weight_sync_timeout_s: one engine's part of an `update_weights` call must finish within this.
     transport: how weights travel to the engines (see `megatron_rl.rollout.weight_transport.TRANSPORTS`).
-    colocate: the engines run on the actor ranks' resources (megatron_rl/rollout/placement.py) and hand the memory
+    colocate: the engines run on the actor ranks' resources (megatron_rl/cluster/placement.py) and hand the memory
         back while the actors train (`RolloutPool.sleep` / `wake_up`); the trainer sets it from resources.colocate.
     """
 
@@ -171,14 +177,14 @@ class RolloutPoolConfig:
     def __post_init__(self):
         _check_device(self.device)
         if self.num_engines < 1:
-            _fail("rollout.num_engines", f"must be >= 1, got {self.num_engines}", "use 1 or more")
+            _fail_in("num_engines", f"must be >= 1, got {self.num_engines}", "use 1 or more")
         for name in ("request_timeout_s", "startup_timeout_s", "weight_sync_timeout_s"):
-            if not getattr(self, name) > 0:
-                _fail(f"rollout.{name}", f"must be > 0, got {getattr(self, name)}", "give seconds")
+            if not (is_finite_number(getattr(self, name)) and getattr(self, name) > 0):
+                _fail_in(name, f"must be > 0, got {getattr(self, name)}", "give seconds")
         if self.max_attempts < 1:
-            _fail("rollout.max_attempts", f"must be >= 1, got {self.max_attempts}", "1 means no retry")
+            _fail_in("max_attempts", f"must be >= 1, got {self.max_attempts}", "1 means no retry")
         if self.device == "cpu" and self.engine.tensor_parallel_size != 1:
-            _fail(
+            _fail_in(
                 "engine.tensor_parallel_size", f"is {self.engine.tensor_parallel_size} on device 'cpu'",
                 "the CPU pool runs one in-process vLLM worker per engine: use tensor_parallel_size=1 and more engines",
             )
@@ -186,4 +192,4 @@ class RolloutPoolConfig:
 
 def _check_device(device: str) -> None:
     if device not in DEVICES:
-        _fail("rollout.device", f"unknown device {device!r}", f"use one of {DEVICES}")
+        _fail_in("device", f"unknown device {device!r}", f"use one of {DEVICES}")

@@ -1,7 +1,7 @@
 """Training/rollout mismatch: the actor's recomputed log-probs vs the rollout engine's, on the same sampled tokens.
 
 Pure torch. Both inputs are log pi(y_t | x, y_<t) of the sampled tokens under the same weights, so ideally they are
-equal (DESIGN.md contract 4; compare like with like: the engine's `logprobs_mode="processed_logprobs"` with
+equal (docs/design.md, contract 4; compare like with like: the engine's `logprobs_mode="processed_logprobs"` with
 top_p=1/top_k=-1 is log_softmax(logits / T), which is what the actor recomputes at temperature T). They differ
 through kernels and precision (bf16 vLLM vs Megatron), MoE routing flips, and bugs: stale weights after a sync, a
 wrong temperature, a shifted response mask. A step whose mismatch jumps is a step whose importance ratios are wrong.

@@ -42,8 +42,8 @@ from typing import Any, Iterable, Sequence
 
 from megatron_rl.rollout.config import RolloutPoolConfig
 from megatron_rl.rollout.engine import RolloutEngine
-from megatron_rl.rollout.placement import COLOCATED_GPU_SHARE, ColocatedPlacement, in_bundle, reserve_placement_group
-from megatron_rl.rollout.ray_cluster import require_ray
+from megatron_rl.cluster.placement import COLOCATED_GPU_SHARE, ColocatedPlacement, in_bundle, reserve_placement_group
+from megatron_rl.cluster.ray_cluster import require_ray
 from megatron_rl.rollout.sharding import assemble_completions, split_prompts
 from megatron_rl.rollout.types import Completion, PoolStats, SamplingConfig, WeightSyncStats
 from megatron_rl.rollout.weight_transport import Bucket, make_transport
@@ -181,6 +181,23 @@ class RolloutPool:
         self._asleep -= set(asleep)
         self.stats.wakes += 1
         self._handoff_events.append("wake:" + ",".join(asleep))
+
+    def yield_to_training(self) -> None:
+        """The rollout is done: a colocated pool hands the memory to the actors (`sleep(level=1)`); a split pool keeps
+        its devices (nothing to do). `sync_weights` hands it back. The trainer calls both every step, whatever the
+        mode, so the hand-off protocol lives here and not in the loop."""
+        if self.config.colocate:
+            self.sleep(level=1)
+
+    def sync_weights(self, buckets: Iterable[Bucket], *, version: int | None = None) -> WeightSyncStats:
+        """`update_weights` with a colocated pool's hand-back around it, in vLLM's RLHF colocate order: wake the
+        weights, load the new ones, then wake the KV cache. For a split pool (or an awake one) just `update_weights`."""
+        if "weights" in self._asleep:
+            self.wake_up(("weights",))
+        stats = self.update_weights(buckets, version=version)
+        if self._asleep:
+            self.wake_up(("kv_cache",))
+        return stats
 
     def take_handoff_events(self) -> list[str]:
         """The colocated pool's sleep / wake / weight-update events since the last call, in order (the trainer logs

@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from megatron_rl.errors import require
+
 FinishReason = Literal["stop", "length", "abort"]
 
 
@@ -25,23 +27,20 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.n < 1:
-            raise ValueError(f"sampling.n must be >= 1, got {self.n}")
-        if not 0 <= self.temperature < math.inf:  # also refuses NaN
-            raise ValueError(f"sampling.temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
-        if not (self.top_k in (-1, 0) or self.top_k >= 1):
-            raise ValueError(f"sampling.top_k must be -1 or 0 (no top-k) or >= 1, got {self.top_k}")
-        if self.max_tokens < 1:
-            raise ValueError(f"sampling.max_tokens must be >= 1, got {self.max_tokens}")
-        if isinstance(self.stop, str):  # tuple("</answer>") would stop at any of its characters
-            raise ValueError(
-                f"sampling.stop must be a tuple of strings, got the string {self.stop!r}; write stop=({self.stop!r},)"
-            )
+        def need(cond: bool, field: str, problem: str) -> None:
+            require(cond, field, problem, "sampling")
+
+        need(self.n >= 1, "n", f"must be >= 1, got {self.n}")
+        need(0 <= self.temperature < math.inf, "temperature",  # also refuses NaN
+             f"must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        need(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        need(self.top_k in (-1, 0) or self.top_k >= 1, "top_k", f"must be -1 or 0 (no top-k) or >= 1, got {self.top_k}")
+        need(self.max_tokens >= 1, "max_tokens", f"must be >= 1, got {self.max_tokens}")
+        # tuple("</answer>") would stop at any of its characters
+        need(not isinstance(self.stop, str), "stop",
+             f"must be a tuple of strings, got the string {self.stop!r}; write stop=({self.stop!r},)")
         stop = tuple(self.stop)
-        if not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"sampling.stop must hold non-empty strings, got {stop!r}")
+        need(all(isinstance(s, str) and s for s in stop), "stop", f"must hold non-empty strings, got {stop!r}")
         object.__setattr__(self, "stop", stop)  # a list (e.g. from Python code) becomes the tuple the type says
 
 

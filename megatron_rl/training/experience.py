@@ -1,6 +1,6 @@
 """From rollouts to training data: score completions into groups, filter (on the driver), build the actor batch.
 
-The driver is the single place where sampling decisions are made (DESIGN contract 3): `fill_batch` runs here
+The driver is the single place where sampling decisions are made (docs/design.md, contract 3): `fill_batch` runs here
 once and every actor rank then receives the identical `ActorBatch` through Ray. (`algorithms.rank0.decide_on_rank0`
 serves the same purpose for torchrun-style launches without a driver.)
 """

@@ -9,7 +9,8 @@ alias); and a fresh actor that loads the training checkpoint gets the reset refe
 import pytest
 
 from megatron_rl.actor.config import ActorConfig, OptimizerSettings, PolicyLossSettings
-from megatron_rl.actor.megatron_actor import REFERENCE_DIR, MegatronActor
+from megatron_rl.actor.megatron_actor import MegatronActor
+from megatron_rl.checkpoint.names import REFERENCE_DIR
 from megatron_rl.checkpoint.model_ckpt import atomic_checkpoint_dir
 from megatron_rl.parallel.layout import ParallelLayout
 from megatron_rl.parallel.spawn import spawn_ranks

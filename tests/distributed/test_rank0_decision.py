@@ -1,4 +1,4 @@
-"""Sampling decisions are made once, on rank 0, and broadcast (DESIGN.md contract 3), over real gloo ranks.
+"""Sampling decisions are made once, on rank 0, and broadcast (docs/design.md, contract 3), over real gloo ranks.
 
 Each rank holds a *different* local view of the same rollouts (as after non-deterministic reward recomputation):
 deciding locally would give every rank a different batch. After the broadcast every rank must hold rank 0's

@@ -28,7 +28,7 @@ def test_verify_model_tiny_passes():
 
 def test_verify_model_bad_layout_exits_2(tmp_path):
     out = _run("verify-model", "--tiny", "qwen3", "--tp", "3")
-    assert out.returncode == 2 and "parallel.tp=3 does not divide" in out.stderr
+    assert out.returncode == 2 and "actor.layout.tp=3 does not divide" in out.stderr
 
 
 def test_readme_commands_are_what_ci_runs():
@@ -87,6 +87,6 @@ def test_train_with_bad_data_exits_2_before_ray_starts(tmp_path):
                "warmup.steps=0", f"run.output_dir={tmp_path / 'runs'}", cwd=tmp_path, timeout=300)
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert "data error:" in out.stderr and "missing column(s) ['answer']" in out.stderr
-    assert "data.ground_truth_key" in out.stderr  # the fix is named
+    assert "data.train.ground_truth_key" in out.stderr  # the fix is named, under its config key
     assert "[setup] starting" not in out.stdout  # no actor or engine was started
     assert time.monotonic() - start < 120

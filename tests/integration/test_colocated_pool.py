@@ -14,8 +14,8 @@ import os
 import pytest
 
 from megatron_rl.rollout import EngineConfig, RolloutError, RolloutPool, RolloutPoolConfig, SamplingConfig
-from megatron_rl.rollout.placement import ColocatedPlacement, in_bundle, reserve_placement_group
-from megatron_rl.rollout.ray_cluster import local_ray_cluster
+from megatron_rl.cluster.placement import ColocatedPlacement, in_bundle, reserve_placement_group
+from megatron_rl.cluster.ray_cluster import local_ray_cluster
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray]
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron_rl.rollout import EngineConfig, RolloutError, RolloutPool, RolloutPoolConfig, SamplingConfig
-from megatron_rl.rollout.ray_cluster import local_ray_cluster
+from megatron_rl.cluster.ray_cluster import local_ray_cluster
 from tests.integration.test_rollout_pool import (
     MODEL_SIZE,
     TEMPERATURE,

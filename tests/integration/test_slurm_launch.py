@@ -66,7 +66,7 @@ class Job:
     def __init__(self, tmp_path: Path, *args: str, run_name: str = "t", **env):
         self.run_dir = tmp_path / "runs" / run_name
         job_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-        job_env.update(CONFIG="examples/configs/quickstart_cpu.yaml", GPUS_PER_NODE="0", RAY_LOOPBACK="1",
+        job_env.update(CONFIG="megatron_rl/configs/quickstart_cpu.yaml", GPUS_PER_NODE="0", RAY_LOOPBACK="1",
                        RAY_PORT=str(_free_port()), RAY_OBJECT_STORE_BYTES=str(256 << 20), RAY_STOP_TIMEOUT="5",
                        OUTPUT_DIR=str(tmp_path / "runs"), RUN_NAME=run_name, **env)
         out = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0",

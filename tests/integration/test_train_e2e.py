@@ -179,7 +179,7 @@ def test_kill_at_any_time_then_resume_replays_exactly(tmp_path):
     [
         ("actor.layuot.tp=2", "actor.layuot: unknown key (did you mean 'actor.layout'?)"),
         ("run.steps=many", "run.steps: must be an integer"),
-        ("actor.layout.tp=2", "world size 1 is not divisible by tp*pp*cp"),
+        ("actor.layout.tp=2", "actor.layout.tp x actor.layout.pp x actor.layout.cp = 2x1x1 = 2 does not divide resources.actor_ranks=1"),
         ("resources.num_cpus=1", "resources.num_cpus=1 is less than the actors and engines need"),
         ("algorithm.lspo.low_quantile=1.5", "lspo.low_quantile must be a number in (0, 1]"),
     ],

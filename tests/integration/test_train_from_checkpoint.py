@@ -23,7 +23,7 @@ from megatron_rl.checkpoint.convert import convert_from_hf
 from megatron_rl.config import load_config
 from megatron_rl.models.tiny import TinySize, make_tiny_model
 from megatron_rl.parallel.layout import ParallelLayout
-from megatron_rl.trainer import Trainer
+from megatron_rl.training.trainer import Trainer
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 

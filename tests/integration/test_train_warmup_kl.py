@@ -7,7 +7,7 @@ forwards: 0 up to float rounding (< 1e-6). The checkpoint written at exit carrie
 import pytest
 
 from megatron_rl.config import load_config
-from megatron_rl.trainer import Trainer
+from megatron_rl.training.trainer import Trainer
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 

@@ -81,14 +81,14 @@ def test_derived_defaults_write_shared_settings_once():
     "overrides, message",
     [
         ([], "data.train: no training prompts"),
-        (BASE + ["actor.layout.tp=2"], "world size 1 is not divisible by tp*pp*cp = 2*1*1"),
-        (BASE + ["resources.actor_ranks=2", "actor.layout.tp=4"], "world size 2 is not divisible"),
+        (BASE + ["actor.layout.tp=2"], "actor.layout.tp x actor.layout.pp x actor.layout.cp = 2x1x1 = 2 does not divide resources.actor_ranks=1"),
+        (BASE + ["resources.actor_ranks=2", "actor.layout.tp=4"], "actor.layout.tp=4 does not divide num_key_value_heads"),
         (BASE + ["resources.actor_ranks=2", "actor.layout.tp=2", "model.tiny.num_kv_heads=1"], "num_key_value_heads"),
         (BASE + ["resources.num_cpus=1"], "resources.num_cpus=1 is less than the actors and engines need (2"),
         (BASE + ["sampling.n=1"], "sampling.n=1: grpo needs groups of >= 2"),
         (BASE + ["sampling.max_tokens=5000"], "exceeds the model's max_position_embeddings=1024"),
         (BASE + ["warmup.steps=3", "data.synthetic=null", "data.train.path=x.parquet"], "warmup.steps > 0 needs data.synthetic"),
-        (BASE + ["actor.loss.name=ppo2"], "unknown policy loss 'ppo2'"),
+        (BASE + ["actor.loss.name=ppo2"], "actor.loss.name: must be a registered loss, one of"),
         (BASE + ["rollout.device=gpu"], "rollout.device='gpu' but resources.device resolves to 'cpu'"),
         (BASE + ["reward.fn=mth"], "reward.fn / reward.kwargs: reward function 'mth' is neither a built-in name"),
         (BASE + ["reward.fn=no_such_pkg.rewards:score"], "cannot import module 'no_such_pkg.rewards'"),
@@ -102,7 +102,7 @@ def test_cross_checks(overrides, message):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config("examples/configs/quickstart_cpu.yaml", ["run.steps=7"])
+    cfg = load_config("megatron_rl/configs/quickstart_cpu.yaml", ["run.steps=7"])
     path = tmp_path / "config.yaml"
     path.write_text(config_yaml(cfg))
     again = load_config(str(path))
@@ -111,7 +111,7 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_quickstart_is_what_the_readme_says():
-    cfg = load_config("examples/configs/quickstart_cpu.yaml")
+    cfg = load_config("megatron_rl/configs/quickstart_cpu.yaml")
     assert cfg.actor.loss.name == "luspo" and cfg.algorithm.lspo.enabled and cfg.algorithm.dynamic_sampling.accuracy_filter
     assert cfg.model.tiny_arch == "qwen3" and cfg.run.steps == 200 and cfg.warmup.steps == 80
 
@@ -129,7 +129,7 @@ def test_exclude_fully_masked_validates_and_reaches_the_actor_loss_counts():
                          ("null", "must not be null")):
         with pytest.raises(ConfigError, match=rf"actor\.loss\.exclude_fully_masked: {message}"):
             load_config(None, BASE + [f"actor.loss.exclude_fully_masked={bad}"])
-    with pytest.raises(ValueError, match="loss.exclude_fully_masked must be true or false, got 1"):
+    with pytest.raises(ValueError, match="loss.exclude_fully_masked: must be true or false, got 1"):
         PolicyLossSettings(exclude_fully_masked=1)  # built in code, not from YAML
 
     # Two micro-batches with one fully masked row each; LUSPO's N is 4 rows by default, 2 with the flag.

@@ -5,7 +5,7 @@ import pytest
 
 from megatron_rl.config import ConfigError, load_config, required_cpus
 from megatron_rl.rollout import EngineConfig, RolloutPoolConfig
-from megatron_rl.rollout.placement import colocated_engine_bundles
+from megatron_rl.cluster.placement import colocated_engine_bundles
 
 BASE = ["data.synthetic.task=arithmetic", "run.output_dir=/tmp/taskH_unused", "resources.device=cpu"]
 

@@ -10,7 +10,7 @@ import pytest
 
 from megatron_rl.data import PromptDataConfig, build_prompt_dataset
 from megatron_rl.data.synthetic import write_synthetic_dataset
-from megatron_rl.evaluation import evaluate, format_metrics, pass_at_k, run_evaluation
+from megatron_rl.training.evaluation import evaluate, format_metrics, pass_at_k, run_evaluation
 from megatron_rl.rewards import RewardPool
 from megatron_rl.rollout.types import Completion, SamplingConfig
 from tests.unit.data.tiny_tokenizer import make_tiny_tokenizer

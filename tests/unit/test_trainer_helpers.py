@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from megatron_rl.actor.batch import ActorBatch
-from megatron_rl.trainer import _combine_mini_batches, _split
-from megatron_rl.training.checkpointing import (
+from megatron_rl.training.trainer import _combine_mini_batches, _split
+from megatron_rl.checkpoint.run_state import (
     latest_checkpoint,
     list_checkpoints,
     load_trainer_state,
@@ -63,19 +63,18 @@ def test_combined_metrics_sum_counts_and_average_the_rest():
 
 
 class StandInActorGroup:
-    """Writes a model file the way the actor ranks do (into the directory it is given) and answers one result per
-    rank, as ActorGroup.call does; can crash mid-write."""
+    """Writes a model file the way the actor ranks do (into the directory it is given) and answers rank 0's small
+    state, as ActorGroup.save_checkpoint does; can crash mid-write."""
 
     def __init__(self):
         self.crash = False
 
-    def call(self, method, directory):
-        assert method == "save_checkpoint"
+    def save_checkpoint(self, directory):
         with open(os.path.join(directory, "model.bin"), "w") as f:
             f.write("weights")
         if self.crash:
             raise RuntimeError("killed while writing the optimizer")
-        return [{"iteration": 1}]
+        return {"iteration": 1}
 
 
 def _write_metrics(path, steps):

@@ -6,7 +6,7 @@ import torch
 
 from megatron_rl.actor.batch import ActorBatch
 from megatron_rl.rollout.mismatch import MismatchMetrics
-from megatron_rl.trainer import Trainer
+from megatron_rl.training.trainer import Trainer
 
 
 def test_mismatch_metrics_of_a_ragged_batch():

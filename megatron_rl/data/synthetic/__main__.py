@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_rl.data.synthetic.export import write_synthetic_dataset
-from megatron_rl.data.synthetic.tasks import SYNTHETIC_TASKS
+from megatron_rl.tasks.registry import SYNTHETIC_TASKS
 
 
 def main(argv: list[str] | None = None) -> None:

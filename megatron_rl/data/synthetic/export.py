@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_rl.data.synthetic.tasks import generate_examples
+from megatron_rl.tasks.registry import generate_examples
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,7 @@ def test_bad_inputs_name_the_problem():
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        (dict(enabled="false"), "lspo.enabled must be True or False"),
+        (dict(enabled="false"), "lspo.enabled: must be True or False"),
         (dict(low_quantile=0.0), "lspo.low_quantile"),
         (dict(max_quantile=1.5), "lspo.max_quantile"),
         (dict(high_quantile="0.6"), "lspo.high_quantile"),

@@ -81,8 +81,8 @@ def test_bad_penalty_inputs():
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        (dict(soft_penalty="yes"), "overlong.soft_penalty must be True or False"),
-        (dict(mask_truncated=1), "overlong.mask_truncated must be True or False"),
+        (dict(soft_penalty="yes"), "overlong.soft_penalty: must be True or False"),
+        (dict(mask_truncated=1), "overlong.mask_truncated: must be True or False"),
         (dict(soft_penalty=True), "overlong.max_response_length"),
         (dict(soft_penalty=True, max_response_length=20), "overlong.cache_length"),
         (dict(soft_penalty=True, max_response_length=20, cache_length=0), "overlong.cache_length"),

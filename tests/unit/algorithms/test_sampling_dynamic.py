@@ -245,8 +245,8 @@ def test_config_objects_of_the_wrong_type_fail_before_generating():
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        (dict(accuracy_filter="no"), "dynamic_sampling.accuracy_filter must be True or False"),
-        (dict(on_cap="top_up", top_up_with_zero_advantage=1), "dynamic_sampling.top_up_with_zero_advantage must be"),
+        (dict(accuracy_filter="no"), "dynamic_sampling.accuracy_filter: must be True or False"),
+        (dict(on_cap="top_up", top_up_with_zero_advantage=1), "dynamic_sampling.top_up_with_zero_advantage: must be"),
         (dict(max_rounds=0), "dynamic_sampling.max_rounds"),
         (dict(max_rounds=2.5), "dynamic_sampling.max_rounds"),
         (dict(on_cap="wait"), "dynamic_sampling.on_cap"),

@@ -5,7 +5,6 @@ import os
 import pytest
 
 from megatron_rl.checkpoint.format import (
-    INFO_FILE,
     CheckpointFormatError,
     CheckpointInfo,
     arch_summary,
@@ -15,6 +14,7 @@ from megatron_rl.checkpoint.format import (
     summary_mismatches,
     write_info,
 )
+from megatron_rl.checkpoint.names import INFO_FILE
 from megatron_rl.models.qwen_arch import ModelConfigError, arch_from_dict
 from tests.unit.models.test_qwen_arch import QWEN3_30B_A3B, QWEN25_7B
 

@@ -191,7 +191,7 @@ def test_max_examples_reads_the_head(dapo_parquet, tmp_path, tiny_tokenizer):
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("missing.parquet", None, "data file not found"),
+    ("missing.parquet", None, "data.path: file not found"),
     ("data.csv", "a,b\n", "must all be .parquet or all .jsonl"),
     ("broken.jsonl", '{"prompt": "q", "answer": "1"}\n{not json\n', "cannot read"),
 ])
@@ -204,7 +204,7 @@ def test_unreadable_files(tmp_path, tiny_tokenizer, name, content, message):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"path": ""}, "data.path is required"), ({"layout": "chat"}, "data.layout"),
+    ({"path": ""}, "data.path: is required"), ({"layout": "chat"}, "data.layout"),
     ({"on_invalid": "ignore"}, "data.on_invalid"), ({"max_prompt_len": 0}, "data.max_prompt_len"),
     ({"layout": "simple", "prompt_template": "no placeholder"}, "must contain '{prompt}'"),
     ({"prompt_template": "{prompt}!"}, "simple layout only"),

@@ -5,18 +5,17 @@ import json
 import pytest
 
 from megatron_rl.data import PromptDataConfig, build_prompt_dataset, render_sft_example
-from megatron_rl.data.synthetic import (
+from megatron_rl.data.synthetic import sft_pairs, write_synthetic_dataset
+from megatron_rl.tasks import (
     ARITHMETIC_LEVELS,
     COUNTDOWN_LEVELS,
     SYNTHETIC_TASKS,
     arithmetic_reward,
     countdown_reward,
     generate_examples,
-    sft_pairs,
-    write_synthetic_dataset,
 )
 from megatron_rl.data.synthetic.__main__ import main as synthetic_cli
-from megatron_rl.data.synthetic.expression import ExpressionError, evaluate_expression
+from megatron_rl.tasks.expression import ExpressionError, evaluate_expression
 from megatron_rl.rewards.default import default_reward
 
 ALL_LEVELS = [(task, level) for task, levels in (("arithmetic", ARITHMETIC_LEVELS), ("countdown", COUNTDOWN_LEVELS))

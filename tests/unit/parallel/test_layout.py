@@ -35,8 +35,8 @@ def test_scale_plan_layouts_fit_their_models():
         (ParallelLayout(ep=3), MOE, 3, "num_experts=128"),
         (ParallelLayout(ep=2), DENSE, 2, "needs a MoE model"),
         (ParallelLayout(pp=5), DENSE, 5, "num_hidden_layers=28"),
-        (ParallelLayout(tp=2, pp=2), DENSE, 6, "not divisible by tp\\*pp\\*cp"),
-        (ParallelLayout(ep=4, pp=2), MOE, 6, "etp\\*ep\\*pp"),
+        (ParallelLayout(tp=2, pp=2), DENSE, 6, "parallel.tp x parallel.pp x parallel.cp = 2x2x1 = 4 does not divide"),
+        (ParallelLayout(ep=4, pp=2), MOE, 6, "parallel.etp x parallel.ep x parallel.pp"),
         (ParallelLayout(etp=5), MOE, 5, "moe_intermediate_size"),
     ],
 )

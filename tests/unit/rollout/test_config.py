@@ -80,9 +80,9 @@ def test_cpu_pool_refuses_tensor_parallel_engines():
         (dict(top_p=0.0), "sampling.top_p"),
         (dict(top_k=-2), "sampling.top_k"),
         (dict(max_tokens=0), "sampling.max_tokens"),
-        (dict(stop="</answer>"), r"sampling.stop must be a tuple of strings.*write stop=\('</answer>',\)"),
-        (dict(stop=("ok", "")), "sampling.stop must hold non-empty strings"),
-        (dict(stop=(3,)), "sampling.stop must hold non-empty strings"),
+        (dict(stop="</answer>"), r"sampling.stop: must be a tuple of strings.*write stop=\('</answer>',\)"),
+        (dict(stop=("ok", "")), "sampling.stop: must hold non-empty strings"),
+        (dict(stop=(3,)), "sampling.stop: must hold non-empty strings"),
     ],
 )
 def test_bad_sampling_settings_name_the_field(fields, error):

@@ -1,6 +1,6 @@
 import pytest
 
-from megatron_rl.rewards.extraction import (
+from megatron_rl.tasks.extraction import (
     clean_answer,
     extract_answer_segment,
     extract_final_answer,

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_rl.data.synthetic.arithmetic import arithmetic_reward
-from megatron_rl.data.synthetic.example import SyntheticExample, check_difficulty, task_rng
+from megatron_rl.tasks.arithmetic import arithmetic_reward
+from megatron_rl.tasks.example import SyntheticExample, check_difficulty, task_rng
 
 TASK = "chain"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from megatron_rl.data.synthetic import arithmetic, chain, countdown
-from megatron_rl.data.synthetic.example import SyntheticExample
+from megatron_rl.tasks import arithmetic, chain, countdown
+from megatron_rl.tasks.example import SyntheticExample
 
 
 @dataclass(frozen=True)

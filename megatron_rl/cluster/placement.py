@@ -1,7 +1,7 @@
 """Ray placement shared by the Megatron actor group and the rollout pool (split and colocated modes).
 
 Split mode (`resources.colocate: false`): the actor group reserves one bundle per rank, each engine its own
-placement group (`RolloutPool._bundles`). Colocated mode (`resources.colocate: true`, DESIGN.md "Scale plan":
+placement group (`RolloutPool._bundles`). Colocated mode (`resources.colocate: true`; docs/design.md:
 colocated and split are configuration, not code forks): the engines reserve nothing of their own; engine e runs in
 the actor group's placement group, its TP rank k in bundle `e * tp + k` (one actor rank's bundle), so on GPU every
 engine TP rank lands on an actor rank's GPU. Ray then has to fit both in one bundle: each side takes

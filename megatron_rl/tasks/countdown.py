@@ -11,9 +11,9 @@ import json
 from dataclasses import dataclass
 from fractions import Fraction
 
-from megatron_rl.data.synthetic.example import SyntheticExample, check_difficulty, task_rng
-from megatron_rl.data.synthetic.expression import ExpressionError, evaluate_expression, expression_literals
-from megatron_rl.rewards.extraction import extract_answer_segment
+from megatron_rl.tasks.example import SyntheticExample, check_difficulty, task_rng
+from megatron_rl.tasks.expression import ExpressionError, evaluate_expression, expression_literals
+from megatron_rl.tasks.extraction import extract_answer_segment
 
 TASK = "countdown"
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_rl.data.synthetic.example import SyntheticExample, check_difficulty, task_rng
-from megatron_rl.data.synthetic.expression import evaluate_expression, parse_number
-from megatron_rl.rewards.extraction import extract_answer_segment
+from megatron_rl.tasks.example import SyntheticExample, check_difficulty, task_rng
+from megatron_rl.tasks.expression import evaluate_expression, parse_number
+from megatron_rl.tasks.extraction import extract_answer_segment
 
 TASK = "arithmetic"
 

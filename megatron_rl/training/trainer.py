@@ -1,6 +1,6 @@
 """The RL loop: rollout -> reward -> filter -> advantages -> old log-probs -> train -> sync -> evaluate -> log -> save.
 
-    cfg = load_config("examples/configs/quickstart_cpu.yaml")
+    cfg = load_config("megatron_rl/configs/quickstart_cpu.yaml")
     Trainer(cfg).run()                      # or Trainer(cfg, resume=True).run()
 
 One step (`_rl_step`):
@@ -27,8 +27,9 @@ import signal
 import time
 import warnings
 
+from megatron_rl.checkpoint.names import CHECKPOINTS_DIR
 from megatron_rl.config import TrainConfig, config_yaml, required_cpus
-from megatron_rl.training.checkpointing import (
+from megatron_rl.checkpoint.run_state import (
     latest_checkpoint,
     load_trainer_state,
     remove_unfinished,
@@ -48,7 +49,7 @@ class Trainer:
         self.resume = resume
         self.echo = echo
         self.run_dir = cfg.run_dir
-        self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
+        self.ckpt_root = os.path.join(self.run_dir, CHECKPOINTS_DIR)
         self.step = 0
         self.weights_version = 0
         self._stop_requested = False
@@ -89,13 +90,13 @@ class Trainer:
 
         cfg = self.cfg
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-        self.train_data = build_prompt_dataset(cfg.data.train, self.tokenizer)
+        self.train_data = build_prompt_dataset(cfg.data.train, self.tokenizer, key="data.train")
         if len(self.train_data) == 0:
             raise ValueError(f"data.train ({cfg.data.train.path}) has no usable prompts")
         synthetic_without_val = cfg.data.synthetic is not None and cfg.data.synthetic.num_val == 0
         self.val_data = None
         if cfg.data.val is not None and not synthetic_without_val:
-            self.val_data = build_prompt_dataset(cfg.data.val, self.tokenizer)
+            self.val_data = build_prompt_dataset(cfg.data.val, self.tokenizer, key="data.val")
         self.sampler = ResumableSampler(len(self.train_data), seed=cfg.run.seed)
         self.echo(f"[setup] {len(self.train_data)} training prompts"
                   + (f", {len(self.val_data)} validation prompts" if self.val_data else ""))
@@ -105,9 +106,9 @@ class Trainer:
 
         from megatron_rl.actor.ray_group import ActorGroup
         from megatron_rl.rewards import RewardPool
-        from megatron_rl.rollout.placement import COLOCATED_GPU_SHARE, ColocatedPlacement
+        from megatron_rl.cluster.placement import COLOCATED_GPU_SHARE, ColocatedPlacement
         from megatron_rl.rollout.pool import RolloutPool
-        from megatron_rl.rollout.ray_cluster import start_local_ray_cluster
+        from megatron_rl.cluster.ray_cluster import start_local_ray_cluster
 
         cfg = self.cfg
         self.reward_pool = RewardPool(cfg.reward.fn, num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s,
@@ -176,7 +177,7 @@ class Trainer:
         The actor set itself up from model.megatron_checkpoint when set, else from model.path; then either a resume
         loads the checkpoint (model, optimizer, sampler, step) or the optional warm-up trains. The engines started
         from model.path's weights, so they are synced whenever the actor's differ from those: after a resume, a
-        warm-up, or a start from model.megatron_checkpoint (DESIGN.md contract 4: rollout and training see the same
+        warm-up, or a start from model.megatron_checkpoint (docs/design.md, contract 4: rollout and training see the same
         weights from the first step on).
         """
         if resume_from is not None:
@@ -263,16 +264,15 @@ class Trainer:
         metrics["train/advantage_abs_mean"] = float(batch.advantages.abs().mean())
 
         with timer("train"):
-            if cfg.resources.colocate:  # the rollout is done: hand the memory to the actors (woken in _sync_weights)
-                self.pool.sleep(level=1)
+            self.pool.yield_to_training()  # colocated: the engines sleep until _sync_weights
             if algo.old_log_probs == "recompute":
-                batch.old_log_probs = self.group.call("compute_log_probs", batch)[0]
+                batch.old_log_probs = self.group.compute_log_probs(batch)
                 metrics.update(self._mismatch(batch))
             else:
                 batch.old_log_probs = batch.rollout_log_probs
             if cfg.actor.loss.kl_coef > 0:
-                batch.ref_log_probs = self.group.call("compute_log_probs", batch, model="reference")[0]
-            steps = [self.group.call("train_step", mini)[0]
+                batch.ref_log_probs = self.group.compute_log_probs(batch, model="reference")
+            steps = [self.group.train_step(mini)
                      for mini in _split(batch, algo.mini_batches, group_size=cfg.sampling.n)]
             metrics.update({f"train/{key}": value for key, value in _combine_mini_batches(steps).items()})
         with timer("sync"):
@@ -299,7 +299,7 @@ class Trainer:
         return self.val_data is not None and len(self.val_data) > 0
 
     def _evaluate(self) -> dict:
-        from megatron_rl.evaluation import evaluate
+        from megatron_rl.training.evaluation import evaluate
         from megatron_rl.rollout.types import SamplingConfig
 
         cfg = self.cfg.eval
@@ -334,26 +334,21 @@ class Trainer:
             rendered = [render_sft_example(self.tokenizer, p.messages, p.response)
                         for p in pairs[k * cfg.batch_size : (k + 1) * cfg.batch_size]]
             batch = ActorBatch(prompt_ids=[r[0] for r in rendered], response_ids=[r[1] for r in rendered])
-            m = self.group.call("train_step", batch, objective="sft", lr=cfg.lr)[0]
+            m = self.group.train_step(batch, objective="sft", lr=cfg.lr)
             if (k + 1) % max(1, cfg.steps // 5) == 0 or k + 1 == cfg.steps:
                 self.echo(f"[warmup] step {k + 1}/{cfg.steps}: nll {m['nll']:.3f}")
-        self.group.call("reset_optimizer_state")
+        self.group.reset_optimizer_state()
         if self.cfg.actor.loss.kl_coef > 0:
-            self.group.call("reset_reference_to_policy")
+            self.group.reset_reference_to_policy()
             self.echo("[warmup] KL reference set to the warmed-up policy")
         return True
 
     def _sync_weights(self):
         """Stream the actor's weights to every engine as the next weights version (after each RL step, and before
         the first one when the actor's weights are not model.path's: `_prepare_policy`); returns the pool's stats.
-
-        Colocated engines asleep since the rollout wake up in vLLM's RLHF colocate order: weights, sync, KV cache."""
-        if "weights" in self.pool.asleep:
-            self.pool.wake_up(("weights",))
-        stats = self.pool.update_weights(self.group.weight_buckets(), version=self.weights_version + 1)
+        Colocated engines asleep since the rollout get their memory back around it (`RolloutPool.sync_weights`)."""
+        stats = self.pool.sync_weights(self.group.weight_buckets(), version=self.weights_version + 1)
         self.weights_version += 1
-        if self.pool.asleep:
-            self.pool.wake_up(("kv_cache",))
         return stats
 
     # ----------------------------------------------------------------------------------- checkpoints
@@ -369,7 +364,7 @@ class Trainer:
 
     def _resume(self, step: int, path: str) -> None:
         state = load_trainer_state(path)
-        self.group.call("load_checkpoint", path, state["actor"])
+        self.group.load_checkpoint(path, state["actor"])
         self.sampler.load_state_dict(state["sampler"])
         self.step = step
         self._last_saved_step = step

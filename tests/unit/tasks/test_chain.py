@@ -3,9 +3,9 @@ import re
 
 import pytest
 
-from megatron_rl.data.synthetic.chain import CHAIN_LEVELS, chain_reward
-from megatron_rl.data.synthetic.expression import evaluate_expression
-from megatron_rl.data.synthetic.tasks import SYNTHETIC_TASKS, generate_examples
+from megatron_rl.tasks.chain import CHAIN_LEVELS, chain_reward
+from megatron_rl.tasks.expression import evaluate_expression
+from megatron_rl.tasks.registry import SYNTHETIC_TASKS, generate_examples
 
 
 @pytest.mark.parametrize("level", sorted(CHAIN_LEVELS))

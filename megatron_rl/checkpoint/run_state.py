@@ -17,22 +17,23 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 
 import torch
 
-from megatron_rl.checkpoint.format import TMP_MARKER
 from megatron_rl.checkpoint.model_ckpt import atomic_checkpoint_dir
-
-TRAINER_STATE = "trainer_state.json"
-RNG_FILE = "rng.pt"
-METRICS_FILE = "metrics.jsonl"
-_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+from megatron_rl.checkpoint.names import (
+    METRICS_FILE,
+    RNG_FILE,
+    STEP_DIR_FORMAT,
+    STEP_DIR_PATTERN,
+    TMP_MARKER,
+    TRAINER_STATE,
+)
 
 
 def step_dir(root: str, step: int) -> str:
-    return os.path.join(root, f"step_{step:06d}")
+    return os.path.join(root, STEP_DIR_FORMAT.format(step=step))
 
 
 def list_checkpoints(root: str) -> list[tuple[int, str]]:
@@ -41,7 +42,7 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
         return []
     found = []
     for name in os.listdir(root):
-        match = _STEP_DIR.match(name)
+        match = STEP_DIR_PATTERN.match(name)
         path = os.path.join(root, name)
         if match and os.path.isfile(os.path.join(path, TRAINER_STATE)):
             found.append((int(match.group(1)), path))
@@ -68,7 +69,7 @@ def save_training_checkpoint(root: str, step: int, actor_group, state: dict, *, 
     """Write step `step` atomically (all actor ranks write model + optimizer), then prune old checkpoints."""
     final = step_dir(root, step)
     with atomic_checkpoint_dir(final, overwrite=True, collective=False) as tmp:
-        actor_state = actor_group.call("save_checkpoint", tmp)[0]
+        actor_state = actor_group.save_checkpoint(tmp)
         with open(os.path.join(tmp, TRAINER_STATE), "w", encoding="utf-8") as f:
             json.dump({**state, "step": step, "actor": actor_state}, f, indent=2)
         torch.save({"python": random.getstate(), "torch": torch.get_rng_state()}, os.path.join(tmp, RNG_FILE))

@@ -1,6 +1,6 @@
 """Start and stop a single-node Ray cluster inside this process (tests, the CPU quickstart, one-node runs).
 
-    from megatron_rl.rollout.ray_cluster import local_ray_cluster
+    from megatron_rl.cluster.ray_cluster import local_ray_cluster
     with local_ray_cluster(num_cpus=4):
         pool = RolloutPool(config)
         ...
@@ -91,6 +91,6 @@ def require_ray() -> None:
 
     if not ray.is_initialized():
         raise RuntimeError(
-            "no Ray cluster: start one with megatron_rl.rollout.ray_cluster.start_local_ray_cluster() "
+            "no Ray cluster: start one with megatron_rl.cluster.ray_cluster.start_local_ray_cluster() "
             "(single node) or ray.init(address='auto') (a cluster started by the launch script)"
         )
