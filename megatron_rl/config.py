@@ -153,7 +153,13 @@ class AlgorithmSettings:
     prompts_per_round: prompts generated per over-sampling round (default prompts_per_step).
     old_log_probs: "recompute" (the actor's log-probs before the update: exact on-policy ratios and the
     train/rollout mismatch metric) or "rollout" (the engines' log-probs; saves a forward pass).
-    mini_batches: optimizer steps per rollout batch (1 = fully on-policy)."""
+    skip_redundant_old_forward: with old_log_probs "recompute", max_staleness 0 and one mini-batch the old policy IS
+    the policy being trained, so its log-probs are the training forward's own (detached): the separate forward pass is
+    skipped and the ratio is exactly 1; false always runs the separate pass (for comparisons).
+    mini_batches: optimizer steps per rollout batch (1 = fully on-policy).
+    max_staleness: k >= 1 overlaps rollout and training: the engines generate step t + k's batch while the actor
+    trains step t, so a trained sample is at most k weight versions old (asserted; logged as async/staleness_*).
+    0 is the synchronous loop. Needs split engines (not resources.colocate). docs/training.md, "Asynchronous RL"."""
 
     advantage: str = "grpo"
     prompts_per_step: int = 8
@@ -162,7 +168,9 @@ class AlgorithmSettings:
     lspo: LSPOConfig = field(default_factory=LSPOConfig)
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
     old_log_probs: Literal["recompute", "rollout"] = "recompute"
+    skip_redundant_old_forward: bool = True
     mini_batches: int = 1
+    max_staleness: int = 0
 
     def __post_init__(self):
         from megatron_rl.algorithms import ADVANTAGE_ESTIMATORS
@@ -176,6 +184,14 @@ class AlgorithmSettings:
         need(self.prompts_per_round is None or self.prompts_per_round >= 1, "prompts_per_round",
              f"must be >= 1 or null (= prompts_per_step), got {self.prompts_per_round}")
         need(self.mini_batches >= 1, "mini_batches", f"must be >= 1, got {self.mini_batches}")
+        need(self.max_staleness >= 0, "max_staleness",
+             f"must be >= 0 (0 = synchronous; k >= 1 = rollouts up to k weight versions old), got {self.max_staleness}")
+
+    @property
+    def reuses_training_forward(self) -> bool:
+        """Whether the old log-probs are provably the training forward's own (AlgorithmSettings docstring)."""
+        return (self.old_log_probs == "recompute" and self.skip_redundant_old_forward and self.max_staleness == 0
+                and self.mini_batches == 1)
 
 
 @dataclass(frozen=True)
@@ -432,6 +448,12 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.rollout.colocate != cfg.resources.colocate:
         raise ConfigError(f"rollout.colocate={cfg.rollout.colocate} but resources.colocate={cfg.resources.colocate}; "
                           "set only resources.colocate (rollout.colocate follows it)")
+    if cfg.resources.colocate and cfg.algorithm.max_staleness > 0:
+        raise ConfigError(
+            f"algorithm.max_staleness={cfg.algorithm.max_staleness} needs split engines, but resources.colocate=true: "
+            "colocated engines and actors share the devices, so one waits while the other works and there is nothing "
+            "to overlap. Set algorithm.max_staleness=0 or resources.colocate=false"
+        )
     if cfg.resources.colocate:
         from megatron_rl.cluster.placement import colocated_engine_bundles
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import partial
 
-from megatron_rl.algorithms import AGGREGATIONS, KL_ESTIMATORS, LOSS_REGISTRY
+from megatron_rl.algorithms import AGGREGATIONS, KL_ESTIMATORS, LOSS_REGISTRY, OffPolicyCorrection
 from megatron_rl.errors import is_finite_number, require
 from megatron_rl.parallel.layout import ParallelLayout
 
@@ -61,6 +61,10 @@ class PolicyLossSettings:
 
     clip_low / clip_high: None = the loss's paper defaults (LUSPO 2e-3 / 2.5e-3, GSPO 3e-4 / 4e-4, DAPO 0.2 / 0.28).
     max_response_length: Dr.GRPO's constant normaliser; None = the generation limit the trainer passes in.
+    tis_cap: token-level truncated importance sampling against the rollout log-probs (None = off).
+    off_policy: the other corrections against the behaviour (rollout) policy: sequence TIS, masked IS, IcePop,
+    off-policy sequence masking (megatron_rl/algorithms/off_policy.py; docs/algorithms.md). The loss's own ratio
+    stays against the recomputed old policy.
     exclude_fully_masked: the seq-mean losses (grpo, dr_grpo, gspo, gspo_token, luspo) divide by the number of
     sequences with at least one unmasked token instead of all sequences (verl's convention). False (default) keeps
     fully masked rows (e.g. truncated responses under algorithm.overlong mask_truncated) in N, as every measured
@@ -77,6 +81,7 @@ class PolicyLossSettings:
     tis_cap: float | None = None
     max_response_length: int | None = None
     exclude_fully_masked: bool = False
+    off_policy: OffPolicyCorrection = field(default_factory=OffPolicyCorrection)
 
     def __post_init__(self):
         need = partial(require, section="loss")
@@ -110,6 +115,8 @@ class PolicyLossSettings:
         """Keyword options for policy_loss_share (defaults left to the loss spec)."""
         out = dict(kl_coef=self.kl_coef, kl_estimator=self.kl_estimator, entropy_coef=self.entropy_coef,
                    tis_cap=self.tis_cap)
+        if self.off_policy.enabled:
+            out["correction"] = self.off_policy
         for key in ("clip_low", "clip_high", "aggregation"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)

@@ -28,6 +28,7 @@ from megatron_rl.actor.batch import ActorBatch, MicroBatch, build_microbatch, pl
 from megatron_rl.actor.config import ActorConfig
 from megatron_rl.actor.logprobs import token_entropy, token_log_probs
 from megatron_rl.algorithms import GlobalBatchCounts, LossMetrics, policy_loss_share, sft_loss_share
+from megatron_rl.faults import inject
 from megatron_rl.models.qwen_arch import load_arch
 from megatron_rl.parallel.schedule import run_schedule
 
@@ -174,12 +175,12 @@ class MegatronActor:
         Returns on global rank 0 a list with one [len(response_i)] tensor per sequence (a tuple
         (log_probs, entropies) per sequence when with_entropy), None on other ranks. Collective.
         """
+        inject("actor.compute_log_probs", rank=dist.get_rank())
         if model not in ("policy", "reference"):
             raise ValueError(f"model must be 'policy' or 'reference', got {model!r}")
         if model == "reference" and self.reference is None:
             raise ValueError("no reference model: it is built only when actor.loss.kl_coef > 0")
         chunks = self.model if model == "policy" else self.reference
-        from megatron.core import parallel_state as ps
 
         microbatches = self._my_microbatches(batch)
         temperature = self.config.temperature
@@ -189,10 +190,9 @@ class MegatronActor:
 
             def collect(out, non_loss_data=False):
                 logits, labels = self._selected_logits(mb, out)
-                logp = token_log_probs(logits, labels, temperature).cpu()
+                ids, cols, logp, _ = self._response_pieces(mb, token_log_probs(logits, labels, temperature))
                 ent = token_entropy(logits, temperature).cpu() if with_entropy else None
-                ids = torch.tensor(mb.sample_ids, dtype=torch.long)[mb.rows] if mb.rows.numel() else mb.rows
-                return ids, mb.cols, logp, ent
+                return ids, cols, logp, ent
 
             return output, collect
 
@@ -202,10 +202,22 @@ class MegatronActor:
             chunks, microbatches, forward_step, seq_length=max(mb.tokens.shape[-1] for mb in microbatches),
             micro_batch_size=max(mb.tokens.shape[0] for mb in microbatches), forward_only=True, collect_outputs=True,
         )
+        gathered = self._gather_on_rank0(batch, outputs, with_entropy)
+        if gathered is None:
+            return None
+        logps, ents = gathered
+        return list(zip(logps, ents)) if with_entropy else logps
+
+    @staticmethod
+    def _gather_on_rank0(batch: ActorBatch, pieces: list, with_entropy: bool = False):
+        """Per-sequence response values from the micro-batches' (sample ids, columns, log-probs, entropies) pieces
+        of every rank that holds logits (last pipeline stage, TP rank 0): ([logp_i], [entropy_i] or None) on global
+        rank 0, None elsewhere. Collective (one gather_object)."""
+        from megatron.core import parallel_state as ps
+
         holds = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-        pieces = outputs if holds else []
         gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(pieces, gathered, dst=0)
+        dist.gather_object(pieces if holds else [], gathered, dst=0)
         if dist.get_rank() != 0:
             return None
         logps = [torch.full((r.numel(),), float("nan")) for r in batch.response_ids]
@@ -220,15 +232,26 @@ class MegatronActor:
         missing = [i for i, lp in enumerate(logps) if torch.isnan(lp).any()]
         if missing:
             raise RuntimeError(f"log-probs missing for sequences {missing[:5]}: the micro-batch plan lost tokens")
-        return list(zip(logps, ents)) if with_entropy else logps
+        return logps, ents
+
+    @staticmethod
+    def _response_pieces(mb: MicroBatch, logp: torch.Tensor):
+        """(sample ids, columns, log-probs, None) of a micro-batch's response tokens held here (for the gather)."""
+        ids = torch.tensor(mb.sample_ids, dtype=torch.long)[mb.rows] if mb.rows.numel() else mb.rows
+        return ids, mb.cols, logp.detach().cpu(), None
 
     # ----------------------------------------------------------------------------------------- train step
     def train_step(self, batch: ActorBatch, *, objective: str = "policy", max_response_length: int | None = None,
-                   lr: float | None = None) -> dict[str, float]:
+                   lr: float | None = None, old_from_forward: bool = False) -> dict[str, float]:
         """One optimizer step over the whole batch. Collective.
 
         objective "policy": the configured policy loss; batch needs old_log_probs and advantages (or
         token_advantages). objective "sft": negative log-likelihood of the responses (supervised warm-up).
+        old_from_forward: the old policy IS the current one (the first and only optimizer step on fresh rollouts),
+        so the old log-probs are this forward's own, detached: the ratio is exactly 1 and the separate forward pass
+        of compute_log_probs is saved. batch.old_log_probs must then be None; rank 0's result carries the
+        per-sequence log-probs under "log_probs" (for the train/rollout mismatch metric), gathered like
+        compute_log_probs'.
         max_response_length: Dr.GRPO's constant (the generation limit); default the loss settings' value, else
         the longest response in the batch. lr: use this learning rate for this step (e.g. the warm-up's).
         Returns metrics identical on every rank: loss (the full-batch loss), grad_norm, lr, the loss metrics
@@ -236,9 +259,14 @@ class MegatronActor:
         """
         from megatron.core import parallel_state as ps
 
+        inject("actor.train_step", rank=dist.get_rank())
         cfg = self.config
+        if old_from_forward and (objective != "policy" or batch.old_log_probs is not None):
+            raise ValueError("old_from_forward takes the old log-probs from this step's forward: objective must be "
+                             "'policy' and batch.old_log_probs None")
         if objective == "policy":
-            batch.require("old_log_probs")
+            if not old_from_forward:
+                batch.require("old_log_probs")
             if batch.advantages is None and batch.token_advantages is None:
                 raise ValueError("train_step needs batch.advantages (per sequence) or batch.token_advantages")
         elif objective != "sft":
@@ -252,11 +280,12 @@ class MegatronActor:
         )
         cp_group = self._groups["cp"] if cfg.layout.cp > 1 else None
         present = {name for name in ("ref_log_probs", "rollout_log_probs") if getattr(batch, name) is not None}
-        loss_fn = partial(self._policy_objective, present=present) if objective == "policy" else self._sft_objective
+        loss_fn = partial(self._policy_objective, present=present, old_from_forward=old_from_forward) \
+            if objective == "policy" else self._sft_objective
 
         def forward_step(mb, model):
             output = self._forward(mb, model)
-            return output, partial(self._loss, mb, counts, cp_group, loss_fn)
+            return output, partial(self._loss, mb, counts, cp_group, loss_fn, keep_log_probs=old_from_forward)
 
         for chunk in self.model:
             chunk.train()
@@ -278,6 +307,7 @@ class MegatronActor:
         self.steps_done += 1
 
         # Loss and metrics live on the last pipeline stage: reduce over DP x CP there, then share over PP.
+        inject("actor.collective", rank=dist.get_rank())
         summary = None
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             loss = sum(float(o["share"]) for o in outputs)
@@ -294,6 +324,11 @@ class MegatronActor:
         if dist.get_world_size(pp_group) > 1:
             last = dist.get_process_group_ranks(pp_group)[-1]
             dist.broadcast_object_list(holder, src=last, group=pp_group)
+        forward_log_probs = None
+        if old_from_forward:
+            pieces = [o["log_probs"] for o in outputs] if ps.is_pipeline_last_stage(ignore_virtual=True) else []
+            gathered = self._gather_on_rank0(batch, pieces)
+            forward_log_probs = None if gathered is None else gathered[0]
         elapsed = time.perf_counter() - start
         model_tokens = torch.tensor([sum(mb.num_model_tokens for mb in microbatches)], dtype=torch.float64,
                                     device=_comm_device())
@@ -311,6 +346,7 @@ class MegatronActor:
             "step_seconds": elapsed,
             "fwd_bwd_seconds": fwd_bwd_seconds,
             "tokens_per_second": tokens / elapsed if elapsed > 0 else float("nan"),
+            **({"log_probs": forward_log_probs} if forward_log_probs is not None else {}),
         }
 
     @torch.no_grad()
@@ -352,8 +388,9 @@ class MegatronActor:
                 group["lr"] = lr
         return previous
 
-    def _loss(self, mb: MicroBatch, counts, cp_group, objective, output):
-        """Megatron's loss_func for one micro-batch: (share, local token count, {share, metrics})."""
+    def _loss(self, mb: MicroBatch, counts, cp_group, objective, output, *, keep_log_probs: bool = False):
+        """Megatron's loss_func for one micro-batch: (share, local token count, {share, metrics}); with
+        keep_log_probs also this micro-batch's detached response log-probs ("log_probs": gather pieces)."""
         if mb.num_rows == 0:
             # A dummy micro-batch (this DP rank has fewer sequences than micro-batches): one fully masked row
             # keeps the collectives inside the loss and the metric names identical on every rank.
@@ -362,22 +399,31 @@ class MegatronActor:
             fields = {name: row.detach() for name in ("old_log_probs", "ref_log_probs", "rollout_log_probs")}
             no_tokens = torch.zeros(1, 1, dtype=torch.bool, device=row.device)
             share, metrics = objective(row, row, fields, zero.detach().reshape(1), no_tokens, counts, cp_group)
-            return share + zero, torch.zeros((), dtype=torch.int), {"share": share.detach(), "metrics": metrics}
+            out = {"share": share.detach(), "metrics": metrics}
+            if keep_log_probs:
+                out["log_probs"] = (mb.rows, mb.cols, torch.zeros(0), None)
+            return share + zero, torch.zeros((), dtype=torch.int), out
         temperature = self.config.temperature
         logits, labels = self._selected_logits(mb, output)
-        logp = self._dense(mb, token_log_probs(logits, labels, temperature))
+        token_logp = token_log_probs(logits, labels, temperature)
+        logp = self._dense(mb, token_logp)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.loss.entropy_coef != 0):
             entropy = self._dense(mb, token_entropy(logits, temperature))
         device = logp.device
         fields = {k: v.to(device) for k, v in mb.fields.items()}
         advantages = fields.get("token_advantages") if mb.advantages is None else mb.advantages.to(device)
         share, metrics = objective(logp, entropy, fields, advantages, mb.mask.to(device), counts, cp_group)
-        return share, mb.mask.sum().to(torch.int), {"share": share.detach(), "metrics": metrics}
+        out = {"share": share.detach(), "metrics": metrics}
+        if keep_log_probs:
+            out["log_probs"] = self._response_pieces(mb, token_logp)
+        return share, mb.mask.sum().to(torch.int), out
 
-    def _policy_objective(self, logp, entropy, fields, advantages, mask, counts, cp_group, *, present):
+    def _policy_objective(self, logp, entropy, fields, advantages, mask, counts, cp_group, *, present,
+                          old_from_forward=False):
         loss_cfg = self.config.loss
+        old = logp.detach() if old_from_forward else fields["old_log_probs"]
         return policy_loss_share(
-            loss_cfg.name, logp, fields["old_log_probs"], advantages, mask, counts=counts, cp_group=cp_group,
+            loss_cfg.name, logp, old, advantages, mask, counts=counts, cp_group=cp_group,
             entropy=entropy, **{name: fields[name] for name in present}, **loss_cfg.options(),
         )
 
@@ -391,6 +437,8 @@ class MegatronActor:
     def export_hf_weights(self, *, bucket_bytes: int = 256 * 1024**2, dst: int | None = 0):
         """Buckets of full HF-named tensors (collective; see models/weight_transfer.export_hf_weights)."""
         from megatron_rl.models.weight_transfer import export_hf_weights
+
+        inject("actor.export_weights", rank=dist.get_rank())
 
         from megatron_rl.checkpoint.model_ckpt import unwrap_model
 

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 from megatron_rl.actor.batch import ActorBatch
 from megatron_rl.actor.config import ActorConfig
+from megatron_rl.faults import propagated_env
 
 
 class _MegatronWorker:
@@ -98,7 +99,8 @@ class ActorGroup:
             "Start Ray with more resources or lower resources.actor_ranks / actor_cpus_per_rank",
         )
         worker_cls = ray.remote(_MegatronWorker)
-        base_env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(cpus_per_rank), **(env or {})}
+        base_env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(cpus_per_rank), **propagated_env(),
+                    **(env or {})}
         self.workers = [
             worker_cls.options(
                 num_cpus=cpus_per_rank, num_gpus=0 if device == "cpu" else gpu_share,
@@ -129,10 +131,11 @@ class ActorGroup:
         return self._call_all("compute_log_probs", batch, model=model, with_entropy=with_entropy)[0]
 
     def train_step(self, batch: ActorBatch, *, objective: str = "policy", max_response_length: int | None = None,
-                   lr: float | None = None) -> dict[str, float]:
-        """One optimizer step over the whole batch; the reduced metrics (`MegatronActor.train_step`)."""
+                   lr: float | None = None, old_from_forward: bool = False) -> dict:
+        """One optimizer step over the whole batch; the reduced metrics (`MegatronActor.train_step`; with
+        old_from_forward also the forward's per-sequence log-probs under "log_probs")."""
         return self._call_all("train_step", batch, objective=objective, max_response_length=max_response_length,
-                              lr=lr)[0]
+                              lr=lr, old_from_forward=old_from_forward)[0]
 
     def reset_optimizer_state(self) -> None:
         """Forget the optimizer's moments and step count (after the supervised warm-up)."""

@@ -24,6 +24,7 @@ from megatron_rl.algorithms.losses import (
 )
 from megatron_rl.algorithms.metrics import LossMetrics
 from megatron_rl.algorithms.normalization import AGGREGATIONS, GlobalBatchCounts, token_weights
+from megatron_rl.algorithms.off_policy import MIS_LEVELS, OffPolicyCorrection, off_policy_weights
 from megatron_rl.algorithms.sft import sft_loss_share
 
 # --- dynamic sampling / LSPO (owned by the sampling module) ---
@@ -33,6 +34,7 @@ from megatron_rl.algorithms.dynamic_sampling import (
     FilledBatch,
     GroupOutcome,
     SamplingMetrics,
+    cap_message,
     fill_batch,
     reward_variance_mask,
     select_round,

@@ -343,7 +343,7 @@ def fill_batch(
         mean_length_final=_mean_or_nan(final_lengths.tolist()),
     )
     if cap_hit:
-        warnings.warn(_cap_message(metrics, sampling), DynamicSamplingCapWarning, stacklevel=2)
+        warnings.warn(cap_message(metrics, sampling), DynamicSamplingCapWarning, stacklevel=2)
     return FilledBatch(groups=final, sources=sources, metrics=metrics, rounds=rounds)
 
 
@@ -361,7 +361,7 @@ def _mean_or_nan(values: list[float]) -> float:
     return math.fsum(values) / len(values) if values else float("nan")
 
 
-def _cap_message(m: SamplingMetrics, sampling: DynamicSamplingConfig) -> str:
+def cap_message(m: SamplingMetrics, sampling: DynamicSamplingConfig) -> str:
     if m.final_groups == 0:
         outcome = "the batch is EMPTY and the trainer must skip this step"
     elif m.topped_up_lspo_dropped or m.topped_up_zero_advantage:

@@ -10,8 +10,11 @@ Per token (d_it = logp_it - logp_old_it, m_it the response mask, A the advantage
                        used in the GSPO-token form s_it = sg(s_i) * exp(logp_it - sg(logp_it)),
                        whose value is s_i and whose gradient w.r.t. logp_it is s_i (GSPO eq. 13-14)
     surrogate          pg_it = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)
-    truncated IS       pg_it *= min(exp(logp_old_it - logp_rollout_it), C)  (optional; Yao et al. 2025,
-                       "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training")
+    off-policy         pg_it *= w_it, a detached weight against the behaviour (rollout) policy: truncated IS
+                       min(exp(logp_old_it - logp_rollout_it), C) (`tis_cap`; Yao et al. 2025, "Your Efficient RL
+                       Framework Secretly Brings You Off-Policy RL Training") and the other corrections of
+                       off_policy.py (`correction=OffPolicyCorrection(...)`: sequence TIS, masked IS, IcePop,
+                       DeepSeek-V3.2 off-policy sequence masking). The ratio r / s above stays against logp_old.
     per-token loss     l_it = pg_it + kl_coef * KL_it(pi_theta || pi_ref) - entropy_coef * H_it   (both optional)
 and the loss is sum_it m_it c_i l_it with c_i from the aggregation (normalization.py, item 1):
     ppo         token ratio,    eps 0.2 / 0.2,     token-mean
@@ -49,6 +52,7 @@ from megatron_rl.algorithms.context_parallel import group_rank, reduce_sequence_
 from megatron_rl.algorithms.kl import KL_ESTIMATORS, kl_estimate
 from megatron_rl.algorithms.metrics import LossMetrics
 from megatron_rl.algorithms.normalization import AGGREGATIONS, GlobalBatchCounts, token_weights
+from megatron_rl.algorithms.off_policy import OffPolicyCorrection, off_policy_weights
 from megatron_rl.algorithms.validation import as_bool_mask, check_finite, check_shape
 
 __all__ = [
@@ -188,6 +192,7 @@ def policy_loss_share(
     entropy: torch.Tensor | None = None,
     tis_cap: float | None = None,
     rollout_log_probs: torch.Tensor | None = None,
+    correction: OffPolicyCorrection | None = None,
 ) -> tuple[torch.Tensor, LossMetrics]:
     """This micro-batch's additive share of the step's loss `name`, and its metrics (see normalization.py).
 
@@ -201,8 +206,9 @@ def policy_loss_share(
     kl_coef > 0 adds kl_coef * KL(pi_theta || pi_ref) per token (needs ref_log_probs; kl_estimator in
     k1/k2/k3/low_var_kl); entropy_coef adds -entropy_coef * entropy per token (needs entropy, the per-token
     policy entropy, differentiable); tis_cap = C enables truncated importance sampling with weights
-    min(exp(old_log_probs - rollout_log_probs), C). ref_log_probs, entropy and rollout_log_probs given
-    without their coefficient are used for metrics only.
+    min(exp(old_log_probs - rollout_log_probs), C); correction: the other corrections against the behaviour
+    policy (off_policy.py). ref_log_probs, entropy and rollout_log_probs given without their coefficient are used for
+    metrics only.
     """
     spec = get_loss_spec(name)
     clip_low = spec.clip_low if clip_low is None else float(clip_low)
@@ -210,7 +216,7 @@ def policy_loss_share(
     aggregation = spec.aggregation if aggregation is None else aggregation
     mask = _validate(
         spec, log_probs, old_log_probs, advantages, response_mask, counts, clip_low, clip_high, aggregation,
-        kl_coef, kl_estimator, ref_log_probs, entropy_coef, entropy, tis_cap, rollout_log_probs,
+        kl_coef, kl_estimator, ref_log_probs, entropy_coef, entropy, tis_cap, rollout_log_probs, correction,
     )
     dtype = torch.promote_types(log_probs.dtype, torch.float32)
 
@@ -244,10 +250,11 @@ def policy_loss_share(
     if rollout_log_probs is not None:
         rollout = valid(rollout_log_probs.detach())
         metrics.add("rollout_kl", (kl_estimate(rollout, old, "k3") * m).sum(), m.sum())
-        if tis_cap is not None:
-            tis_weight = torch.exp((old - rollout).clamp(max=_LOG_RATIO_CLAMP)).clamp(max=tis_cap)
-            per_token = per_token * tis_weight
-            metrics.add("tis_weight_mean", (tis_weight * m).sum(), m.sum())
+        if tis_cap is not None or (correction is not None and correction.enabled):
+            weights, correction_metrics = off_policy_weights(old, rollout, mask, adv, correction, token_tis_cap=tis_cap,
+                                                             cp_group=cp_group)
+            per_token = per_token * weights
+            metrics.merge(correction_metrics)
     if ref_log_probs is not None:
         kl = kl_estimate(logp, valid(ref_log_probs.detach()), kl_estimator)
         metrics.add("kl", (kl.detach() * m).sum(), m.sum())
@@ -294,7 +301,7 @@ def _is_finite_number(x) -> bool:
 
 def _validate(
     spec, log_probs, old_log_probs, advantages, response_mask, counts, clip_low, clip_high, aggregation,
-    kl_coef, kl_estimator, ref_log_probs, entropy_coef, entropy, tis_cap, rollout_log_probs,
+    kl_coef, kl_estimator, ref_log_probs, entropy_coef, entropy, tis_cap, rollout_log_probs, correction,
 ) -> torch.Tensor:
     """All input checks of policy_loss_share, cheapest first; returns the bool mask."""
     if not isinstance(counts, GlobalBatchCounts):
@@ -321,6 +328,12 @@ def _validate(
             raise ValueError(f"tis_cap must be > 0 (or None to disable truncated importance sampling), got {tis_cap}")
         if rollout_log_probs is None:
             raise ValueError("tis_cap is set but rollout_log_probs is missing: pass the rollout engine's log-probs")
+    if correction is not None:
+        if not isinstance(correction, OffPolicyCorrection):
+            raise TypeError(f"correction must be an OffPolicyCorrection, got {type(correction).__name__}")
+        if correction.enabled and rollout_log_probs is None:
+            raise ValueError("an off-policy correction is on but rollout_log_probs is missing: pass the rollout "
+                             "engine's log-probs (the behaviour policy the correction is against)")
 
     mask = as_bool_mask(response_mask, "response_mask")
     shape = tuple(mask.shape)

@@ -12,7 +12,7 @@ directory without the trainer's files:
         trainer_state.json                     TRAINER_STATE   step, sampler, LR schedule, weights version (run_state.py)
         rng.pt                                 RNG_FILE        the driver's RNG states
         metrics.jsonl                          METRICS_FILE    the metrics history up to this step
-        pending_rollouts.pt                    PENDING_ROLLOUTS generated, not yet trained groups (asynchronous runs)
+        pending_rollouts.json                  PENDING_ROLLOUTS generated, not yet trained batches (asynchronous runs)
 
 While being written a directory carries TMP_MARKER in its name; it is renamed when complete, and every reader
 ignores such directories.
@@ -29,7 +29,7 @@ REFERENCE_DIR = "reference"
 TRAINER_STATE = "trainer_state.json"
 RNG_FILE = "rng.pt"
 METRICS_FILE = "metrics.jsonl"
-PENDING_ROLLOUTS = "pending_rollouts.pt"
+PENDING_ROLLOUTS = "pending_rollouts.json"
 TMP_MARKER = ".tmp-"
 CHECKPOINTS_DIR = "checkpoints"  # under the run directory
 

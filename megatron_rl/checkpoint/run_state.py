@@ -7,6 +7,7 @@
         trainer_state.json                       step, data-sampler position, LR scheduler, weight version
         rng.pt                                   the driver's RNG states
         metrics.jsonl                            the metrics history up to this step
+        pending_rollouts.json                    (asynchronous runs) generated, not yet trained batches
 
 The directory is written as `step_000012.tmp-<time>-<pid>` and renamed when complete (every reader ignores
 `.tmp-` directories), so a crash at any moment never leaves a checkpoint that looks complete; the last
@@ -65,10 +66,14 @@ def remove_unfinished(root: str) -> list[str]:
 
 
 def save_training_checkpoint(root: str, step: int, actor_group, state: dict, *, metrics_path: str | None,
-                             keep_last: int) -> str:
-    """Write step `step` atomically (all actor ranks write model + optimizer), then prune old checkpoints."""
+                             keep_last: int, extra_files: dict[str, str] | None = None) -> str:
+    """Write step `step` atomically (all actor ranks write model + optimizer), then prune old checkpoints.
+    extra_files: name (from names.py) -> text, e.g. an asynchronous run's generated, not yet trained rollouts."""
     final = step_dir(root, step)
     with atomic_checkpoint_dir(final, overwrite=True, collective=False) as tmp:
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
         actor_state = actor_group.save_checkpoint(tmp)
         with open(os.path.join(tmp, TRAINER_STATE), "w", encoding="utf-8") as f:
             json.dump({**state, "step": step, "actor": actor_state}, f, indent=2)

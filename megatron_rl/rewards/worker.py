@@ -22,6 +22,7 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 
+from megatron_rl.faults import inject
 from megatron_rl.rewards.registry import RewardFunction, check_score, resolve_reward_fn
 
 _PR_SET_PDEATHSIG = 1
@@ -98,6 +99,7 @@ def worker_main(conn: Connection) -> None:
             if message is None:
                 return
             task_id, item = message
+            inject("reward.score")
             conn.send((task_id, *score_one(reward, item, timeout_s)))
         except (EOFError, OSError):  # the parent is gone
             return

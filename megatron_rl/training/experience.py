@@ -1,13 +1,14 @@
 """From rollouts to training data: score completions into groups, filter (on the driver), build the actor batch.
 
-The driver is the single place where sampling decisions are made (docs/design.md, contract 3): `fill_batch` runs here
-once and every actor rank then receives the identical `ActorBatch` through Ray. (`algorithms.rank0.decide_on_rank0`
+The driver is the single place where sampling decisions are made (docs/design.md, contract 3): `fill_batch` runs
+there once per step (in the trainer's `_collect`) and every actor rank then receives the identical `ActorBatch`
+through Ray. (`algorithms.rank0.decide_on_rank0`
 serves the same purpose for torchrun-style launches without a driver.)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
 
 import torch
 
@@ -25,6 +26,43 @@ class ScoredGroup:
     completions: list[Completion]
     scores: list[float]
     rewards: list[float]
+
+
+@dataclass
+class Rollouts:
+    """One step's training data before the actor sees it: the groups dynamic sampling + LSPO kept (in generation
+    order) and what producing them measured (sampling/*, reward/*, rollout/*, batch/* metrics; rollout and reward
+    seconds; messages for the log). Made by the trainer's `_collect`, inline (synchronous) or ahead of time by the
+    rollout producer (asynchronous), and saved with a checkpoint while not yet trained (`to_json`)."""
+
+    step: int
+    groups: list[ScoredGroup]
+    metrics: dict[str, Any]
+    seconds: dict[str, float] = field(default_factory=dict)
+    messages: list[str] = field(default_factory=list)
+
+    def weights_versions(self) -> list[int]:
+        """The weights version that generated each kept sample."""
+        return [c.weights_version for g in self.groups for c in g.completions]
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data (prompts by their dataset row): exact floats, no pickle."""
+        return {
+            "step": self.step, "metrics": self.metrics, "seconds": self.seconds, "messages": self.messages,
+            "groups": [{"row": g.prompt.row, "scores": g.scores, "rewards": g.rewards,
+                        "completions": [asdict(c) for c in g.completions]} for g in self.groups],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], examples_by_row: dict[int, Any]) -> "Rollouts":
+        groups = []
+        for g in data["groups"]:
+            if g["row"] not in examples_by_row:
+                raise ValueError(f"a saved rollout group refers to prompt row {g['row']}, which data.train no longer "
+                                 "holds: resume with the data the checkpoint was written with")
+            groups.append(ScoredGroup(examples_by_row[g["row"]], [Completion(**c) for c in g["completions"]],
+                                      list(g["scores"]), list(g["rewards"])))
+        return cls(int(data["step"]), groups, dict(data["metrics"]), dict(data["seconds"]), list(data["messages"]))
 
 
 def score_round(prompts: Sequence, completions: Sequence[Completion], reward_pool, overlong: OverlongConfig, n: int):

@@ -4,12 +4,13 @@
     Trainer(cfg).run()                      # or Trainer(cfg, resume=True).run()
 
 One step (`_rl_step`):
-  1. generate rounds of prompts with the vLLM pool (n samples each), score them with the reward pool, shape rewards
-     (DAPO overlong penalty), and let dynamic sampling + LSPO keep groups until the batch is full or the round
-     cap is hit (`algorithms.fill_batch`, decided once, here on the driver);
-  2. advantages (GRPO / Dr.GRPO / RLOO) over each group; the actor batch (prompt + response ids, rollout log-probs,
-     loss masks with optional masking of truncated responses);
-  3. old log-probs recomputed by the actor (exact on-policy ratios; the train/rollout mismatch metric) or taken
+  1. `_collect`: generate rounds of prompts with the vLLM pool (n samples each), score them with the reward pool,
+     shape rewards (DAPO overlong penalty), and let dynamic sampling + LSPO keep groups until the batch is full or
+     the round cap is hit (`algorithms.fill_batch`, decided once, here on the driver);
+  2. `_train`: advantages (GRPO / Dr.GRPO / RLOO) over each group; the actor batch (prompt + response ids, rollout
+     log-probs, loss masks with optional masking of truncated responses);
+  3. old log-probs recomputed by the actor (exact on-policy ratios; the train/rollout mismatch metric; taken from
+     the training forward itself when provably the same, AlgorithmSettings.reuses_training_forward) or taken
      from the rollout; reference log-probs when a KL term is on;
   4. `algorithm.mini_batches` optimizer steps of the configured policy loss (LUSPO by default);
   5. the new weights stream from the Megatron ranks to every vLLM engine (in place, bucketed);
@@ -17,17 +18,22 @@ One step (`_rl_step`):
      `checkpoint.every` steps (atomic; model + optimizer + sampler + RNG + metrics history).
 SIGTERM/SIGINT (e.g. `scancel`) finish the current step, save a checkpoint and exit; `--resume` continues from the
 latest complete checkpoint with nothing lost or repeated.
+
+With `algorithm.max_staleness = k >= 1` step 1 runs in a background thread for the next k steps while the actor
+trains (`_rl_step_async`, training/async_rollouts.py: a fixed schedule, so the run stays reproducible); generated
+but not yet trained batches are saved with each checkpoint.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
 import time
 import warnings
 
-from megatron_rl.checkpoint.names import CHECKPOINTS_DIR
+from megatron_rl.checkpoint.names import CHECKPOINTS_DIR, PENDING_ROLLOUTS
 from megatron_rl.config import TrainConfig, config_yaml, required_cpus
 from megatron_rl.checkpoint.run_state import (
     latest_checkpoint,
@@ -36,7 +42,8 @@ from megatron_rl.checkpoint.run_state import (
     restore_metrics,
     save_training_checkpoint,
 )
-from megatron_rl.training.experience import build_actor_batch, generate_grouped, rollout_stats, score_round
+from megatron_rl.faults import inject
+from megatron_rl.training.experience import Rollouts, build_actor_batch, generate_grouped, rollout_stats, score_round
 from megatron_rl.training.metrics_logger import MetricsLogger, summary_line
 from megatron_rl.training.timing import StepTimer
 
@@ -54,6 +61,8 @@ class Trainer:
         self.weights_version = 0
         self._stop_requested = False
         self._last_saved_step = None
+        self._restored_rollouts: dict[int, Rollouts] = {}  # generated, not yet trained batches of a resumed async run
+        self._producer = None
         self.group = self.pool = self.reward_pool = self.metrics = None
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -182,10 +191,10 @@ class Trainer:
         """
         if resume_from is not None:
             self._resume(*resume_from)
-            changed = True
-        else:
-            changed = self._warmup() or bool(self.cfg.actor.megatron_checkpoint)
-        if changed:
+            if self.weights_version > 0:  # the same weights version as before the stop: staleness counts stay true
+                self.pool.sync_weights(self.group.weight_buckets(), version=self.weights_version)
+            return
+        if self._warmup() or bool(self.cfg.actor.megatron_checkpoint):
             self._sync_weights()
 
     def _loop(self) -> dict:
@@ -196,9 +205,20 @@ class Trainer:
         # disable=None: a bar on terminals only; logs (CI, Slurm) get just the one-line summaries
         bar = tqdm(total=cfg.run.steps, initial=self.step, desc="RL steps", unit="step", dynamic_ncols=True,
                    disable=None if cfg.logging.progress_bars else True)
+        k = cfg.algorithm.max_staleness
+        if k > 0 and self.step < cfg.run.steps:
+            from megatron_rl.training.async_rollouts import RolloutProducer
+
+            self._producer = RolloutProducer(self._collect, first=self.step + 1, last=cfg.run.steps,
+                                             pending=self._restored_rollouts)
+            self._producer.allow(self.step + 1 + k)
         try:
             while self.step < cfg.run.steps and not self._stop_requested:
-                metrics = self._rl_step(self.step + 1)
+                inject("trainer.step")
+                if self._producer is None:
+                    metrics = self._rl_step(self.step + 1)
+                else:
+                    metrics = self._rl_step_async(self.step + 1)
                 self.step += 1
                 if self._eval_enabled() and cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == cfg.run.steps):
                     metrics.update(self._evaluate())
@@ -208,8 +228,12 @@ class Trainer:
                 last = metrics
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self._save()
+                if self._producer is not None:  # the next batch may now be generated, with the new weights
+                    self._producer.allow(self.step + 1 + k)
         finally:
             bar.close()
+            if self._producer is not None:
+                self._producer.stop(timeout=30)  # it is idle between steps; a hung generation ends with the pool
         if self._stop_requested:
             self.echo(f"[stop] signal received: saving a checkpoint at step {self.step} and exiting")
         if (cfg.checkpoint.at_exit or self._stop_requested) and self._last_saved_step != self.step and self.step > 0:
@@ -220,14 +244,14 @@ class Trainer:
     def _round_seed(self, step: int, round_index: int) -> int:
         return (self.cfg.run.seed * 1_000_003 + step * 10_007 + round_index) % (2**31 - 1)
 
-    def _rl_step(self, step: int) -> dict:
-        from megatron_rl.algorithms import DynamicSamplingCapWarning, fill_batch
+    def _collect(self, step: int) -> Rollouts:
+        """Rollouts of step `step`: generation rounds (sampler, engines, reward pool) until dynamic sampling + LSPO
+        have kept `prompts_per_step` groups or hit their cap; one decision, on the driver (contract 3)."""
+        from megatron_rl.algorithms import DynamicSamplingCapWarning, cap_message, fill_batch
         from megatron_rl.rewards import RewardMetrics
 
         cfg, algo = self.cfg, self.cfg.algorithm
         timer = StepTimer()
-        if cfg.resources.colocate:  # colocate/handoff lists this step's events; the set-up's sync is not one of them
-            self.pool.take_handoff_events()
         reward_metrics = [RewardMetrics()]
         generated = []  # every scored group of the step, kept or not: the policy's actual performance
         per_round = algo.prompts_per_round or algo.prompts_per_step
@@ -244,54 +268,115 @@ class Trainer:
             generated.extend(o.payload for o in outcomes)
             return outcomes
 
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", DynamicSamplingCapWarning)
+        with warnings.catch_warnings():  # the cap is reported below, with the step (also from the producer thread)
+            warnings.simplefilter("ignore", DynamicSamplingCapWarning)
             filled = fill_batch(generate_round, algo.prompts_per_step, algo.dynamic_sampling,
                                 algo.lspo if algo.lspo.enabled else None)
-        for w in caught:
-            self.echo(f"[step {step}] {w.message}")
+        messages = [cap_message(filled.metrics, algo.dynamic_sampling)] if filled.metrics.cap_hit else []
         metrics = {f"sampling/{k}": v for k, v in filled.metrics.as_dict().items()}
         metrics.update(reward_metrics[0].to_dict(prefix="reward/"))
         metrics.update(rollout_stats(generated, prefix="rollout/"))
-        groups = filled.payloads
         metrics["sampling/prompt_rows"] = [g.prompt.row for g in generated]
-        if not groups:
-            self.echo(f"[step {step}] no usable group after {len(filled.rounds)} round(s): skipping the update")
+        groups = filled.payloads
+        if groups:
+            metrics.update(rollout_stats(groups, prefix="batch/"))
+        else:
+            messages.append(f"no usable group after {len(filled.rounds)} round(s): skipping the update")
+        return Rollouts(step, groups, metrics, dict(timer.seconds), messages)
+
+    def _rl_step(self, step: int) -> dict:
+        """The synchronous step: collect, train, sync the weights (the reference loop, max_staleness 0)."""
+        cfg = self.cfg
+        timer = StepTimer()
+        if cfg.resources.colocate:  # colocate/handoff lists this step's events; the set-up's sync is not one of them
+            self.pool.take_handoff_events()
+        rollouts = self._collect(step)
+        for name, seconds in rollouts.seconds.items():
+            timer.seconds[name] += seconds
+        metrics = self._report(rollouts)
+        if not rollouts.groups:
             metrics.update(timer.breakdown())
             return metrics
-        metrics.update(rollout_stats(groups, prefix="batch/"))
-        batch = build_actor_batch(groups, algo.advantage, algo.overlong)
-        metrics["train/advantage_abs_mean"] = float(batch.advantages.abs().mean())
-
         with timer("train"):
-            self.pool.yield_to_training()  # colocated: the engines sleep until _sync_weights
-            if algo.old_log_probs == "recompute":
-                batch.old_log_probs = self.group.compute_log_probs(batch)
-                metrics.update(self._mismatch(batch))
-            else:
-                batch.old_log_probs = batch.rollout_log_probs
-            if cfg.actor.loss.kl_coef > 0:
-                batch.ref_log_probs = self.group.compute_log_probs(batch, model="reference")
-            steps = [self.group.train_step(mini)
-                     for mini in _split(batch, algo.mini_batches, group_size=cfg.sampling.n)]
-            metrics.update({f"train/{key}": value for key, value in _combine_mini_batches(steps).items()})
+            metrics.update(self._train(rollouts))
         with timer("sync"):
-            stats = self._sync_weights()
-        metrics["sync/seconds"] = float(getattr(stats, "seconds", float("nan")))
-        metrics["sync/bytes"] = float(getattr(stats, "num_bytes", float("nan")))
+            metrics.update(self._sync_metrics(self._sync_weights()))
         if cfg.resources.colocate:
             metrics["colocate/handoff"] = self.pool.take_handoff_events()
             metrics["colocate/vllm_sleep_calls"] = float(self.pool.stats.vllm_sleep_calls)
         metrics.update(timer.breakdown())
         return metrics
 
+    def _rl_step_async(self, step: int) -> dict:
+        """The asynchronous step (max_staleness k >= 1): train on batch `step`, generated earlier by the producer
+        thread, while it generates batch step + k; update the weights once that batch is done (async_rollouts.py)."""
+        timer = StepTimer()
+        with timer("wait_rollouts"):
+            rollouts = self._producer.take(step)
+        metrics = self._report(rollouts)
+        if rollouts.groups:
+            with timer("train"):
+                metrics.update(self._train(rollouts))
+        with timer("wait_rollouts"):  # batch step + k must be generated with the weights it was scheduled for
+            self._producer.wait_generated(step + self.cfg.algorithm.max_staleness)
+        if rollouts.groups:
+            with timer("sync"):
+                metrics.update(self._sync_metrics(self._sync_weights()))
+        metrics.update(timer.breakdown())
+        # generation and scoring ran in the producer thread, overlapping the parts above
+        metrics.update({f"time/{name}": seconds for name, seconds in rollouts.seconds.items()})
+        return metrics
+
+    def _report(self, rollouts: Rollouts) -> dict:
+        for message in rollouts.messages:
+            self.echo(f"[step {rollouts.step}] {message}")
+        return dict(rollouts.metrics)
+
+    def _train(self, rollouts: Rollouts) -> dict:
+        """Advantages, the actor batch, old (and reference) log-probs, the optimizer step(s): train/*, mismatch/*,
+        async/* metrics. The engines' weights are not touched here."""
+        cfg, algo = self.cfg, self.cfg.algorithm
+        metrics = self._staleness(rollouts)
+        batch = build_actor_batch(rollouts.groups, algo.advantage, algo.overlong)
+        metrics["train/advantage_abs_mean"] = float(batch.advantages.abs().mean())
+        self.pool.yield_to_training()  # colocated: the engines sleep until _sync_weights
+        from_forward = algo.reuses_training_forward
+        if algo.old_log_probs == "recompute" and not from_forward:
+            batch.old_log_probs = self.group.compute_log_probs(batch)
+            metrics.update(self._mismatch(batch.old_log_probs, batch.rollout_log_probs))
+        elif algo.old_log_probs == "rollout":
+            batch.old_log_probs = batch.rollout_log_probs
+        if cfg.actor.loss.kl_coef > 0:
+            batch.ref_log_probs = self.group.compute_log_probs(batch, model="reference")
+        steps = [self.group.train_step(mini, old_from_forward=from_forward)
+                 for mini in _split(batch, algo.mini_batches, group_size=cfg.sampling.n)]
+        if from_forward:  # the policy's log-probs before its update, from that update's own forward
+            metrics.update(self._mismatch(steps[0].pop("log_probs"), batch.rollout_log_probs))
+        metrics.update({f"train/{key}": value for key, value in _combine_mini_batches(steps).items()})
+        return metrics
+
+    def _staleness(self, rollouts: Rollouts) -> dict:
+        """async/staleness_mean / _max: weight versions between each trained sample's generator and the policy being
+        updated now; more than algorithm.max_staleness would break the schedule's bound (docs/design.md, contract 4)."""
+        staleness = [self.weights_version - v for v in rollouts.weights_versions()]
+        bound = self.cfg.algorithm.max_staleness
+        if min(staleness) < 0 or max(staleness) > bound:
+            raise RuntimeError(f"step {rollouts.step}: rollouts {min(staleness)}..{max(staleness)} weight versions old "
+                               f"(current version {self.weights_version}), outside [0, algorithm.max_staleness={bound}]")
+        return {"async/staleness_mean": sum(staleness) / len(staleness), "async/staleness_max": float(max(staleness))}
+
     @staticmethod
-    def _mismatch(batch) -> dict:
-        """mismatch/* metrics: the actor's recomputed old log-probs vs the engines' rollout log-probs."""
+    def _sync_metrics(stats) -> dict:
+        return {"sync/seconds": float(getattr(stats, "seconds", float("nan"))),
+                "sync/bytes": float(getattr(stats, "num_bytes", float("nan")))}
+
+    @staticmethod
+    def _mismatch(actor_log_probs, rollout_log_probs) -> dict:
+        """mismatch/* metrics: the actor's log-probs (before its update) vs the engines' rollout log-probs."""
         from megatron_rl.rollout.mismatch import pad_logprobs, rollout_mismatch
 
-        actor, mask = pad_logprobs([lp.tolist() for lp in batch.old_log_probs])
-        rollout, _ = pad_logprobs([lp.tolist() for lp in batch.rollout_log_probs])
+        actor, mask = pad_logprobs([lp.tolist() for lp in actor_log_probs])
+        rollout, _ = pad_logprobs([lp.tolist() for lp in rollout_log_probs])
         return rollout_mismatch(actor, rollout, mask).as_dict(prefix="mismatch/")
 
     # ------------------------------------------------------------------------------------ eval, warm-up
@@ -355,10 +440,12 @@ class Trainer:
     def _save(self) -> None:
         start = time.perf_counter()
         state = {"sampler": self.sampler.state_dict(), "weights_version": self.weights_version,
-                 "run_name": self.cfg.run.name}
+                 "run_name": self.cfg.run.name, "max_staleness": self.cfg.algorithm.max_staleness}
+        pending = self._producer.pending() if self._producer is not None else {}
+        extra_files = {PENDING_ROLLOUTS: json.dumps([r.to_json() for _, r in sorted(pending.items())])} if pending else {}
         path = save_training_checkpoint(self.ckpt_root, self.step, self.group, state,
                                         metrics_path=self.metrics.path if self.metrics else None,
-                                        keep_last=self.cfg.checkpoint.keep_last)
+                                        keep_last=self.cfg.checkpoint.keep_last, extra_files=extra_files)
         self._last_saved_step = self.step
         self.echo(f"[checkpoint] step {self.step} saved to {path} ({time.perf_counter() - start:.1f}s)")
 
@@ -369,7 +456,19 @@ class Trainer:
         self.step = step
         self._last_saved_step = step
         self.weights_version = int(state.get("weights_version", 0))
-        self.echo(f"[resume] continuing from step {step} ({path})")
+        saved_k, k = int(state.get("max_staleness", 0)), self.cfg.algorithm.max_staleness
+        if saved_k != k:
+            raise ValueError(f"{path} was written with algorithm.max_staleness={saved_k}; resume it with the same "
+                             f"value (got {k}): the rollout schedule, and so the run, depends on it")
+        pending_file = os.path.join(path, PENDING_ROLLOUTS)
+        if os.path.exists(pending_file):
+            with open(pending_file, encoding="utf-8") as f:
+                saved = json.load(f)
+            by_row = {example.row: example for example in self.train_data.examples}
+            self._restored_rollouts = {int(r["step"]): Rollouts.from_json(r, by_row) for r in saved}
+        self.echo(f"[resume] continuing from step {step} ({path})"
+                  + (f" with {len(self._restored_rollouts)} generated, not yet trained batch(es)"
+                     if self._restored_rollouts else ""))
 
     # ---------------------------------------------------------------------------------- shutdown, signals
     def _install_signal_handlers(self):

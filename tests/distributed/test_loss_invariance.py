@@ -28,6 +28,7 @@ from megatron_rl.algorithms import (
     LOSS_REGISTRY,
     GlobalBatchCounts,
     LossMetrics,
+    OffPolicyCorrection,
     cp_local_positions,
     policy_loss,
     policy_loss_share,
@@ -58,6 +59,16 @@ _SEQ_MEAN = sorted(n for n, spec in LOSS_REGISTRY.items() if spec.aggregation !=
 # exclude_fully_masked is a counting option: _run_split passes it to GlobalBatchCounts.from_masks, _reference to
 # policy_loss.
 VARIANTS.update({f"{name}+exclude_fully_masked": (name, {"exclude_fully_masked": True}, ()) for name in _SEQ_MEAN})
+# Off-policy corrections (algorithms/off_policy.py): the sequence terms reduce sums over CP (contract 2) and count
+# their sequence metrics once; every term on, for a token-ratio and a sequence-ratio loss, plus each sequence term alone.
+_CORRECTIONS = {
+    "all": OffPolicyCorrection(seq_tis_cap=1.0, mis="token", mis_low=0.4, mis_high=2.5, icepop_low=0.5,
+                               icepop_high=2.0, seq_mask_kl=0.05),
+    "mis_geometric": OffPolicyCorrection(mis="geometric", mis_low=0.9, mis_high=1.1),
+    "mis_sequence": OffPolicyCorrection(mis="sequence", mis_low=0.5, mis_high=2.0),
+}
+VARIANTS.update({f"{name}+offpolicy_{case}": (name, {"correction": corr, "tis_cap": 2.0}, ("rollout_log_probs",))
+                 for name in ("dapo", "luspo") for case, corr in _CORRECTIONS.items()})
 NONEMPTY_ROWS = 12  # 16 rows minus the empty response and FULLY_MASKED_ROWS
 
 
