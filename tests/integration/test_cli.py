@@ -28,7 +28,7 @@ def test_verify_model_tiny_passes():
 
 def test_verify_model_bad_layout_exits_2(tmp_path):
     out = _run("verify-model", "--tiny", "qwen3", "--tp", "3")
-    assert out.returncode == 2 and "actor.layout.tp=3 does not divide" in out.stderr
+    assert out.returncode == 2 and "parallel.tp=3 does not divide" in out.stderr
 
 
 def test_readme_commands_are_what_ci_runs():
