@@ -179,9 +179,9 @@ def test_kill_at_any_time_then_resume_replays_exactly(tmp_path):
     [
         ("actor.layuot.tp=2", "actor.layuot: unknown key (did you mean 'actor.layout'?)"),
         ("run.steps=many", "run.steps: must be an integer"),
-        ("actor.layout.tp=2", "actor.layout.tp x actor.layout.pp x actor.layout.cp = 2x1x1 = 2 does not divide resources.actor_ranks=1"),
+        ("actor.layout.tp=2", "actor.layout.tp=2 does not divide num_key_value_heads (query groups)=1"),
         ("resources.num_cpus=1", "resources.num_cpus=1 is less than the actors and engines need"),
-        ("algorithm.lspo.low_quantile=1.5", "lspo.low_quantile must be a number in (0, 1]"),
+        ("algorithm.lspo.low_quantile=1.5", "algorithm.lspo.low_quantile: must be a number in (0, 1]"),
     ],
 )
 def test_bad_config_fails_fast(tmp_path, override, message):
