@@ -6,6 +6,7 @@ versions and load average) and writes them as JSON. The logic lives in megatron_
   sync     weight-sync seconds vs model bytes; ratios to a memcpy of the same bytes and to vLLM's own reload
   train    Megatron actor fwd+bwd tokens/s vs plain PyTorch; packed vs padded at several length spreads
   step     end-to-end RL step time: rollout / reward / train / sync / other (trains the CPU quickstart)
+  floor    the quickstart's step vs a plain single-process PyTorch RL loop doing the same work, per part
   cp       context-parallel reduction: bytes on the wire and gloo timing, ours vs all-gathering log-probs
   gpu      bf16 train step on a CUDA GPU: MFU against the measured matmul peak (refuses without CUDA)
 
@@ -14,6 +15,7 @@ Examples:
   python tools/benchmark.py sync --sizes tiny,small,medium --engines 1,2
   python tools/benchmark.py train --size small --spreads 1,2,10 --profile 2
   python tools/benchmark.py step --steps 10
+  python tools/benchmark.py floor --steps 12 algorithm.max_staleness=1
   python tools/benchmark.py cp --no-timing
   python tools/benchmark.py gpu --seq-len 4096          # on a GPU node
 
@@ -121,6 +123,19 @@ def run_step(args) -> dict:
     return {"tables": {title: rows}}
 
 
+def run_floor(args) -> dict:
+    from megatron_rl.benchmarks.floor import floor_rows
+
+    out = floor_rows(args.workdir, steps=args.steps, skip=args.skip, config=args.config, overrides=args.overrides,
+                     threads=args.threads)
+    name = args.config or "the CPU quickstart"
+    extra = f" with {' '.join(args.overrides)}" if args.overrides else ""
+    return {"tables": {
+        f"RL step: {name}{extra} vs the plain PyTorch loop at equal work, s per step (mean over steps "
+        f"{args.skip + 1}..{args.steps}; ratio > 1: the quickstart is slower)": out["parts"],
+        "Work per step (the floor is scaled to the quickstart's counts)": out["work"]}}
+
+
 def run_cp(args) -> dict:
     from megatron_rl.benchmarks.cp import byte_rows, timing_rows
 
@@ -192,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the run")
     p.set_defaults(run=run_step)
 
+    p = sub.add_parser("floor", parents=[common], help="RL step vs a plain PyTorch loop at equal work")
+    p.add_argument("--steps", type=int, default=12, help="RL steps of each (must exceed --skip)")
+    p.add_argument("--skip", type=int, default=2, help="first steps left out of the means (warm-up)")
+    p.add_argument("--threads", type=int, help="torch threads of the plain loop (default: torch's default)")
+    p.add_argument("--config", help="YAML config (default: the CPU quickstart)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the quickstart run")
+    p.set_defaults(run=run_floor)
+
     p = sub.add_parser("cp", parents=[common], help="CP reduction bytes and gloo timing")
     p.add_argument("--no-timing", action="store_true", help="print the byte table only")
     p.add_argument("--rows", type=int, default=256, help="sequences for the gloo timing")
@@ -227,13 +250,13 @@ def check_args(args) -> None:
     if args.command in ("rollout", "sync") and max(args.engines) > args.num_cpus:
         raise SystemExit(f"benchmark.py {args.command}: --engines {max(args.engines)} needs --num-cpus >= "
                          f"{max(args.engines)} (each engine reserves one CPU), got --num-cpus {args.num_cpus}")
-    if args.command == "step":
+    if args.command in ("step", "floor"):
         if args.steps <= args.skip:
-            raise SystemExit(f"benchmark.py step: --steps {args.steps} must exceed --skip {args.skip} (the first "
-                             "--skip steps are left out of the means)")
+            raise SystemExit(f"benchmark.py {args.command}: --steps {args.steps} must exceed --skip {args.skip} (the "
+                             "first --skip steps are left out of the means)")
         bad = [o for o in args.overrides if "=" not in o]
         if bad:
-            raise SystemExit(f"benchmark.py step: overrides must be key=value, got {bad}")
+            raise SystemExit(f"benchmark.py {args.command}: overrides must be key=value, got {bad}")
 
 
 def main(argv=None) -> int:

@@ -65,10 +65,14 @@ def run(args) -> int:
     from megatron_rl.training.trainer import Trainer
 
     print(f"[train] run dir: {cfg.run_dir}  (resolved config: {os.path.join(cfg.run_dir, 'config.yaml')})", flush=True)
+    from megatron_rl.config import ConfigError
     from megatron_rl.data import DataError
 
     try:
         final = Trainer(cfg, resume=args.resume).run()
+    except ConfigError as e:  # found before Ray or any engine starts (e.g. a resume with a changed setting)
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     except FileExistsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

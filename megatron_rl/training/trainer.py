@@ -157,6 +157,8 @@ class Trainer:
                 self.echo(f"[resume] removed unfinished checkpoint directories: {removed}")
             if resume_from is None:  # e.g. a requeued job killed before its first checkpoint
                 self.echo(f"[resume] no complete checkpoint in {self.ckpt_root}: starting from step 0")
+            else:
+                self._check_resumable(resume_from[1])
         metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
         if resume_from is not None:
             restore_metrics(resume_from[1], metrics_path)
@@ -449,6 +451,19 @@ class Trainer:
         self._last_saved_step = self.step
         self.echo(f"[checkpoint] step {self.step} saved to {path} ({time.perf_counter() - start:.1f}s)")
 
+    def _check_resumable(self, path: str) -> None:
+        """Refuse, before anything starts, a resume whose settings would change what the checkpoint's run computes."""
+        from megatron_rl.checkpoint.names import TRAINER_STATE
+        from megatron_rl.config_loader import ConfigError
+
+        with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as f:
+            state = json.load(f)
+        saved_k, k = int(state.get("max_staleness", 0)), self.cfg.algorithm.max_staleness
+        if saved_k != k:
+            raise ConfigError(f"algorithm.max_staleness: {path} was written with algorithm.max_staleness={saved_k}; "
+                              f"resume it with the same value (got {k}): the rollout schedule, and so the run, "
+                              "depends on it")
+
     def _resume(self, step: int, path: str) -> None:
         state = load_trainer_state(path)
         self.group.load_checkpoint(path, state["actor"])
@@ -456,10 +471,6 @@ class Trainer:
         self.step = step
         self._last_saved_step = step
         self.weights_version = int(state.get("weights_version", 0))
-        saved_k, k = int(state.get("max_staleness", 0)), self.cfg.algorithm.max_staleness
-        if saved_k != k:
-            raise ValueError(f"{path} was written with algorithm.max_staleness={saved_k}; resume it with the same "
-                             f"value (got {k}): the rollout schedule, and so the run, depends on it")
         pending_file = os.path.join(path, PENDING_ROLLOUTS)
         if os.path.exists(pending_file):
             with open(pending_file, encoding="utf-8") as f:
