@@ -134,12 +134,15 @@ class RewardSettings:
     """fn: a built-in name (megatron_rl.rewards.BUILTIN_REWARDS: "default", "math", "format", "arithmetic",
     "countdown", "chain") or "pkg.module:function"; kwargs: options bound to every call (e.g. {extraction: lenient}
     for "math"). Both are checked when the config loads. timeout_s: per-call limit; a call past it scores 0 and is
-    counted in reward/num_timeouts."""
+    counted in reward/num_timeouts. in_process: "auto" scores the items a function declares bounded (the synthetic-task
+    verifiers: `in_process_safe`, megatron_rl/rewards/registry.py) in the trainer's process, the rest in the workers;
+    "never" sends everything to the workers."""
 
     fn: str = "default"
     num_workers: int = 2
     timeout_s: float = 10.0
     kwargs: dict[str, Any] = field(default_factory=dict)
+    in_process: Literal["auto", "never"] = "auto"
 
     def __post_init__(self):
         require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}", "reward")
@@ -271,7 +274,9 @@ class ResourceSettings:
     is available. colocate: the rollout engines run on the actor ranks' resources (their Ray bundles: no CPUs or
     GPUs of their own) and hand the memory to the actors while they train (vLLM sleep mode on GPU; on CPU, where vLLM
     has no sleep mode, the same placement and hand-off protocol without the vLLM calls). See
-    megatron_rl/cluster/placement.py."""
+    megatron_rl/cluster/placement.py. actor_cpus_per_rank: Ray CPUs each rank reserves; actor_threads_per_rank: its
+    torch threads (None = actor_cpus_per_rank; more pays off on CPU when the actors and engines take turns on the
+    same cores, as in the synchronous loop)."""
 
     actor_ranks: int = 1
     ray_address: str | None = None
@@ -279,6 +284,7 @@ class ResourceSettings:
     num_gpus: int | None = None
     device: Literal["auto", "cpu", "gpu"] = "auto"
     actor_cpus_per_rank: int = 1
+    actor_threads_per_rank: int | None = None
     colocate: bool = False
 
     def __post_init__(self):
@@ -289,6 +295,8 @@ class ResourceSettings:
         need(self.num_cpus is None or self.num_cpus >= 1, "num_cpus", f"must be >= 1 or null, got {self.num_cpus}")
         need(self.num_gpus is None or self.num_gpus >= 0, "num_gpus", f"must be >= 0 or null, got {self.num_gpus}")
         need(self.actor_cpus_per_rank >= 1, "actor_cpus_per_rank", f"must be >= 1, got {self.actor_cpus_per_rank}")
+        need(self.actor_threads_per_rank is None or self.actor_threads_per_rank >= 1, "actor_threads_per_rank",
+             f"must be >= 1 or null (= actor_cpus_per_rank), got {self.actor_threads_per_rank}")
 
     @property
     def resolved_device(self) -> str:

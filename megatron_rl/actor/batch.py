@@ -28,6 +28,33 @@ from megatron_rl.algorithms.context_parallel import split_for_cp
 from megatron_rl.parallel.packing import balanced_partition, round_up, thd_cp_local_index
 
 TOKEN_FIELDS = ("old_log_probs", "ref_log_probs", "rollout_log_probs", "token_advantages")
+_RAGGED_FIELDS = ("prompt_ids", "response_ids", *TOKEN_FIELDS, "loss_mask")
+
+
+def pack_ragged(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A list of 1-D tensors as (one flat tensor, their lengths): what crosses a process boundary. Pickling a few
+    large tensors costs microseconds; pickling one small tensor per sequence (thousands per batch) costs ~0.1-0.2 s
+    per RL step in the quickstart (docs/benchmarks.md)."""
+    lengths = torch.tensor([r.numel() for r in rows], dtype=torch.long)
+    flat = torch.cat(rows) if rows else torch.zeros(0)
+    return flat, lengths
+
+
+def unpack_ragged(flat: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+    """`pack_ragged` undone: views into `flat` (no copy)."""
+    return list(torch.split(flat, lengths.tolist())) if lengths.numel() else []
+
+
+class TensorList(list):
+    """A list of 1-D tensors (one per sequence) that pickles as one flat tensor plus lengths (`pack_ragged`): the
+    per-sequence log-probs the actor returns to the driver."""
+
+    def __reduce__(self):
+        return _tensor_list, pack_ragged(list(self))
+
+
+def _tensor_list(flat: torch.Tensor, lengths: torch.Tensor) -> TensorList:
+    return TensorList(unpack_ragged(flat, lengths))
 
 
 def _as_long(x, name: str) -> torch.Tensor:
@@ -92,6 +119,21 @@ class ActorBatch:
     @property
     def max_response_length(self) -> int:
         return max((r.numel() for r in self.response_ids), default=0)
+
+    def __getstate__(self) -> dict:
+        """Pickle as a few flat tensors (`pack_ragged`), not one tensor per sequence and field: an ActorBatch crosses
+        Ray once per actor call."""
+        state = {"advantages": self.advantages}
+        for name in _RAGGED_FIELDS:
+            values = getattr(self, name)
+            state[name] = None if values is None else pack_ragged(values)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.advantages = state["advantages"]
+        for name in _RAGGED_FIELDS:
+            packed = state[name]
+            setattr(self, name, None if packed is None else unpack_ragged(*packed))
 
     def require(self, *names: str) -> None:
         missing = [n for n in names if getattr(self, n) is None]

@@ -24,7 +24,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from megatron_rl.actor.batch import ActorBatch, MicroBatch, build_microbatch, plan_microbatches
+from megatron_rl.actor.batch import ActorBatch, MicroBatch, TensorList, build_microbatch, plan_microbatches
 from megatron_rl.actor.config import ActorConfig
 from megatron_rl.actor.logprobs import token_entropy, token_log_probs
 from megatron_rl.algorithms import GlobalBatchCounts, LossMetrics, policy_loss_share, sft_loss_share
@@ -232,7 +232,7 @@ class MegatronActor:
         missing = [i for i, lp in enumerate(logps) if torch.isnan(lp).any()]
         if missing:
             raise RuntimeError(f"log-probs missing for sequences {missing[:5]}: the micro-batch plan lost tokens")
-        return logps, ents
+        return TensorList(logps), ents
 
     @staticmethod
     def _response_pieces(mb: MicroBatch, logp: torch.Tensor):

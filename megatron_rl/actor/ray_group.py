@@ -82,7 +82,8 @@ class ActorGroup:
     """`world_size` Megatron ranks as Ray actors (see the module docstring)."""
 
     def __init__(self, config: ActorConfig, world_size: int, *, device: str = "cpu", cpus_per_rank: int = 1,
-                 timeout_s: float = 3600.0, env: dict[str, str] | None = None, gpu_share: float = 1.0):
+                 threads_per_rank: int | None = None, timeout_s: float = 3600.0, env: dict[str, str] | None = None,
+                 gpu_share: float = 1.0):
         import ray
 
         from megatron_rl.cluster.placement import in_bundle, reserve_placement_group
@@ -99,13 +100,14 @@ class ActorGroup:
             "Start Ray with more resources or lower resources.actor_ranks / actor_cpus_per_rank",
         )
         worker_cls = ray.remote(_MegatronWorker)
-        base_env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(cpus_per_rank), **propagated_env(),
+        threads = threads_per_rank or cpus_per_rank
+        base_env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads), **propagated_env(),
                     **(env or {})}
         self.workers = [
             worker_cls.options(
                 num_cpus=cpus_per_rank, num_gpus=0 if device == "cpu" else gpu_share,
                 scheduling_strategy=in_bundle(self._pg, rank),
-            ).remote(rank, world_size, cpus_per_rank, base_env)
+            ).remote(rank, world_size, threads, base_env)
             for rank in range(world_size)
         ]
         try:

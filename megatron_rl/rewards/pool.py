@@ -34,6 +34,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Sequence
 
 from megatron_rl.rewards.registry import resolve_reward_fn
+from megatron_rl.rewards.worker import score_one
 from megatron_rl.rewards.types import RewardItem, RewardMetrics
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,9 @@ class RewardPool:
     fn_kwargs: options bound to every call (e.g. {"extraction": "lenient"} for "math").
     timeout_s: per-call soft timeout; kill_grace_s: extra time before a stuck worker is killed and replaced.
     startup_timeout_s: a worker that is not ready after this long is a RewardPoolError (broken environment).
+    in_process: "auto" scores the items the reward function declares safe (``in_process_safe``: bounded pure-Python
+      verifiers such as the synthetic tasks') in the calling process, saving the round trip to a worker; "never"
+      sends every item to the workers. Scores and metrics are the same either way.
     """
 
     def __init__(
@@ -127,6 +131,7 @@ class RewardPool:
         fn_kwargs: dict[str, Any] | None = None,
         kill_grace_s: float = 1.0,
         startup_timeout_s: float = 120.0,
+        in_process: str = "auto",
     ):
         if num_workers < 1:
             raise ValueError(f"reward num_workers must be >= 1, got {num_workers}")
@@ -134,6 +139,9 @@ class RewardPool:
             raise ValueError(f"reward timeout_s must be > 0, got {timeout_s}")
         if kill_grace_s < 0:
             raise ValueError(f"reward kill_grace_s must be >= 0, got {kill_grace_s}")
+        if in_process not in ("auto", "never"):
+            raise ValueError(f"reward in_process must be 'auto' or 'never', got {in_process!r}")
+        self.in_process = in_process
         self.reward = resolve_reward_fn(reward_fn, fn_kwargs)
         self.num_workers = num_workers
         self.timeout_s = float(timeout_s)
@@ -163,7 +171,7 @@ class RewardPool:
                 raise RewardPoolError("RewardPool.score called after close() or after a RewardPoolError")
             started = time.perf_counter()
             try:
-                scores, metrics = self._run(payloads)
+                scores, metrics = self._score_all(payloads)
             except BaseException:  # a broken pool, or Ctrl-C mid-batch: tasks are in flight, stop everything
                 self._shutdown()
                 raise
@@ -174,6 +182,30 @@ class RewardPool:
                 self.reward.spec, metrics.num_timeouts, metrics.num_items, metrics.num_errors,
                 metrics.problem_examples[0] if metrics.problem_examples else "",
             )
+        return scores, metrics
+
+    def _score_all(self, payloads: list[tuple]) -> tuple[list[float], RewardMetrics]:
+        """In-process items first (see in_process), then the rest on the workers; scores in item order."""
+        inline = [i for i, p in enumerate(payloads) if self.in_process == "auto" and self.reward.in_process_safe(*p)]
+        if not inline:
+            return self._run(payloads)
+        remote = sorted(set(range(len(payloads))) - set(inline))
+        scores = [0.0] * len(payloads)
+        metrics = RewardMetrics(num_items=len(inline))
+        for i in inline:
+            status, score, message, seconds = score_one(self.reward, payloads[i], None)
+            scores[i] = score
+            metrics.max_call_s = max(metrics.max_call_s, seconds)
+            if status == "ok":
+                metrics.score_sum += score
+            else:
+                metrics.num_errors += 1
+                metrics.record_problem(f"item {i} ({status}): {message}; response starts {payloads[i][0][:80]!r}")
+        if remote:
+            remote_scores, remote_metrics = self._run([payloads[i] for i in remote])
+            for i, score in zip(remote, remote_scores):
+                scores[i] = score
+            metrics = metrics.merge(remote_metrics)
         return scores, metrics
 
     def _run(self, payloads: list[tuple]) -> tuple[list[float], RewardMetrics]:

@@ -12,6 +12,11 @@ anything else is a reward error (scored 0 and counted, see RewardPool).
 A function may carry a ``warmup`` attribute: a no-argument callable each worker runs once at start-up, outside
 the timeout (the math reward uses it to load sympy, so the first timed call does not pay ~0.3 s of imports).
 
+A function may carry an ``in_process_safe`` attribute: True when every call is bounded pure-Python work that cannot
+hang or take the process down (the synthetic-task verifiers), or a callable (response, ground_truth, data_source,
+extra_info) -> bool deciding per item (the "default" reward: synthetic items yes, math-verify items no). The pool
+then scores such items in the calling process, without the round trip to a worker (RewardPool, in_process).
+
 Functions run in separate worker processes that import them again by path, so they must live in an importable
 module: not in ``__main__``, not a lambda or a nested function.
 """
@@ -56,6 +61,14 @@ class RewardFunction:
         fields = {"data_source": data_source, "extra_info": extra_info if extra_info is not None else {}}
         extra = {name: fields[name] for name in self.passed_fields}
         return self.fn(response, ground_truth, **extra, **self.fn_kwargs)
+
+    def in_process_safe(self, response: str, ground_truth: str, data_source: str = "",
+                        extra_info: dict | None = None) -> bool:
+        """Whether this item may be scored in the calling process (the function's ``in_process_safe``)."""
+        declared = getattr(self.fn, "in_process_safe", False)
+        if callable(declared):
+            return bool(declared(response, ground_truth, data_source, extra_info))
+        return declared is True
 
 
 def spec_of(fn: Callable[..., Any]) -> str:

@@ -51,22 +51,30 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def score_one(reward: RewardFunction, item: tuple, timeout_s: float) -> tuple[str, float, str, float]:
-    """(status, score, message, seconds) of one reward call under the soft timeout; never raises."""
+def score_one(reward: RewardFunction, item: tuple, timeout_s: float | None) -> tuple[str, float, str, float]:
+    """(status, score, message, seconds) of one reward call under the soft timeout; never raises.
+
+    timeout_s None: no timer, for the pool's in-process scoring of functions declared bounded (``in_process_safe``);
+    it may run outside the main thread, where SIGALRM cannot be used, and lets Ctrl-C through."""
     global _armed
     start = time.perf_counter()
     try:
-        try:
-            _armed = True
-            signal.setitimer(signal.ITIMER_REAL, timeout_s)
+        if timeout_s is None:
             value = reward(*item)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            _armed = False
+        else:
+            try:
+                _armed = True
+                signal.setitimer(signal.ITIMER_REAL, timeout_s)
+                value = reward(*item)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                _armed = False
         return "ok", check_score(value), "", time.perf_counter() - start
     except SoftTimeout:
         return "timeout", 0.0, f"timed out after {timeout_s:g}s", time.perf_counter() - start
     except BaseException as error:  # noqa: BLE001 - a reward must never take its worker down
+        if timeout_s is None and not isinstance(error, Exception):
+            raise  # KeyboardInterrupt / SystemExit in the trainer's process are the trainer's
         return "error", 0.0, _describe(error), time.perf_counter() - start
 
 

@@ -52,7 +52,10 @@ class EngineConfig:
         with the actors (`RolloutPoolConfig.colocate`): the engine shares its GPU with a Megatron rank and sleeps
         (vLLM sleep mode) while that rank trains; the rank's weights, gradients and optimizer state stay resident,
         so the engine must leave room for them. 0.5 by default (half the GPU); must be in (0, 1).
-    cpus_per_engine: Ray CPU resources reserved for each engine (CPU device: also its torch threads).
+    cpus_per_engine: Ray CPU resources reserved for each engine (CPU device: also its torch threads by default).
+    threads: CPU device: the engine's torch/OpenMP threads (None = cpus_per_engine). More threads than reserved CPUs
+        pays off when the engine never runs alongside the actors on the same cores (the synchronous loop on one
+        machine: they take turns); with asynchronous rollouts keep threads <= the CPUs reserved.
     env: extra environment variables for the engine process (e.g. VLLM_CPU_OMP_THREADS_BIND).
     engine_kwargs: extra keyword arguments for `vllm.LLM` (an escape hatch; they override ours).
     """
@@ -70,6 +73,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85
     colocated_gpu_memory_utilization: float = 0.5
     cpus_per_engine: int = 1
+    threads: int | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     engine_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
@@ -92,6 +96,8 @@ class EngineConfig:
             )
         if self.cpus_per_engine < 1:
             _engine_fail("cpus_per_engine", f"must be >= 1, got {self.cpus_per_engine}", "use 1 or more")
+        if self.threads is not None and self.threads < 1:
+            _engine_fail("threads", f"must be >= 1 or null, got {self.threads}", "null uses cpus_per_engine")
         if self.max_model_len is not None and self.max_model_len < 2:
             _engine_fail("max_model_len", f"must be >= 2, got {self.max_model_len}", "or None for the model's own")
 
@@ -145,7 +151,7 @@ class EngineConfig:
                 VLLM_CPU_KVCACHE_SPACE=str(int(self.cpu_kv_cache_gib)),
                 VLLM_CPU_NUM_OF_RESERVED_CPU="0",
                 # vLLM-CPU otherwise drops to 1 torch thread "for serving"; give the engine the CPUs it reserved.
-                OMP_NUM_THREADS=str(self.cpus_per_engine),
+                OMP_NUM_THREADS=str(self.threads or self.cpus_per_engine),
             )
         env.update(propagated_env())  # test-only fault injection (megatron_rl/faults.py), when set
         env.update({str(k): str(v) for k, v in self.env.items()})

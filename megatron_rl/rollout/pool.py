@@ -119,7 +119,11 @@ class RolloutPool:
     """See the module docstring. Thread-safe: its public methods run one at a time (a lock), so a weight update
     never overlaps a `generate` call, and every completion of one call comes from one weights version."""
 
-    def __init__(self, config: RolloutPoolConfig, *, colocated_with: ColocatedPlacement | None = None):
+    def __init__(self, config: RolloutPoolConfig, *, colocated_with: ColocatedPlacement | None = None,
+                 wait: bool = True):
+        """wait=False returns once the engines are launched; the first call that needs them waits for their start
+        (so a caller can set up other things meanwhile: the trainer starts the actors and runs the warm-up while the
+        engines import vLLM and load the model, ~10 s on CPU)."""
         require_ray()
         if config.colocate != (colocated_with is not None):
             raise ValueError(
@@ -140,12 +144,21 @@ class RolloutPool:
         self._version = 0
         self._invalid_reason: str | None = None
         self._slots: list[_Slot] = []
+        self._starting = False
         try:
             self._slots = [self._spawn(i) for i in range(config.num_engines)]
-            self._wait_started(self._slots)
+            self._starting = True
+            if wait:
+                self.wait_started()
         except BaseException:
             self.shutdown()
             raise
+
+    def wait_started(self) -> None:
+        """Block until every engine launched by the constructor is up (no-op once they are)."""
+        if self._starting:
+            self._starting = False
+            self._wait_started(self._slots)
 
     # ---- public API -------------------------------------------------------------------------------------------
     @property
@@ -523,6 +536,7 @@ class RolloutPool:
     def _check_open(self) -> None:
         if not self._slots:
             raise RolloutError("the pool was shut down")
+        self.wait_started()
 
     def _check_usable(self) -> None:
         self._check_open()

@@ -78,3 +78,8 @@ def arithmetic_reward(response: str, ground_truth: str) -> float:
     if expected is None:
         raise ValueError(f"arithmetic ground truth must be a number, got {ground_truth[:40]!r}")
     return float(answer is not None and answer == expected)
+
+
+# Bounded pure-Python string and integer/Fraction work (no sympy, no regex backtracking on unbounded input): the
+# reward pool may call it in the trainer's own process instead of a worker (megatron_rl/rewards/pool.py, in_process).
+arithmetic_reward.in_process_safe = True

@@ -80,3 +80,8 @@ def generate_chain(num_examples: int, seed: int = 0, difficulty: int = 1) -> lis
 def chain_reward(response: str, ground_truth: str) -> float:
     """1.0 when the final answer is the number ``ground_truth`` (see ``arithmetic_reward``), else 0.0."""
     return arithmetic_reward(response, ground_truth)
+
+
+# Bounded pure-Python string and integer/Fraction work (no sympy, no regex backtracking on unbounded input): the
+# reward pool may call it in the trainer's own process instead of a worker (megatron_rl/rewards/pool.py, in_process).
+chain_reward.in_process_safe = True

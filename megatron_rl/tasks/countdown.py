@@ -114,3 +114,8 @@ def countdown_reward(response: str, ground_truth: str) -> float:
         except ExpressionError:
             return 0.0
     return float(uses_all_numbers)
+
+
+# Bounded pure-Python string and integer/Fraction work (no sympy, no regex backtracking on unbounded input): the
+# reward pool may call it in the trainer's own process instead of a worker (megatron_rl/rewards/pool.py, in_process).
+countdown_reward.in_process_safe = True

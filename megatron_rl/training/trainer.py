@@ -121,7 +121,7 @@ class Trainer:
 
         cfg = self.cfg
         self.reward_pool = RewardPool(cfg.reward.fn, num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s,
-                                      fn_kwargs=dict(cfg.reward.kwargs))
+                                      fn_kwargs=dict(cfg.reward.kwargs), in_process=cfg.reward.in_process)
         device = cfg.resources.resolved_device
         if cfg.resources.ray_address is None:
             num_cpus = cfg.resources.num_cpus or max(required_cpus(cfg), os.cpu_count() or 1)
@@ -131,19 +131,22 @@ class Trainer:
             ray.init(address=cfg.resources.ray_address, log_to_driver=False)
             self._owns_ray = False
         source = cfg.actor.megatron_checkpoint or cfg.actor.model_path
+        colocate = cfg.resources.colocate
+        engines = f"[setup] starting {cfg.rollout.num_engines} vLLM engine(s) on {device}"
+        if not colocate:  # split engines start in the background while the actors set up (and warm up)
+            self.echo(engines)
+            self.pool = RolloutPool(cfg.rollout, wait=False)
         self.echo(f"[setup] starting {cfg.resources.actor_ranks} Megatron rank(s) "
                   f"({cfg.actor.layout.describe(cfg.resources.actor_ranks)}) from {source}")
-        colocate = cfg.resources.colocate
         self.group = ActorGroup(cfg.actor, cfg.resources.actor_ranks, device=device,
                                 cpus_per_rank=cfg.resources.actor_cpus_per_rank,
+                                threads_per_rank=cfg.resources.actor_threads_per_rank,
                                 gpu_share=COLOCATED_GPU_SHARE if colocate and device == "gpu" else 1.0)
-        self.echo(f"[setup] starting {cfg.rollout.num_engines} vLLM engine(s) on {device}"
-                  + (" colocated with the actor ranks" if colocate else ""))
-        placement = None
-        if colocate:
+        if colocate:  # colocated engines run in the actor group's placement group: after it exists
+            self.echo(engines + " colocated with the actor ranks")
             placement = ColocatedPlacement.on(self.group.placement_group, cfg.resources.actor_ranks,
                                               cfg.rollout.num_engines, cfg.rollout.engine.tensor_parallel_size)
-        self.pool = RolloutPool(cfg.rollout, colocated_with=placement)
+            self.pool = RolloutPool(cfg.rollout, colocated_with=placement)
 
     # ---------------------------------------------------------------------------------------------- run
     def run(self) -> dict:

@@ -68,3 +68,14 @@ def _broken_warmup():
 
 
 reward_with_broken_warmup.warmup = _broken_warmup
+
+
+def pid_reward(response, ground_truth):
+    """The scoring process's pid (as a score), to see where an item was scored; in-process safe only for items whose
+    data_source says "inline"."""
+    if response == RAISE:
+        raise RuntimeError("deliberate failure in a reward function")
+    return float(os.getpid())
+
+
+pid_reward.in_process_safe = lambda response, ground_truth, data_source="", extra_info=None: data_source == "inline"

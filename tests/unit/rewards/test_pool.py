@@ -166,3 +166,32 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_in_process_scoring_of_declared_safe_items():
+    """Items the function declares safe (in_process_safe) are scored in this process, the rest in the workers; errors
+    are still scored 0 and counted; with in_process="never" every item goes to a worker."""
+    items = [RewardItem("a", "1", "inline"), RewardItem("b", "1", "math"), RewardItem(scripted.RAISE, "1", "inline"),
+             RewardItem("c", "1", "inline")]
+    with RewardPool("tests.unit.rewards.scripted_rewards:pid_reward", num_workers=1, timeout_s=5) as auto:
+        scores, metrics = auto.score(items)
+        assert scores[0] == scores[3] == os.getpid() and scores[2] == 0.0
+        assert scores[1] == auto.worker_pids[0]
+        assert metrics.num_items == 4 and metrics.num_errors == 1
+    with RewardPool("tests.unit.rewards.scripted_rewards:pid_reward", num_workers=1, timeout_s=5,
+                    in_process="never") as never:
+        scores, metrics = never.score(items)
+        assert scores[0] == scores[1] == scores[3] == never.worker_pids[0] != os.getpid()
+        assert metrics.num_errors == 1
+    with pytest.raises(ValueError, match="in_process must be 'auto' or 'never'"):
+        RewardPool("tests.unit.rewards.scripted_rewards:pid_reward", in_process="sometimes")
+
+
+def test_the_synthetic_verifiers_and_the_default_reward_declare_what_is_safe():
+    from megatron_rl.rewards import resolve_reward_fn
+
+    default = resolve_reward_fn("default")
+    assert default.in_process_safe("Answer: 7", "7", "synthetic/arithmetic")
+    assert not default.in_process_safe("\\boxed{7}", "7", "math_dapo")  # math-verify (sympy) stays in the workers
+    assert resolve_reward_fn("countdown").in_process_safe("x", "y")
+    assert not resolve_reward_fn("math").in_process_safe("x", "y")
