@@ -25,7 +25,9 @@
 #   OUTPUT_DIR=$REPO_DIR/runs   shared directory (all nodes) for the run: $OUTPUT_DIR/$RUN_NAME holds metrics.jsonl,
 #                        TensorBoard events, checkpoints/ and logs/job_<id>/ (Ray head and worker logs)
 #   RUN_NAME             run folder (default: the config's file name); keep it to resume
-#   RESUME=0             1: continue from the latest complete checkpoint of the run (a fresh start when none)
+#   RESUME=0             1: continue from the latest complete checkpoint of the run (a fresh start when none);
+#                        a requeued job (SLURM_RESTART_COUNT > 0) always does
+#   REQUEUE=1            on the time limit's SIGUSR1: checkpoint, then `scontrol requeue` the job (0: just stop)
 #   EXTRA_OVERRIDES      space-separated config overrides (no spaces inside one; use arguments for those)
 #   CONTAINER_IMAGE      run every step in this image through Slurm's pyxis plugin (--container-image); e.g. an
 #                        enroot .sqsh made from docker/Dockerfile.gpu. Empty: the software on the nodes is used
@@ -42,9 +44,11 @@
 #   PYTHON=python3  MEGATRON_RL=megatron-rl   the commands run on the nodes
 #   DRY_RUN=0            1: print the commands instead of running them (works outside Slurm, no side effects)
 #
-# Signals: the batch shell forwards SIGTERM (scancel --batch --signal=TERM, or the time limit's --signal below) to
-# the trainer, which finishes its step, saves a checkpoint and exits; then Ray is torn down. A plain `scancel`
-# stops every step at once: resume from the last complete checkpoint.
+# Signals: the batch shell forwards SIGTERM (scancel --batch --signal=TERM) to the trainer, which finishes its step,
+# saves a checkpoint and exits; then Ray is torn down. The time limit sends SIGUSR1 15 minutes ahead (--signal
+# below): the same clean stop, then the job requeues itself (REQUEUE=1) and continues where it stopped. A requeued
+# or preempted job (--requeue; SLURM_RESTART_COUNT > 0) always resumes from the latest complete checkpoint. A plain
+# `scancel` stops every step at once: resume later with RESUME=1 from the last complete checkpoint.
 #SBATCH --job-name=luspo-qwen3-30b-a3b
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=1
@@ -52,7 +56,9 @@
 #SBATCH --exclusive
 #SBATCH --mem=0
 #SBATCH --time=48:00:00
-#SBATCH --signal=B:TERM@900
+#SBATCH --signal=B:USR1@900
+#SBATCH --requeue
+#SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 

@@ -14,6 +14,7 @@ COMMANDS = {
     "verify-model": "verify_model",
     "convert-to-hf": "convert_to_hf",
     "convert-from-hf": "convert_from_hf",
+    "replay-step": "replay_step",
 }
 
 DESCRIPTION = """\

@@ -260,10 +260,15 @@ class CheckpointSettings:
 
 @dataclass(frozen=True)
 class LoggingSettings:
+    """jsonl / tensorboard / wandb_project: where metrics go. save_rollouts: write each step's generated groups and
+    trained batch to <run dir>/rollouts/step_N.parquet (megatron_rl/training/recorder.py), which `megatron-rl
+    replay-step` re-runs without engines."""
+
     jsonl: bool = True
     tensorboard: bool = True
     wandb_project: str | None = None
     progress_bars: bool = True
+    save_rollouts: bool = False
 
 
 @dataclass(frozen=True)
@@ -276,7 +281,11 @@ class ResourceSettings:
     has no sleep mode, the same placement and hand-off protocol without the vLLM calls). See
     megatron_rl/cluster/placement.py. actor_cpus_per_rank: Ray CPUs each rank reserves; actor_threads_per_rank: its
     torch threads (None = actor_cpus_per_rank; more pays off on CPU when the actors and engines take turns on the
-    same cores, as in the synchronous loop)."""
+    same cores, as in the synchronous loop). actor_call_timeout_s: the deadline of one call on the Megatron ranks (a
+    train step, a checkpoint save, a weight export); a rank still busy past it stops the run with each rank's stack.
+    collective_timeout_s: torch.distributed's timeout of one collective (gloo on CPU, NCCL on GPU), the backstop for a
+    hang the driver cannot see. Defaults sized for the Qwen3-30B-A3B example: its slowest call (a distributed
+    checkpoint save) takes minutes, a train step a few (docs/training.md, "Failures")."""
 
     actor_ranks: int = 1
     ray_address: str | None = None
@@ -285,6 +294,8 @@ class ResourceSettings:
     device: Literal["auto", "cpu", "gpu"] = "auto"
     actor_cpus_per_rank: int = 1
     actor_threads_per_rank: int | None = None
+    actor_call_timeout_s: float = 3600.0
+    collective_timeout_s: float = 1800.0
     colocate: bool = False
 
     def __post_init__(self):
@@ -297,6 +308,9 @@ class ResourceSettings:
         need(self.actor_cpus_per_rank >= 1, "actor_cpus_per_rank", f"must be >= 1, got {self.actor_cpus_per_rank}")
         need(self.actor_threads_per_rank is None or self.actor_threads_per_rank >= 1, "actor_threads_per_rank",
              f"must be >= 1 or null (= actor_cpus_per_rank), got {self.actor_threads_per_rank}")
+        for name in ("actor_call_timeout_s", "collective_timeout_s"):
+            value = getattr(self, name)
+            need(is_finite_number(value) and value > 0, name, f"must be a finite number of seconds > 0, got {value!r}")
 
     @property
     def resolved_device(self) -> str:
@@ -533,3 +547,39 @@ def _check_reward(reward: RewardSettings) -> None:
 
 def config_yaml(cfg: TrainConfig) -> str:
     return dump_yaml(cfg)
+
+
+# Settings a resumed run may change: they decide how long, how fast, where to and how verbosely it runs, or how long
+# it waits for a failing part, never what it computes from the checkpoint on. Every other key is refused on resume
+# (`changed_math`), with the differing keys listed, unless the user says --allow-config-change.
+RESUME_SAFE_KEYS = (
+    "run.steps", "run.output_dir", "logging.", "checkpoint.", "eval.", "warmup.",
+    "resources.ray_address", "resources.num_cpus", "resources.num_gpus", "resources.actor_call_timeout_s",
+    "resources.collective_timeout_s", "resources.actor_threads_per_rank", "resources.actor_cpus_per_rank",
+    "rollout.request_timeout_s", "rollout.startup_timeout_s", "rollout.weight_sync_timeout_s",
+    "rollout.max_attempts", "rollout.engine.threads", "rollout.engine.cpus_per_engine", "rollout.engine.env",
+    "reward.num_workers", "reward.timeout_s", "reward.in_process",
+)
+
+
+def _flatten(tree, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def changed_math(saved: dict, current: dict) -> list[str]:
+    """'key: saved -> current' for every setting that differs between a checkpoint's config and the current one and
+    is not in RESUME_SAFE_KEYS (a prefix ending in '.' covers a section)."""
+    old, new = _flatten(saved), _flatten(current)
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        if any(key == safe or (safe.endswith(".") and key.startswith(safe)) for safe in RESUME_SAFE_KEYS):
+            continue
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if a != b:
+            lines.append(f"{key}: {a!r} -> {b!r}")
+    return lines

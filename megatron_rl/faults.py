@@ -9,9 +9,10 @@ n-th time this process reaches the point, 1-based; null = every time). A "kill" 
 the OOM killer or a failed node would), "stall" sleeps (as a process stuck in a collective or a hung kernel would),
 "raise" raises FaultInjected.
 
-Points marked in the code: actor.train_step, actor.compute_log_probs, actor.collective (inside train_step, just
-before the loss all-reduce, so a stall there holds the other ranks in a collective), actor.export_weights,
-engine.generate, engine.load_bucket, reward.score, trainer.step (the driver, before each RL step).
+Points marked in the code (rank: the Megatron rank, the engine id, or the reward worker's start number):
+actor.train_step, actor.compute_log_probs, actor.collective (inside train_step, just before the loss all-reduce, so a
+stall there holds the other ranks in a collective), actor.export_weights, engine.generate, engine.load_bucket,
+reward.score, trainer.step (the driver, before each RL step).
 
 The variable is read once per process (the Ray actors get it through the environment the trainer gives them, see
 `propagated_env`). A run that sets it prints a warning, so a fault cannot hide in a production log.
@@ -89,7 +90,8 @@ def inject(point: str, *, rank: int | None = None) -> None:
             continue
         if fault.call is not None and fault.call != _calls[point]:
             continue
-        print(f"[faults] {point} (rank {rank}, call {_calls[point]}): {fault.action}", file=sys.stderr, flush=True)
+        print(f"[faults] {point} (rank {rank}, call {_calls[point]}): {fault.action} at {time.time():.3f}",
+              file=sys.stderr, flush=True)
         if fault.action == "delay":
             time.sleep(fault.seconds)
         elif fault.action == "stall":

@@ -115,12 +115,26 @@ def run_train(args) -> dict:
 
 
 def run_step(args) -> dict:
-    from megatron_rl.benchmarks.step import step_rows
+    from megatron_rl.benchmarks.step import step_rows, variant_rows
 
-    rows = step_rows(args.workdir, steps=args.steps, skip=args.skip, config=args.config, overrides=args.overrides)
     name = args.config or "the CPU quickstart (megatron_rl/configs/quickstart_cpu.yaml)"
+    if args.variant:
+        rows = variant_rows(args.workdir, args.variant, steps=args.steps, skip=args.skip, config=args.config,
+                            overrides=args.overrides)
+        title = f"RL step time per variant, {name}, mean over steps {args.skip + 1}..{args.steps} (one invocation)"
+        return {"tables": {title: rows}}
+    rows = step_rows(args.workdir, steps=args.steps, skip=args.skip, config=args.config, overrides=args.overrides)
     title = f"RL step time breakdown, {name}, mean over steps {args.skip + 1}..{args.steps}"
     return {"tables": {title: rows}}
+
+
+def _variant(text: str) -> tuple[str, tuple[str, ...]]:
+    """"label: a.b=1 c=2" -> ("label", ("a.b=1", "c=2"))."""
+    label, _, rest = text.partition(":")
+    overrides = tuple(rest.split())
+    if not label.strip() or any("=" not in o for o in overrides):
+        raise argparse.ArgumentTypeError(f"expected 'label: key=value ...', got {text!r}")
+    return label.strip(), overrides
 
 
 def run_floor(args) -> dict:
@@ -204,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="RL steps to train (must exceed --skip)")
     p.add_argument("--skip", type=int, default=2, help="first steps left out of the means (warm-up)")
     p.add_argument("--config", help="YAML config (default: the CPU quickstart)")
+    p.add_argument("--variant", type=_variant, action="append", metavar="'LABEL: key=value ...'",
+                   help="compare variants instead (repeat; each is trained in turn, ratios against the first)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the run")
     p.set_defaults(run=run_step)
 

@@ -128,7 +128,11 @@ mrl_check_head_ip() {
 # Defaults, checks, the node list and derived sizes (nothing is run here).
 mrl_settings() {
   : "${NODES:?}" "${GPUS_PER_NODE:?}" "${ENGINE_TP:?}" "${CONFIG:?}" "${REPO_DIR:?}"  # the launch script's defaults
-  : "${DRY_RUN:=0}" "${RESUME:=0}"
+  : "${DRY_RUN:=0}" "${RESUME:=0}" "${REQUEUE:=1}"
+  if ((${SLURM_RESTART_COUNT:-0} > 0)); then  # a requeued job (time limit, preemption, scontrol requeue)
+    mrl_log "restart ${SLURM_RESTART_COUNT} of job ${SLURM_JOB_ID:-dryrun}: resuming from the run's latest complete checkpoint"
+    RESUME=1
+  fi
   if [[ -z ${SLURM_JOB_ID:-} && $DRY_RUN != 1 ]]; then
     mrl_die "not inside a Slurm job: submit with sbatch (sbatch $MRL_SCRIPT_NAME), or DRY_RUN=1 to print the commands"
   fi
@@ -244,6 +248,9 @@ mrl_step_id() {
 
 mrl_on_signal() {
   local sig=$1 step
+  if [[ $sig == USR1 ]]; then  # the time limit is near (#SBATCH --signal=B:USR1@...): checkpoint, then requeue
+    MRL_REQUEUE_AFTER_STOP=$REQUEUE
+  fi
   if [[ -n ${MRL_TRAINER_PID:-} ]] && kill -0 "$MRL_TRAINER_PID" 2>/dev/null; then
     step=$(mrl_step_id "$MRL_TRAINER_STEP")
     if [[ -n $step ]]; then
@@ -261,8 +268,10 @@ mrl_on_signal() {
 
 # Print (DRY_RUN) what the signal and exit handlers would run.
 mrl_print_handlers() {
-  echo "# on SIGTERM/SIGINT of the batch shell (scancel --batch --signal=TERM $JOB_ID, or the time limit's --signal):"
+  echo "# on SIGTERM/SIGINT of the batch shell (scancel --batch --signal=TERM $JOB_ID):"
   echo "#   scancel --signal=TERM $JOB_ID.<step $MRL_TRAINER_STEP>   (the trainer checkpoints and exits)"
+  echo "# on SIGUSR1 (the time limit's #SBATCH --signal=B:USR1@...): the same, then (REQUEUE=$REQUEUE)"
+  echo "#   scontrol requeue $JOB_ID   (the job restarts with --resume and continues from that checkpoint)"
   echo "# on exit: scancel $JOB_ID.<step $MRL_WORKERS_STEP> $JOB_ID.<step $MRL_HEAD_STEP>   (Ray stops)"
 }
 
@@ -284,9 +293,9 @@ mrl_stop_ray() {
   scancel "${ids[@]}" 2>/dev/null || true
 }
 
-mrl_teardown() {
-  local rc=$? step pid
-  trap - TERM INT
+mrl_teardown_quietly() {
+  local step pid
+  trap - TERM INT USR1
   if [[ -n ${MRL_TRAINER_PID:-} ]] && kill -0 "$MRL_TRAINER_PID" 2>/dev/null; then
     mrl_log "the trainer is still running at exit: cancelling its step"
     step=$(mrl_step_id "$MRL_TRAINER_STEP")
@@ -296,9 +305,15 @@ mrl_teardown() {
   for pid in ${MRL_WORKERS_PID:-} ${MRL_HEAD_PID:-} ${MRL_TRAINER_PID:-}; do
     wait "$pid" 2>/dev/null || true
   done
+}
+
+mrl_teardown() {
+  local rc=$?
+  mrl_teardown_quietly
   mrl_log "done (exit status $rc)"
   exit "$rc"
 }
+
 
 # Run a step in the foreground, interruptibly (a trapped signal is handled while it runs); its exit status.
 # DRY_RUN: print it.
@@ -340,6 +355,7 @@ mrl_main() {
     trap mrl_teardown EXIT
     trap 'mrl_on_signal TERM' TERM
     trap 'mrl_on_signal INT' INT
+    trap 'mrl_on_signal USR1' USR1
   fi
   mrl_run mkdir -p "$MRL_LOG_DIR"
 
@@ -371,5 +387,11 @@ mrl_main() {
   mrl_spawn MRL_TRAINER_PID "${MRL_TRAIN_CMD[@]}"
   mrl_wait "$MRL_TRAINER_PID" || rc=$?
   mrl_log "the trainer exited with status $rc"
+  if [[ ${MRL_REQUEUE_AFTER_STOP:-0} == 1 && $rc == 0 ]]; then
+    trap - EXIT
+    mrl_teardown_quietly
+    mrl_log "requeueing job $SLURM_JOB_ID: it restarts with --resume from the checkpoint just written"
+    scontrol requeue "$SLURM_JOB_ID" || mrl_log "scontrol requeue $SLURM_JOB_ID failed: resubmit with RESUME=1"
+  fi
   exit "$rc"
 }

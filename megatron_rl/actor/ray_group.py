@@ -10,6 +10,15 @@ Each method mirrors the `MegatronActor` method of the same name (megatron_rl/act
 arguments, called on every rank at once (the methods are collective), the result of global rank 0 returned. The batch
 is put into Ray's object store once and every rank reads it from there.
 
+Fail fast (docs/training.md, "Failures"): every call waits on all ranks at once (`ray.wait`), so the death of any
+rank is seen within `poll_s` and reported as a `RankFailure` naming the rank, its node and pid, what it was doing and
+the last lines of its log (`<log_dir>/actor_rank<r>.log`), instead of the other ranks waiting in a collective until
+it times out. A call that runs past `call_timeout_s` is reported the same way, with each unfinished rank's current
+Python stack (read through a separate "monitor" thread of the actor: a rank stuck outside a collective stands out
+from the ones waiting inside it). torch.distributed's own collective timeout (gloo here, NCCL on GPU) is
+`collective_timeout_s`, the backstop for a hang the driver cannot see. After a failure, `shutdown(graceful=False)`
+kills every rank at once (no rank is left waiting in a collective).
+
 Placement: one placement group with one bundle per rank ({"CPU": k} on CPU, {"GPU": 1, "CPU": k} on GPU), PACK
 strategy, rank r in bundle r, so consecutive ranks (a TP group) share a node when they fit. With colocated rollout
 engines (`gpu_share` < 1, see megatron_rl/cluster/placement.py) each rank takes only that share of its bundle's GPU
@@ -19,22 +28,86 @@ GPU) and builds its shard of the model. A failure on any rank surfaces as the fi
 """
 from __future__ import annotations
 
+import datetime
 import os
+import sys
+import threading
+import time
+import traceback
 from typing import Any, Iterator
+
+import ray
 
 from megatron_rl.actor.batch import ActorBatch
 from megatron_rl.actor.config import ActorConfig
 from megatron_rl.faults import propagated_env
 
 
+class RankFailure(RuntimeError):
+    """A Megatron rank died, raised, or did not finish a call in time; the message says which, where, doing what."""
+
+    def __init__(self, message: str, *, ranks: list[int], kind: str):
+        super().__init__(message)
+        self.ranks, self.kind = ranks, kind
+
+
+class _Tee:
+    """A text stream that writes to the original stream and to the rank's log file (line-buffered)."""
+
+    def __init__(self, stream, log):
+        self._stream, self._log = stream, log
+
+    def write(self, text: str) -> int:
+        self._log.write(text)
+        self._log.flush()
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+        self._log.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def tail(path: str | None, lines: int = 20) -> str:
+    """The last `lines` lines of a text file ("" when it does not exist)."""
+    if not path or not os.path.exists(path):
+        return ""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 64 * 1024))
+        return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:])
+
+
 class _MegatronWorker:
     """Body of one rank's Ray actor (wrapped with ray.remote by ActorGroup)."""
 
-    def __init__(self, rank: int, world_size: int, threads: int, env: dict[str, str]):
+    def __init__(self, rank: int, world_size: int, threads: int, env: dict[str, str], log_path: str | None = None):
         os.environ.update(env)
         self.rank, self.world_size = rank, world_size
         self.threads = threads
         self.actor = None
+        self._running: tuple[str, float, int] | None = None  # (method, start, thread id) of the call in progress
+        self.log_path = log_path
+        if log_path:  # everything this rank prints also goes to its own file, which the driver tails on failure
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+            log = open(log_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - lives as long as the rank
+            log.write(f"--- rank {rank} of {world_size}, pid {os.getpid()}, {datetime.datetime.now():%F %T}\n")
+            sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
+
+    @ray.method(concurrency_group="monitor")
+    def status(self) -> dict:
+        """What this rank is doing, answered by a separate thread while a call runs (ActorGroup's watchdog)."""
+        running = self._running
+        out = {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
+               "method": None, "running_s": 0.0, "stack": ""}
+        if running is not None:
+            method, start, thread_id = running
+            frame = sys._current_frames().get(thread_id)
+            stack = traceback.format_stack(frame)[-4:] if frame is not None else []
+            out.update(method=method, running_s=time.monotonic() - start, stack="".join(stack).rstrip())
+        return out
 
     def rendezvous_address(self) -> tuple[str, int]:
         import ray
@@ -43,7 +116,7 @@ class _MegatronWorker:
 
         return ray.util.get_node_ip_address(), free_port()
 
-    def setup(self, config: ActorConfig, master_addr: str, master_port: int) -> dict:
+    def setup(self, config: ActorConfig, master_addr: str, master_port: int, collective_timeout_s: float) -> dict:
         import torch
         import torch.distributed as dist
 
@@ -56,18 +129,31 @@ class _MegatronWorker:
         if backend == "nccl":
             torch.cuda.set_device(0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
         dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
-                                world_size=self.world_size)
-        self.actor = MegatronActor(config).setup()
-        return {"rank": self.rank, "dp_size": self.actor.dp_size}
+                                world_size=self.world_size, timeout=datetime.timedelta(seconds=collective_timeout_s))
+        self._running = ("setup", time.monotonic(), threading.get_ident())
+        try:
+            self.actor = MegatronActor(config).setup()
+        finally:
+            self._running = None
+        return {"rank": self.rank, "dp_size": self.actor.dp_size, "pid": os.getpid(),
+                "node": ray.util.get_node_ip_address()}
 
     def call(self, method: str, *args, **kwargs) -> Any:
-        return getattr(self.actor, method)(*args, **kwargs)
+        self._running = (method, time.monotonic(), threading.get_ident())
+        try:
+            return getattr(self.actor, method)(*args, **kwargs)
+        finally:
+            self._running = None
 
     def weight_buckets(self, bucket_bytes: int) -> Iterator[list]:
         """Streaming generator: every rank takes part in the collective export; rank 0 yields the buckets."""
-        for bucket in self.actor.export_hf_weights(bucket_bytes=bucket_bytes, dst=0):
-            if self.rank == 0:
-                yield bucket
+        self._running = ("export_hf_weights", time.monotonic(), threading.get_ident())
+        try:
+            for bucket in self.actor.export_hf_weights(bucket_bytes=bucket_bytes, dst=0):
+                if self.rank == 0:
+                    yield bucket
+        finally:
+            self._running = None
 
     def shutdown(self) -> None:
         import torch.distributed as dist
@@ -83,9 +169,10 @@ class ActorGroup:
 
     def __init__(self, config: ActorConfig, world_size: int, *, device: str = "cpu", cpus_per_rank: int = 1,
                  threads_per_rank: int | None = None, timeout_s: float = 3600.0, env: dict[str, str] | None = None,
-                 gpu_share: float = 1.0):
-        import ray
-
+                 gpu_share: float = 1.0, collective_timeout_s: float = 1800.0, log_dir: str | None = None,
+                 poll_s: float = 2.0):
+        """timeout_s: the deadline of one call on all ranks (setup included); collective_timeout_s: torch.distributed's
+        timeout of one collective; log_dir: where each rank's log goes (actor_rank<r>.log; None: Ray's logs only)."""
         from megatron_rl.cluster.placement import in_bundle, reserve_placement_group
         from megatron_rl.cluster.ray_cluster import require_ray
 
@@ -94,12 +181,15 @@ class ActorGroup:
             raise ValueError(f"gpu_share must be in (0, 1], got {gpu_share}")
         self.world_size = world_size
         self.timeout_s = timeout_s
+        self.poll_s = poll_s
+        self.workers = []
+        self.log_paths = [os.path.join(log_dir, f"actor_rank{r}.log") if log_dir else None for r in range(world_size)]
         bundle = {"CPU": cpus_per_rank} if device == "cpu" else {"GPU": 1, "CPU": cpus_per_rank}
         self._pg = reserve_placement_group(
             [bundle] * world_size, "PACK", timeout_s, f"{world_size} actor rank(s)",
             "Start Ray with more resources or lower resources.actor_ranks / actor_cpus_per_rank",
         )
-        worker_cls = ray.remote(_MegatronWorker)
+        worker_cls = ray.remote(concurrency_groups={"monitor": 1})(_MegatronWorker)
         threads = threads_per_rank or cpus_per_rank
         base_env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads), **propagated_env(),
                     **(env or {})}
@@ -107,14 +197,16 @@ class ActorGroup:
             worker_cls.options(
                 num_cpus=cpus_per_rank, num_gpus=0 if device == "cpu" else gpu_share,
                 scheduling_strategy=in_bundle(self._pg, rank),
-            ).remote(rank, world_size, threads, base_env)
+            ).remote(rank, world_size, threads, base_env, self.log_paths[rank])
             for rank in range(world_size)
         ]
         try:
             addr, port = ray.get(self.workers[0].rendezvous_address.remote(), timeout=timeout_s)
-            self.info = self._get([w.setup.remote(config, addr, port) for w in self.workers])
+            self.info = self._watch([w.setup.remote(config, addr, port, collective_timeout_s) for w in self.workers],
+                                    "setup")
+            self._nodes = {info["rank"]: (info["node"], info["pid"]) for info in self.info}
         except BaseException:
-            self.shutdown()
+            self.shutdown(graceful=False)
             raise
 
     @property
@@ -122,10 +214,56 @@ class ActorGroup:
         """The ranks' placement group (rank r in bundle r); colocated engines are placed in it too."""
         return self._pg
 
-    def _get(self, refs):
-        import ray
+    def _watch(self, refs: list, what: str) -> list:
+        """The results of one call on every rank (refs by rank), watching all ranks at once (module docstring)."""
+        results: list[Any] = [None] * len(refs)
+        pending = {ref: rank for rank, ref in enumerate(refs)}
+        deadline = time.monotonic() + self.timeout_s
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._stuck(sorted(pending.values()), what)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(self.poll_s, remaining))
+            for ref in ready:
+                rank = pending.pop(ref)
+                try:
+                    results[rank] = ray.get(ref)
+                except ray.exceptions.RayActorError as error:
+                    raise self._failed(rank, what, "died", error) from None
+                except ray.exceptions.RayTaskError as error:
+                    raise self._failed(rank, what, "raised", error) from error
+        return results
 
-        return ray.get(refs, timeout=self.timeout_s)
+    def _failed(self, rank: int, what: str, kind: str, error: BaseException) -> RankFailure:
+        cause = str(getattr(error, "cause", None) or error).strip().splitlines()
+        detail = "\n    ".join(cause[-6:])
+        log = tail(self.log_paths[rank])
+        where = self._where(rank)
+        message = (f"Megatron rank {rank}{where} {kind} during {what}: {detail}" +
+                   (f"\n  last lines of its log ({self.log_paths[rank]}):\n    " + log.replace("\n", "\n    ")
+                    if log else ""))
+        return RankFailure(message, ranks=[rank], kind=kind)
+
+    def _where(self, rank: int) -> str:
+        node = getattr(self, "_nodes", {}).get(rank)
+        return f" (node {node[0]}, pid {node[1]})" if node else ""
+
+    def _stuck(self, ranks: list[int], what: str) -> RankFailure:
+        """A call past its deadline: what each unfinished rank is doing (its stack), read through the monitor."""
+        lines = [f"{what} did not finish on rank(s) {ranks} within {self.timeout_s:g}s "
+                 "(resources.actor_call_timeout_s); what each was doing:"]
+        refs = {rank: self.workers[rank].status.remote() for rank in ranks}
+        for rank, ref in refs.items():
+            try:
+                info = ray.get(ref, timeout=10)
+                lines.append(f"  rank {rank} (node {info['node']}, pid {info['pid']}): {info['method']} for "
+                             f"{info['running_s']:.0f}s, at:\n    " + info["stack"].replace("\n", "\n    "))
+            except Exception as error:  # noqa: BLE001 - a rank that cannot even answer is reported as such
+                lines.append(f"  rank {rank}: no answer ({type(error).__name__})")
+            log = tail(self.log_paths[rank], 5)
+            if log:
+                lines.append("    last log lines: " + log.replace("\n", "\n      "))
+        return RankFailure("\n".join(lines), ranks=ranks, kind="stuck")
 
     # ---- the actor's collective methods, typed ------------------------------------------------------------
     def compute_log_probs(self, batch: ActorBatch, *, model: str = "policy", with_entropy: bool = False) -> list:
@@ -156,31 +294,46 @@ class ActorGroup:
         self._call_all("load_checkpoint", ckpt_dir, state, load_optimizer=load_optimizer)
 
     def _call_all(self, method: str, *args, **kwargs) -> list:
-        """Call `MegatronActor.<method>(*args, **kwargs)` on every rank; the results, by rank."""
-        import ray
-
+        """Call `MegatronActor.<method>(*args, **kwargs)` on every rank; the results, by rank (watched: _watch)."""
         args_ref = [ray.put(a) for a in args]  # one copy in the object store, not one per rank
-        return self._get([w.call.remote(method, *args_ref, **kwargs) for w in self.workers])
+        return self._watch([w.call.remote(method, *args_ref, **kwargs) for w in self.workers], method)
 
     def weight_buckets(self, bucket_bytes: int = 256 * 1024**2) -> Iterator[list]:
-        """The model as buckets of full HF-named tensors, streamed from rank 0 while every rank takes part."""
-        import ray
-
+        """The model as buckets of full HF-named tensors, streamed from rank 0 while every rank takes part (watched
+        like a call: a rank that dies or stalls during the export is reported, not waited for)."""
         streams = [w.weight_buckets.options(num_returns="streaming").remote(bucket_bytes) for w in self.workers]
-        for ref in streams[0]:
-            yield ray.get(ref)
-        for stream in streams[1:]:  # the other ranks yield nothing; wait for them to finish (and raise errors)
-            for ref in stream:
-                ray.get(ref)
+        deadline = time.monotonic() + self.timeout_s
+        active = dict(enumerate(streams))
+        while active:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._stuck(sorted(active), "export_hf_weights")
+            ready, _ = ray.wait(list(active.values()), num_returns=1, timeout=min(self.poll_s, remaining))
+            for stream in ready:
+                rank = next(r for r, s in active.items() if s is stream)
+                try:
+                    ref = next(stream)
+                    bucket = ray.get(ref)
+                except StopIteration:
+                    del active[rank]
+                    continue
+                except ray.exceptions.RayActorError as error:
+                    raise self._failed(rank, "export_hf_weights", "died", error) from None
+                except ray.exceptions.RayTaskError as error:
+                    raise self._failed(rank, "export_hf_weights", "raised", error) from error
+                if rank == 0:
+                    yield bucket
 
-    def shutdown(self) -> None:
-        import ray
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop every rank: graceful asks each to leave torch.distributed first (60 s at most), then every actor is
+        killed; graceful=False kills at once (after a failure the live ranks may be blocked in a collective)."""
         from ray.util.placement_group import remove_placement_group
 
-        try:
-            ray.get([w.shutdown.remote() for w in getattr(self, "workers", [])], timeout=60)
-        except Exception:  # noqa: BLE001 - a dead rank cannot shut down cleanly; kill below
-            pass
+        if graceful:
+            try:
+                ray.get([w.shutdown.remote() for w in getattr(self, "workers", [])], timeout=60)
+            except Exception:  # noqa: BLE001 - a dead rank cannot shut down cleanly; kill below
+                pass
         for w in getattr(self, "workers", []):
             ray.kill(w)
         self.workers = []

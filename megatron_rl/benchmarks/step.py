@@ -87,6 +87,32 @@ def run_training(run_dir: str, *, steps: int, config: str | None = None, overrid
     return os.path.join(run_dir, "metrics.jsonl")
 
 
+def variant_rows(workdir: str, variants: Sequence[tuple[str, Sequence[str]]], *, steps: int = 10, skip: int = 2,
+                 config: str | None = None, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Train each (label, overrides) variant of `config` for `steps` steps, one after the other in this invocation;
+    per variant the mean seconds per step and per part and the speed-up against the first variant."""
+    rows = []
+    for index, (label, extra) in enumerate(variants):
+        path = run_training(os.path.join(workdir, f"variant_{index}"), steps=steps, config=config,
+                            overrides=(*overrides, *extra))
+        records = [r for r in _read(path) if "time/step" in r][skip:]
+        row = {"variant": label, "overrides": " ".join(extra) or "-",
+               "step_s": round(statistics.mean(r["time/step"] for r in records), 4)}
+        for part in ("rollout", "train", "sync", "wait_rollouts"):
+            row[f"{part}_s"] = round(statistics.mean(r.get(f"time/{part}", 0.0) for r in records), 4)
+        row["staleness_max"] = max(r.get("async/staleness_max", 0.0) for r in records)
+        rows.append(row)
+    for row in rows:
+        row["speedup_vs_first"] = round(rows[0]["step_s"] / row["step_s"], 2)
+    return rows
+
+
+def _read(path: str) -> list[dict]:
+    from megatron_rl.training.metrics_logger import read_jsonl
+
+    return read_jsonl(path)
+
+
 def step_rows(workdir: str, *, steps: int = 10, skip: int = 2, config: str | None = None,
               overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Train `steps` steps of `config` (default: the CPU quickstart) in workdir/step_run and break them down."""

@@ -13,6 +13,7 @@ directory without the trainer's files:
         rng.pt                                 RNG_FILE        the driver's RNG states
         metrics.jsonl                          METRICS_FILE    the metrics history up to this step
         pending_rollouts.json                  PENDING_ROLLOUTS generated, not yet trained batches (asynchronous runs)
+        config.yaml                            RUN_CONFIG      the resolved config the run was trained with
 
 While being written a directory carries TMP_MARKER in its name; it is renamed when complete, and every reader
 ignores such directories.
@@ -30,6 +31,7 @@ TRAINER_STATE = "trainer_state.json"
 RNG_FILE = "rng.pt"
 METRICS_FILE = "metrics.jsonl"
 PENDING_ROLLOUTS = "pending_rollouts.json"
+RUN_CONFIG = "config.yaml"
 TMP_MARKER = ".tmp-"
 CHECKPOINTS_DIR = "checkpoints"  # under the run directory
 

@@ -33,7 +33,12 @@ def add_parser(subparsers) -> None:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="YAML config file (default: the CPU quickstart)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest complete checkpoint of the run directory; start fresh when it has "
+                        "none (so a requeued job can always pass it)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue although settings that change the math differ from the checkpoint's "
+                        "(they are listed either way)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.set_defaults(run=run)
@@ -65,11 +70,12 @@ def run(args) -> int:
     from megatron_rl.training.trainer import Trainer
 
     print(f"[train] run dir: {cfg.run_dir}  (resolved config: {os.path.join(cfg.run_dir, 'config.yaml')})", flush=True)
+    from megatron_rl.actor.ray_group import RankFailure
     from megatron_rl.config import ConfigError
     from megatron_rl.data import DataError
 
     try:
-        final = Trainer(cfg, resume=args.resume).run()
+        final = Trainer(cfg, resume=args.resume, allow_config_change=args.allow_config_change).run()
     except ConfigError as e:  # found before Ray or any engine starts (e.g. a resume with a changed setting)
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -79,6 +85,10 @@ def run(args) -> int:
     except DataError as e:  # found while reading the prompts, before Ray or any engine starts
         print(f"data error: {e}", file=sys.stderr)
         return 2
+    except RankFailure as e:  # a Megatron rank died, raised or stalled: the run was torn down
+        print(f"error: {e}\nThe run was stopped and every process it started was shut down; its last complete "
+              f"checkpoint is intact: fix the cause and resume with --resume.", file=sys.stderr)
+        return 1
     keys = ("eval/accuracy", "rollout/accuracy", "rollout/response_length_mean")
     print("[train] done: " + ", ".join(f"{k} {final[k]:.3f}" for k in keys if k in final), flush=True)
     return 0

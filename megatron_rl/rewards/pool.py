@@ -51,9 +51,10 @@ class RewardPoolError(RuntimeError):
 class _Worker:
     """One worker process, its socket and the task it is running (at most one at a time)."""
 
-    def __init__(self, spec: str, fn_kwargs: dict, timeout_s: float):
+    def __init__(self, spec: str, fn_kwargs: dict, timeout_s: float, worker_id: int = -1):
         parent_end, child_end = socket.socketpair()
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path or os.getcwd() for path in sys.path))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path or os.getcwd() for path in sys.path),
+                   MEGATRON_RL_REWARD_WORKER_ID=str(worker_id))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "megatron_rl.rewards.worker", str(child_end.fileno())],
             pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, env=env,
@@ -151,11 +152,13 @@ class RewardPool:
         self._closed = False
         self._startup_deaths = 0
         self._processes: list = []  # every process ever started; the finalizer kills the live ones
+        self._started = 0  # workers started so far (their ids)
         self._finalizer = weakref.finalize(self, _kill_processes, self._processes)
         self._workers = [self._start_worker() for _ in range(num_workers)]
 
     def _start_worker(self) -> _Worker:
-        worker = _Worker(self.reward.spec, self.reward.fn_kwargs, self.timeout_s)
+        worker = _Worker(self.reward.spec, self.reward.fn_kwargs, self.timeout_s, worker_id=self._started)
+        self._started += 1
         self._processes[:] = [p for p in self._processes if p.poll() is None] + [worker.process]
         return worker
 

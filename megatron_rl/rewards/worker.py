@@ -27,6 +27,8 @@ from megatron_rl.rewards.registry import RewardFunction, check_score, resolve_re
 
 _PR_SET_PDEATHSIG = 1
 _armed = False
+# This worker's start number in its pool (0, 1, ... and on for replacements): the fault-injection rank.
+_WORKER_ID = int(os.environ.get("MEGATRON_RL_REWARD_WORKER_ID", "-1"))
 
 
 class SoftTimeout(BaseException):
@@ -107,7 +109,7 @@ def worker_main(conn: Connection) -> None:
             if message is None:
                 return
             task_id, item = message
-            inject("reward.score")
+            inject("reward.score", rank=_WORKER_ID)
             conn.send((task_id, *score_one(reward, item, timeout_s)))
         except (EOFError, OSError):  # the parent is gone
             return

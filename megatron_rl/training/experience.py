@@ -40,6 +40,7 @@ class Rollouts:
     metrics: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
+    generated: list[ScoredGroup] = field(default_factory=list)  # every scored group, kept or not (not saved in JSON)
 
     def weights_versions(self) -> list[int]:
         """The weights version that generated each kept sample."""

@@ -19,7 +19,7 @@ One step (`_rl_step`):
 SIGTERM/SIGINT (e.g. `scancel`) finish the current step, save a checkpoint and exit; `--resume` continues from the
 latest complete checkpoint with nothing lost or repeated.
 
-With `algorithm.max_staleness = k >= 1` step 1 runs in a background thread for the next k steps while the actor
+With `algorithm.max_staleness = k >= 1` item 1 (`_collect`) runs in a background thread for the next k steps while the actor
 trains (`_rl_step_async`, training/async_rollouts.py: a fixed schedule, so the run stays reproducible); generated
 but not yet trained batches are saved with each checkpoint.
 """
@@ -33,7 +33,7 @@ import signal
 import time
 import warnings
 
-from megatron_rl.checkpoint.names import CHECKPOINTS_DIR, PENDING_ROLLOUTS
+from megatron_rl.checkpoint.names import CHECKPOINTS_DIR, PENDING_ROLLOUTS, RUN_CONFIG
 from megatron_rl.config import TrainConfig, config_yaml, required_cpus
 from megatron_rl.checkpoint.run_state import (
     latest_checkpoint,
@@ -44,6 +44,8 @@ from megatron_rl.checkpoint.run_state import (
 )
 from megatron_rl.faults import inject
 from megatron_rl.training.experience import Rollouts, build_actor_batch, generate_grouped, rollout_stats, score_round
+from megatron_rl.training.recorder import ROLLOUTS_DIR, save_step_rollouts
+from megatron_rl.training.update import policy_update
 from megatron_rl.training.metrics_logger import MetricsLogger, summary_line
 from megatron_rl.training.timing import StepTimer
 
@@ -51,9 +53,12 @@ logger = logging.getLogger("megatron_rl")
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, echo=print):
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, allow_config_change: bool = False, echo=print):
+        """resume: continue from the run directory's latest complete checkpoint (a fresh start when there is none);
+        allow_config_change: resume even if settings that change the math differ from the checkpoint's."""
         self.cfg = cfg
         self.resume = resume
+        self.allow_config_change = allow_config_change
         self.echo = echo
         self.run_dir = cfg.run_dir
         self.ckpt_root = os.path.join(self.run_dir, CHECKPOINTS_DIR)
@@ -63,6 +68,7 @@ class Trainer:
         self._last_saved_step = None
         self._restored_rollouts: dict[int, Rollouts] = {}  # generated, not yet trained batches of a resumed async run
         self._producer = None
+        self._failed = False
         self.group = self.pool = self.reward_pool = self.metrics = None
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -141,6 +147,9 @@ class Trainer:
         self.group = ActorGroup(cfg.actor, cfg.resources.actor_ranks, device=device,
                                 cpus_per_rank=cfg.resources.actor_cpus_per_rank,
                                 threads_per_rank=cfg.resources.actor_threads_per_rank,
+                                timeout_s=cfg.resources.actor_call_timeout_s,
+                                collective_timeout_s=cfg.resources.collective_timeout_s,
+                                log_dir=os.path.join(self.run_dir, "logs"),
                                 gpu_share=COLOCATED_GPU_SHARE if colocate and device == "gpu" else 1.0)
         if colocate:  # colocated engines run in the actor group's placement group: after it exists
             self.echo(engines + " colocated with the actor ranks")
@@ -151,17 +160,17 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- run
     def run(self) -> dict:
         cfg = self.cfg
+        resume_from = latest_checkpoint(self.ckpt_root) if self.resume else None
+        if resume_from is not None:  # before anything is written: a refused resume leaves the run as it was
+            self._check_resumable(resume_from[1])
         self._prepare_files()
         self._load_data()
-        resume_from = latest_checkpoint(self.ckpt_root) if self.resume else None
         if self.resume:
             removed = remove_unfinished(self.ckpt_root)
             if removed:
                 self.echo(f"[resume] removed unfinished checkpoint directories: {removed}")
             if resume_from is None:  # e.g. a requeued job killed before its first checkpoint
                 self.echo(f"[resume] no complete checkpoint in {self.ckpt_root}: starting from step 0")
-            else:
-                self._check_resumable(resume_from[1])
         metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
         if resume_from is not None:
             restore_metrics(resume_from[1], metrics_path)
@@ -180,6 +189,9 @@ class Trainer:
             if resume_from is None and cfg.eval.at_start and self._eval_enabled():
                 self.metrics.log(0, self._evaluate())
             last = self._loop()
+        except BaseException:
+            self._failed = True  # no graceful shutdown: live ranks may be blocked in a collective with a dead one
+            raise
         finally:
             self._restore_signal_handlers(previous_handlers)
             self.shutdown()
@@ -287,7 +299,7 @@ class Trainer:
             metrics.update(rollout_stats(groups, prefix="batch/"))
         else:
             messages.append(f"no usable group after {len(filled.rounds)} round(s): skipping the update")
-        return Rollouts(step, groups, metrics, dict(timer.seconds), messages)
+        return Rollouts(step, groups, metrics, dict(timer.seconds), messages, generated)
 
     def _rl_step(self, step: int) -> dict:
         """The synchronous step: collect, train, sync the weights (the reference loop, max_staleness 0)."""
@@ -344,21 +356,15 @@ class Trainer:
         metrics = self._staleness(rollouts)
         batch = build_actor_batch(rollouts.groups, algo.advantage, algo.overlong)
         metrics["train/advantage_abs_mean"] = float(batch.advantages.abs().mean())
+        if cfg.logging.save_rollouts:
+            save_step_rollouts(os.path.join(self.run_dir, ROLLOUTS_DIR), rollouts, batch, self.weights_version)
         self.pool.yield_to_training()  # colocated: the engines sleep until _sync_weights
-        from_forward = algo.reuses_training_forward
-        if algo.old_log_probs == "recompute" and not from_forward:
-            batch.old_log_probs = self.group.compute_log_probs(batch)
-            metrics.update(self._mismatch(batch.old_log_probs, batch.rollout_log_probs))
-        elif algo.old_log_probs == "rollout":
-            batch.old_log_probs = batch.rollout_log_probs
-        if cfg.actor.loss.kl_coef > 0:
-            batch.ref_log_probs = self.group.compute_log_probs(batch, model="reference")
-        steps = [self.group.train_step(mini, old_from_forward=from_forward)
-                 for mini in _split(batch, algo.mini_batches, group_size=cfg.sampling.n)]
-        if from_forward:  # the policy's log-probs before its update, from that update's own forward
-            metrics.update(self._mismatch(steps[0].pop("log_probs"), batch.rollout_log_probs))
-        metrics.update({f"train/{key}": value for key, value in _combine_mini_batches(steps).items()})
+        metrics.update(self._update(batch))
         return metrics
+
+    def _update(self, batch) -> dict:
+        """The policy update on the actor batch (training/update.py; replay-step runs the same function)."""
+        return policy_update(self.group, batch, self.cfg)
 
     def _staleness(self, rollouts: Rollouts) -> dict:
         """async/staleness_mean / _max: weight versions between each trained sample's generator and the policy being
@@ -374,15 +380,6 @@ class Trainer:
     def _sync_metrics(stats) -> dict:
         return {"sync/seconds": float(getattr(stats, "seconds", float("nan"))),
                 "sync/bytes": float(getattr(stats, "num_bytes", float("nan")))}
-
-    @staticmethod
-    def _mismatch(actor_log_probs, rollout_log_probs) -> dict:
-        """mismatch/* metrics: the actor's log-probs (before its update) vs the engines' rollout log-probs."""
-        from megatron_rl.rollout.mismatch import pad_logprobs, rollout_mismatch
-
-        actor, mask = pad_logprobs([lp.tolist() for lp in actor_log_probs])
-        rollout, _ = pad_logprobs([lp.tolist() for lp in rollout_log_probs])
-        return rollout_mismatch(actor, rollout, mask).as_dict(prefix="mismatch/")
 
     # ------------------------------------------------------------------------------------ eval, warm-up
     def _eval_enabled(self) -> bool:
@@ -447,7 +444,9 @@ class Trainer:
         state = {"sampler": self.sampler.state_dict(), "weights_version": self.weights_version,
                  "run_name": self.cfg.run.name, "max_staleness": self.cfg.algorithm.max_staleness}
         pending = self._producer.pending() if self._producer is not None else {}
-        extra_files = {PENDING_ROLLOUTS: json.dumps([r.to_json() for _, r in sorted(pending.items())])} if pending else {}
+        extra_files = {RUN_CONFIG: config_yaml(self.cfg)}
+        if pending:
+            extra_files[PENDING_ROLLOUTS] = json.dumps([r.to_json() for _, r in sorted(pending.items())])
         path = save_training_checkpoint(self.ckpt_root, self.step, self.group, state,
                                         metrics_path=self.metrics.path if self.metrics else None,
                                         keep_last=self.cfg.checkpoint.keep_last, extra_files=extra_files)
@@ -455,17 +454,31 @@ class Trainer:
         self.echo(f"[checkpoint] step {self.step} saved to {path} ({time.perf_counter() - start:.1f}s)")
 
     def _check_resumable(self, path: str) -> None:
-        """Refuse, before anything starts, a resume whose settings would change what the checkpoint's run computes."""
-        from megatron_rl.checkpoint.names import TRAINER_STATE
-        from megatron_rl.config_loader import ConfigError
+        """Refuse, before anything starts, a resume whose settings would change what the checkpoint's run computes
+        (config.changed_math: everything but RESUME_SAFE_KEYS), listing the differing keys."""
+        import yaml
 
-        with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as f:
-            state = json.load(f)
-        saved_k, k = int(state.get("max_staleness", 0)), self.cfg.algorithm.max_staleness
-        if saved_k != k:
-            raise ConfigError(f"algorithm.max_staleness: {path} was written with algorithm.max_staleness={saved_k}; "
-                              f"resume it with the same value (got {k}): the rollout schedule, and so the run, "
-                              "depends on it")
+        from megatron_rl.checkpoint.names import RUN_CONFIG
+        from megatron_rl.config import changed_math
+        from megatron_rl.config_loader import ConfigError, to_dict
+
+        saved_path = os.path.join(path, RUN_CONFIG)
+        if not os.path.exists(saved_path):  # written before checkpoints carried their config
+            self.echo(f"[resume] {path} holds no {RUN_CONFIG}: the settings cannot be compared with the run's")
+            return
+        with open(saved_path, encoding="utf-8") as f:
+            saved = yaml.safe_load(f)
+        changes = changed_math(saved, to_dict(self.cfg))
+        if not changes:
+            return
+        listing = "\n  ".join(changes)
+        if self.allow_config_change:
+            self.echo(f"[resume] continuing with changed settings (--allow-config-change):\n  {listing}")
+            return
+        raise ConfigError(
+            f"--resume: settings that change what the run computes differ from its checkpoint {path}:\n  {listing}\n"
+            "Resume with the checkpoint's values, or pass --allow-config-change to continue with the new ones"
+        )
 
     def _resume(self, step: int, path: str) -> None:
         state = load_trainer_state(path)
@@ -506,13 +519,17 @@ class Trainer:
             signal.signal(sig, handler)
 
     def shutdown(self) -> None:
+        """Stop everything this trainer started: engines, Megatron ranks (at once after a failure), reward workers,
+        the private Ray cluster. Nothing is left running (docs/training.md, "Failures")."""
         import ray
 
+        if self._producer is not None:
+            self._producer.stop(timeout=0)
         for name in ("pool", "group"):
             obj = getattr(self, name)
             if obj is not None:
                 try:
-                    obj.shutdown()
+                    obj.shutdown(graceful=False) if name == "group" and self._failed else obj.shutdown()
                 except Exception as e:  # noqa: BLE001 - shut the rest down regardless
                     logger.warning("shutting down %s failed: %s", name, e)
                 setattr(self, name, None)
@@ -523,46 +540,6 @@ class Trainer:
             self.metrics.close()
         if getattr(self, "_owns_ray", False) and ray.is_initialized():
             ray.shutdown()
-
-
-_SUMMED = ("num_sequences", "num_response_tokens", "num_microbatches", "model_tokens", "step_seconds",
-           "fwd_bwd_seconds", "update_skipped")
-
-
-def _combine_mini_batches(steps: list[dict]) -> dict:
-    """One set of train/* metrics for a rollout batch trained in several optimizer steps: counts and times are
-    summed, everything else (loss, grad norm, clip fractions, ratios, KL, entropy) averaged over the steps, so clip
-    fractions of the off-policy steps (mini-batch 2, 3, ...) show up."""
-    combined = {}
-    for key in steps[0]:
-        values = [s[key] for s in steps]
-        combined[key] = sum(values) if key in _SUMMED else sum(values) / len(values)
-    seconds = combined.get("step_seconds")
-    if seconds:
-        combined["tokens_per_second"] = combined["model_tokens"] / seconds
-    combined["optimizer_steps"] = float(len(steps))
-    return combined
-
-
-def _split(batch, parts: int, group_size: int = 1):
-    """`parts` mini-batches (contiguous slices) that never cut a group of `group_size` samples in two, as verl's
-    mini-batch size counts prompts: groups are spread as evenly as possible; with fewer groups than `parts`, fewer
-    mini-batches (the trainer logs train/optimizer_steps)."""
-    if len(batch) % group_size:
-        raise ValueError(f"batch of {len(batch)} samples is not made of whole groups of {group_size}")
-    if parts == 1:
-        yield batch
-        return
-    from megatron_rl.actor.batch import TOKEN_FIELDS, ActorBatch
-
-    groups = len(batch) // group_size
-    bounds = [round(i * groups / parts) * group_size for i in range(parts + 1)]
-    for lo, hi in zip(bounds, bounds[1:]):
-        if hi <= lo:
-            continue
-        fields = {name: getattr(batch, name)[lo:hi] for name in (*TOKEN_FIELDS, "loss_mask") if getattr(batch, name) is not None}
-        yield ActorBatch(prompt_ids=batch.prompt_ids[lo:hi], response_ids=batch.response_ids[lo:hi],
-                         advantages=None if batch.advantages is None else batch.advantages[lo:hi], **fields)
 
 
 __all__ = ["Trainer"]

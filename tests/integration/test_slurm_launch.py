@@ -201,6 +201,36 @@ def test_clean_stop_checkpoints_and_leaves_nothing(submit):
     assert _checkpoints(job.run_dir)[-1] == f"step_{last_step:06d}", log  # the step it stopped at is saved
 
 
+def test_requeued_job_continues_from_its_checkpoint_by_itself(submit):
+    """The time limit's signal (#SBATCH --signal=B:USR1@900): the trainer checkpoints, the job requeues itself and
+    resumes; then an operator's (or preemption's) `scontrol requeue`: the job restarts and resumes from its latest
+    complete checkpoint. Nobody resubmits; the run ends with every step exactly once."""
+    steps = 6
+    job = submit(f"run.steps={steps}")
+    job.wait_for_step(2, timeout=600)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job.id], check=True, timeout=30)
+    _wait_restarts(job, 1, timeout=600)
+    job.wait_for_step(4, timeout=600)
+    subprocess.run(["scontrol", "requeue", job.id], check=True, timeout=30)
+    _wait_restarts(job, 2, timeout=600)
+    info = job.wait(timeout=900)
+    log = job.output()
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log
+    assert "requeueing job" in log and f"restart 1 of job {job.id}" in log and f"restart 2 of job {job.id}" in log
+    assert log.count("[resume] continuing from step") == 2, log
+    assert [r["step"] for r in _records(job.run_dir)] == list(range(1, steps + 1))  # each step once, in order
+    _assert_nothing_left(job)
+
+
+def _wait_restarts(job: Job, restarts: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if int(job.info().get("Restarts", "0")) >= restarts:
+            return
+        time.sleep(2)
+    pytest.fail(f"job {job.id} was not restarted {restarts} time(s) in {timeout}s\n{job.output()}")
+
+
 def test_cancelled_job_leaves_no_ray_processes(submit):
     job = submit("run.steps=1000")
     job.wait_for_step(1, timeout=600)

@@ -37,9 +37,10 @@ class RecordingTrainer(Trainer):
 
     batches: list
 
-    def _mismatch(self, batch):
+    def _update(self, batch):
+        metrics = super()._update(batch)  # fills batch.old_log_probs with the actor's log-probs before the update
         self.batches = [*getattr(self, "batches", []), batch]
-        return super()._mismatch(batch)
+        return metrics
 
 
 def _transformers_log_probs(hf_dir, batch, temperature):

@@ -126,10 +126,27 @@ def test_bad_settings_fail_with_the_knob_named(args, env, message):
     assert result.stdout == ""  # nothing printed as if it would run
 
 
+@pytest.mark.parametrize("script", [MOE_SCRIPT, DENSE_SCRIPT])
+def test_a_requeued_job_resumes_and_the_time_limit_requeues(script):
+    """Restarted by Slurm (SLURM_RESTART_COUNT > 0: a requeue, a preemption, the time limit's self-requeue), the job
+    passes --resume; the script asks Slurm for SIGUSR1 before the time limit and to be requeueable."""
+    _, _, flags = _trainer_overrides(_dry_run(script))
+    assert "--resume" not in flags
+    restarted = _run(script, DRY_RUN=1, SLURM_RESTART_COUNT=2)
+    assert restarted.returncode == 0, restarted.stderr
+    assert "restart 2 of job" in restarted.stdout + restarted.stderr
+    _, _, flags = _trainer_overrides([line for line in restarted.stdout.splitlines() if line and not line.startswith("#")])
+    assert "--resume" in flags
+    text = (REPO / script).read_text()
+    assert "#SBATCH --signal=B:USR1@900" in text and "#SBATCH --requeue" in text and "#SBATCH --open-mode=append" in text
+    assert "scontrol requeue" in restarted.stdout  # the plan printed for the SIGUSR1 handler
+
+
 def test_help_prints_the_documented_settings():
     result = _run(DENSE_SCRIPT, "--help")
     assert result.returncode == 0
-    for knob in ("NODES=1", "GPUS_PER_NODE=8", "CONTAINER_IMAGE", "RESUME=0", "DRY_RUN=0", "#SBATCH --nodes=1"):
+    for knob in ("NODES=1", "GPUS_PER_NODE=8", "CONTAINER_IMAGE", "RESUME=0", "REQUEUE=1", "DRY_RUN=0",
+                 "#SBATCH --nodes=1"):
         assert knob in result.stdout, knob
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from megatron_rl.actor.batch import ActorBatch
-from megatron_rl.training.trainer import _combine_mini_batches, _split
+from megatron_rl.training.update import combine_mini_batches as _combine_mini_batches
+from megatron_rl.training.update import split_mini_batches as _split
 from megatron_rl.checkpoint.run_state import (
     latest_checkpoint,
     list_checkpoints,

@@ -6,14 +6,14 @@ import torch
 
 from megatron_rl.actor.batch import ActorBatch
 from megatron_rl.rollout.mismatch import MismatchMetrics
-from megatron_rl.training.trainer import Trainer
+from megatron_rl.training.update import mismatch_metrics
 
 
 def test_mismatch_metrics_of_a_ragged_batch():
     batch = ActorBatch(prompt_ids=[[1, 2], [1]], response_ids=[[3, 4, 5], [6]])
     batch.old_log_probs = [torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-0.5])]
     batch.rollout_log_probs = [torch.tensor([-1.0, -2.5, -3.0]), torch.tensor([-0.25])]
-    metrics = Trainer._mismatch(batch.old_log_probs, batch.rollout_log_probs)
+    metrics = mismatch_metrics(batch.old_log_probs, batch.rollout_log_probs)
     assert set(metrics) == {f"mismatch/{f.name}" for f in dataclasses.fields(MismatchMetrics)}
     # token diffs 0, 0.5, 0, -0.25 over 4 tokens; sequence sums 0.5 and -0.25 (lengths 3 and 1)
     assert metrics["mismatch/mean_abs_diff"] == pytest.approx(0.75 / 4)
