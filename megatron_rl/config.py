@@ -379,6 +379,8 @@ def derive_defaults(raw: dict) -> dict:
     _setdefault(raw, "actor.model_path", path)
     _setdefault(raw, "actor.megatron_checkpoint", model.get("megatron_checkpoint", ""))
     _setdefault(raw, "rollout.engine.model", path)
+    if _get(raw, "actor.moe.routing_replay") == "rollout":  # R3: the engines report the experts they routed to
+        _setdefault(raw, "rollout.engine.return_routed_experts", True)
 
     sampling_t, actor_t = _get(raw, "sampling.temperature"), _get(raw, "actor.temperature")
     if _is_number(sampling_t) and _is_number(actor_t) and float(sampling_t) != float(actor_t):
@@ -454,6 +456,13 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ConfigError(str(e)) from None
     if cfg.data.train is None:
         raise ConfigError("data.train: no training prompts; give data.train.path or a data.synthetic section")
+    replay = cfg.actor.moe.routing_replay
+    if replay != "none" and arch.moe is None:
+        raise ConfigError(f"actor.moe.routing_replay={replay!r} needs a MoE model; {arch.model_type} has no experts "
+                          "(set actor.moe.routing_replay=none)")
+    if replay == "rollout" and not cfg.rollout.engine.return_routed_experts:
+        raise ConfigError("actor.moe.routing_replay=rollout needs rollout.engine.return_routed_experts=true (the "
+                          "default with it; do not set it to false)")
     if cfg.algorithm.advantage in ("grpo", "rloo") and cfg.sampling.n < 2:
         raise ConfigError(f"sampling.n={cfg.sampling.n}: {cfg.algorithm.advantage} needs groups of >= 2 responses")
     if cfg.warmup.steps and cfg.data.synthetic is None:

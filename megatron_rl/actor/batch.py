@@ -28,14 +28,15 @@ from megatron_rl.algorithms.context_parallel import split_for_cp
 from megatron_rl.parallel.packing import balanced_partition, round_up, thd_cp_local_index
 
 TOKEN_FIELDS = ("old_log_probs", "ref_log_probs", "rollout_log_probs", "token_advantages")
-_RAGGED_FIELDS = ("prompt_ids", "response_ids", *TOKEN_FIELDS, "loss_mask")
+_RAGGED_FIELDS = ("prompt_ids", "response_ids", *TOKEN_FIELDS, "loss_mask", "routed_experts")
 
 
 def pack_ragged(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A list of 1-D tensors as (one flat tensor, their lengths): what crosses a process boundary. Pickling a few
-    large tensors costs microseconds; pickling one small tensor per sequence (thousands per batch) costs ~0.1-0.2 s
-    per RL step in the quickstart (docs/benchmarks.md)."""
-    lengths = torch.tensor([r.numel() for r in rows], dtype=torch.long)
+    """A list of tensors of equal trailing shape (1-D per-token values, or [tokens, layers, top-k] routed experts) as
+    (one tensor concatenated along dim 0, their lengths): what crosses a process boundary. Pickling a few large
+    tensors costs microseconds; pickling one small tensor per sequence (thousands per batch) costs ~0.1-0.2 s per RL
+    step in the quickstart (docs/benchmarks.md)."""
+    lengths = torch.tensor([r.shape[0] for r in rows], dtype=torch.long)
     flat = torch.cat(rows) if rows else torch.zeros(0)
     return flat, lengths
 
@@ -57,6 +58,10 @@ def _tensor_list(flat: torch.Tensor, lengths: torch.Tensor) -> TensorList:
     return TensorList(unpack_ragged(flat, lengths))
 
 
+# a TensorList holds tensors only: `torch.load(..., weights_only=True)` of a saved one may rebuild it
+torch.serialization.add_safe_globals([_tensor_list])
+
+
 def _as_long(x, name: str) -> torch.Tensor:
     t = torch.as_tensor(x, dtype=torch.long)
     if t.dim() != 1:
@@ -76,6 +81,9 @@ class ActorBatch:
     ref_log_probs: list[torch.Tensor] | None = None
     rollout_log_probs: list[torch.Tensor] | None = None
     loss_mask: list[torch.Tensor] | None = None  # bool per response token; None = all tokens count
+    # MoE routing replay: per sequence [prompt + response - 1, MoE layers, top-k] expert ids (uint8/int16), the
+    # experts each token but the last was routed to when the sample was generated (or by the old policy)
+    routed_experts: list[torch.Tensor] | None = None
 
     def __post_init__(self):
         if len(self.prompt_ids) != len(self.response_ids):
@@ -108,6 +116,17 @@ class ActorBatch:
                     raise ValueError(f"batch.{name}[{i}] has {t.numel()} values for a response of {r.numel()} tokens")
                 converted.append(t)
             setattr(self, name, converted)
+        if self.routed_experts is not None:
+            if len(self.routed_experts) != n:
+                raise ValueError(f"batch.routed_experts has {len(self.routed_experts)} rows for {n} sequences")
+            converted = []
+            for i, (routes, p, r) in enumerate(zip(self.routed_experts, self.prompt_ids, self.response_ids)):
+                t = torch.as_tensor(routes)
+                if t.dim() != 3 or t.shape[0] != p.numel() + r.numel() - 1:
+                    raise ValueError(f"batch.routed_experts[{i}] must be [prompt + response - 1 = "
+                                     f"{p.numel() + r.numel() - 1} tokens, MoE layers, top-k], got {tuple(t.shape)}")
+                converted.append(t)
+            self.routed_experts = converted
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -157,6 +176,7 @@ class MicroBatch:
     fields: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, R] per TOKEN_FIELDS present
     advantages: torch.Tensor | None = None  # [B]
     num_model_tokens: int = 0  # tokens this rank runs through the model (incl. padding)
+    token_rows: torch.Tensor | None = None  # same shape as tokens: the row in sample_ids of each token, -1 = padding
 
     @property
     def num_rows(self) -> int:
@@ -207,18 +227,21 @@ def build_microbatch(
     if packing:
         padded = [round_up(s.numel(), per_seq_multiple) for s in seqs]
         padded[-1] += round_up(sum(padded), total_multiple) - sum(padded)
-        tokens, labels, rows, cols = _flat_streams(seqs, prompt_lens, padded, pad_id)
+        tokens, labels, rows, cols, token_rows = _flat_streams(seqs, prompt_lens, padded, pad_id)
         positions = torch.cat([torch.arange(n) for n in padded])
         local = thd_cp_local_index(padded, cp, cp_rank)
-        tokens, labels, rows, cols, positions = (x[local].unsqueeze(0) for x in (tokens, labels, rows, cols, positions))
+        tokens, labels, rows, cols, positions, token_rows = (
+            x[local].unsqueeze(0) for x in (tokens, labels, rows, cols, positions, token_rows))
         packed = _packed_seq_params(seqs, padded)
     else:
         length = round_up(max(s.numel() for s in seqs), total_multiple)
         parts = [_flat_streams([s], [p], [length], pad_id) for s, p in zip(seqs, prompt_lens)]
-        tokens, labels, rows, cols = (torch.stack([p[k] for p in parts]) for k in range(4))
+        tokens, labels, rows, cols, token_rows = (torch.stack([p[k] for p in parts]) for k in range(5))
         rows = torch.arange(len(seqs)).unsqueeze(1).expand_as(rows).clone().masked_fill_(cols < 0, -1)
+        token_rows = torch.arange(len(seqs)).unsqueeze(1).expand_as(token_rows).clone().masked_fill_(token_rows < 0, -1)
         positions = torch.arange(length).unsqueeze(0).expand(len(seqs), length).contiguous()
-        tokens, labels, rows, cols, positions = (split_for_cp(x, cp, cp_rank, dim=1) for x in (tokens, labels, rows, cols, positions))
+        tokens, labels, rows, cols, positions, token_rows = (
+            split_for_cp(x, cp, cp_rank, dim=1) for x in (tokens, labels, rows, cols, positions, token_rows))
         packed = None
 
     flat_cols = cols.reshape(-1)
@@ -244,12 +267,14 @@ def build_microbatch(
         sample_ids=list(sample_ids), tokens=tokens, positions=positions, labels=labels.clamp(min=0),
         packed_seq_params=packed, label_index=label_index, rows=rows_sel, cols=cols_sel, mask=mask,
         fields=fields, advantages=advantages, num_model_tokens=int(tokens.numel()),
+        token_rows=token_rows if sample_ids else torch.full_like(tokens, -1),
     )
 
 
 def _flat_streams(seqs, prompt_lens, padded_lengths, pad_id):
-    """Concatenated tokens, labels, row ids and response columns (-1 = not a response label) of padded seqs."""
-    tokens, labels, rows, cols = [], [], [], []
+    """Concatenated tokens, labels, row ids and response columns (-1 = not a response label) of padded seqs, and each
+    token's row (-1 = padding)."""
+    tokens, labels, rows, cols, token_rows = [], [], [], [], []
     for row, (s, p, n) in enumerate(zip(seqs, prompt_lens, padded_lengths)):
         length = s.numel()
         tok = torch.full((n,), pad_id, dtype=torch.long)
@@ -263,7 +288,8 @@ def _flat_streams(seqs, prompt_lens, padded_lengths, pad_id):
         labels.append(lab)
         rows.append(torch.where(col >= 0, row, -1))
         cols.append(col)
-    return torch.cat(tokens), torch.cat(labels), torch.cat(rows), torch.cat(cols)
+        token_rows.append(torch.where(torch.arange(n) < length, row, -1))
+    return torch.cat(tokens), torch.cat(labels), torch.cat(rows), torch.cat(cols), torch.cat(token_rows)
 
 
 def _packed_seq_params(seqs, padded):

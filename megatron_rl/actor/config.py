@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Literal
 
 from megatron_rl.algorithms import AGGREGATIONS, KL_ESTIMATORS, LOSS_REGISTRY, OffPolicyCorrection
 from megatron_rl.errors import is_finite_number, require
@@ -124,6 +125,16 @@ class PolicyLossSettings:
 
 
 @dataclass(frozen=True)
+class MoESettings:
+    """routing_replay (docs/actor.md, "Routing replay"; megatron_rl/actor/routing_replay.py): "none"; "rollout" (R3,
+    arXiv 2510.11370): every actor pass over a sample (old and reference log-probs, the training forward) routes each
+    token to the experts the rollout engine used, with the gate weights from the actor's own router logits. MoE models
+    only (refused for dense ones when the config loads)."""
+
+    routing_replay: Literal["none", "rollout"] = "none"
+
+
+@dataclass(frozen=True)
 class ActorConfig:
     """model_path: HF folder of the model (the trainer fills it from model.path): its config.json defines the
     architecture, its weights are the starting point unless megatron_checkpoint is set. megatron_checkpoint: a
@@ -149,6 +160,7 @@ class ActorConfig:
     moe_aux_loss_coeff: float = 0.0
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     loss: PolicyLossSettings = field(default_factory=PolicyLossSettings)
+    moe: MoESettings = field(default_factory=MoESettings)
 
     def __post_init__(self):
         need = partial(require, section="actor")

@@ -82,9 +82,13 @@ class MegatronActor:
         self.dp_size = initialize_parallel(cfg.layout, seed=cfg.seed)
         if rerun_state_machine._GLOBAL_RERUN_STATE_MACHINE is None:  # the optimizer asks for it; explicit = no warning
             rerun_state_machine.initialize_rerun_state_machine(mode=rerun_state_machine.RerunMode.DISABLED)
+        replaying = cfg.moe.routing_replay != "none"
+        if replaying and arch.moe is None:
+            raise ValueError(f"actor.moe.routing_replay={cfg.moe.routing_replay!r} needs a MoE model; "
+                             f"{arch.model_type} has no experts")
         self.transformer_config = transformer_config(
             arch, cfg.layout, dtype=cfg.dtype, moe_aux_loss_coeff=cfg.moe_aux_loss_coeff, recompute=cfg.recompute,
-            calculate_per_token_loss=True,
+            calculate_per_token_loss=True, **({"moe_enable_routing_replay": True} if replaying else {}),
         )
         chunks = build_model_chunks(arch, self.transformer_config)
         initial_weights.load(chunks)
@@ -107,6 +111,14 @@ class MegatronActor:
             initial_weights.load(self.reference)
             for chunk in self.reference:
                 chunk.requires_grad_(False)
+        self._replay = {}  # "policy" / "reference" -> RoutingReplay (actor/routing_replay.py)
+        if replaying:
+            from megatron_rl.actor.routing_replay import RoutingReplay
+
+            moe_layers = [i for i, routed in enumerate(arch.moe.moe_layers) if routed]
+            self._replay["policy"] = RoutingReplay(self.model, moe_layers, arch.moe.top_k)
+            if self.reference is not None:
+                self._replay["reference"] = RoutingReplay(self.reference, moe_layers, arch.moe.top_k)
         initial_weights.close()
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
@@ -185,7 +197,11 @@ class MegatronActor:
         microbatches = self._my_microbatches(batch)
         temperature = self.config.temperature
 
+        replay = self._replay_for(batch, model)
+
         def forward_step(mb, model):
+            if replay is not None:
+                self._set_replay(replay, model, mb, batch, training=False)
             output = self._forward(mb, model)
 
             def collect(out, non_loss_data=False):
@@ -198,10 +214,16 @@ class MegatronActor:
 
         for chunk in chunks:
             chunk.eval()
-        outputs = run_schedule(
-            chunks, microbatches, forward_step, seq_length=max(mb.tokens.shape[-1] for mb in microbatches),
-            micro_batch_size=max(mb.tokens.shape[0] for mb in microbatches), forward_only=True, collect_outputs=True,
-        )
+        try:
+            outputs = run_schedule(
+                chunks, microbatches, forward_step, seq_length=max(mb.tokens.shape[-1] for mb in microbatches),
+                micro_batch_size=max(mb.tokens.shape[0] for mb in microbatches), forward_only=True,
+                collect_outputs=True,
+            )
+        finally:
+            if replay is not None:
+                replay.clear()
+                replay.take_agreement()  # the training forward's agreement is the one reported
         gathered = self._gather_on_rank0(batch, outputs, with_entropy)
         if gathered is None:
             return None
@@ -283,7 +305,11 @@ class MegatronActor:
         loss_fn = partial(self._policy_objective, present=present, old_from_forward=old_from_forward) \
             if objective == "policy" else self._sft_objective
 
+        replay = self._replay_for(batch, "policy") if objective == "policy" else None
+
         def forward_step(mb, model):
+            if replay is not None:
+                self._set_replay(replay, model, mb, batch, training=True)
             output = self._forward(mb, model)
             return output, partial(self._loss, mb, counts, cp_group, loss_fn, keep_log_probs=old_from_forward)
 
@@ -293,10 +319,14 @@ class MegatronActor:
         self.optimizer.zero_grad()
         saved_lr = self._set_lr(lr)
         fwd_bwd_start = time.perf_counter()
-        outputs = run_schedule(
-            self.model, microbatches, forward_step, seq_length=max(mb.tokens.shape[-1] for mb in microbatches),
-            micro_batch_size=max(mb.tokens.shape[0] for mb in microbatches), forward_only=False,
-        )
+        try:
+            outputs = run_schedule(
+                self.model, microbatches, forward_step, seq_length=max(mb.tokens.shape[-1] for mb in microbatches),
+                micro_batch_size=max(mb.tokens.shape[0] for mb in microbatches), forward_only=False,
+            )
+        finally:
+            if replay is not None:
+                replay.clear()
         fwd_bwd_seconds = time.perf_counter() - fwd_bwd_start
         update_ok, grad_norm, _ = self.optimizer.step()
         step_lr = float(self.optimizer.param_groups[0]["lr"])
@@ -347,7 +377,31 @@ class MegatronActor:
             "fwd_bwd_seconds": fwd_bwd_seconds,
             "tokens_per_second": tokens / elapsed if elapsed > 0 else float("nan"),
             **({"log_probs": forward_log_probs} if forward_log_probs is not None else {}),
+            **(self._agreement(replay) if replay is not None else {}),
         }
+
+    def _replay_for(self, batch: ActorBatch, model: str):
+        """The RoutingReplay of `model` when routing replay is on (the batch must then carry routed_experts)."""
+        replay = self._replay.get(model)
+        if replay is not None and batch.routed_experts is None:
+            raise ValueError(f"actor.moe.routing_replay={self.config.moe.routing_replay!r} but the batch has no "
+                             "routed_experts: the engines must return them (rollout.engine.return_routed_experts)")
+        return replay
+
+    def _set_replay(self, replay, chunk, mb: MicroBatch, batch: ActorBatch, training: bool) -> None:
+        from megatron.core import parallel_state as ps
+
+        replay.set_targets(chunk, mb, batch.routed_experts, tp=self.config.layout.tp,
+                           tp_rank=ps.get_tensor_model_parallel_rank(),
+                           sequence_parallel=self.transformer_config.sequence_parallel,
+                           recomputed_in_backward=training and self.transformer_config.recompute_granularity == "full")
+
+    @staticmethod
+    def _agreement(replay) -> dict[str, float]:
+        """moe_routing_agreement: the routers' own top-k vs the replayed one, over every rank's (token, layer)."""
+        counts = torch.tensor(replay.take_agreement(), dtype=torch.float64, device=_comm_device())
+        dist.all_reduce(counts)
+        return {"moe_routing_agreement": float(counts[0] / counts[1]) if counts[1] > 0 else float("nan")}
 
     @torch.no_grad()
     def reset_reference_to_policy(self) -> None:

@@ -14,6 +14,7 @@ directory without the trainer's files:
         metrics.jsonl                          METRICS_FILE    the metrics history up to this step
         pending_rollouts.json                  PENDING_ROLLOUTS generated, not yet trained batches (asynchronous runs)
         config.yaml                            RUN_CONFIG      the resolved config the run was trained with
+        pending_routing.pt                     PENDING_ROUTING their routed experts (MoE routing replay; tensors only)
 
 While being written a directory carries TMP_MARKER in its name; it is renamed when complete, and every reader
 ignores such directories.
@@ -32,6 +33,7 @@ RNG_FILE = "rng.pt"
 METRICS_FILE = "metrics.jsonl"
 PENDING_ROLLOUTS = "pending_rollouts.json"
 RUN_CONFIG = "config.yaml"
+PENDING_ROUTING = "pending_routing.pt"
 TMP_MARKER = ".tmp-"
 CHECKPOINTS_DIR = "checkpoints"  # under the run directory
 

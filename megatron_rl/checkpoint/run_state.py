@@ -66,14 +66,15 @@ def remove_unfinished(root: str) -> list[str]:
 
 
 def save_training_checkpoint(root: str, step: int, actor_group, state: dict, *, metrics_path: str | None,
-                             keep_last: int, extra_files: dict[str, str] | None = None) -> str:
+                             keep_last: int, extra_files: dict[str, str | bytes] | None = None) -> str:
     """Write step `step` atomically (all actor ranks write model + optimizer), then prune old checkpoints.
-    extra_files: name (from names.py) -> text, e.g. an asynchronous run's generated, not yet trained rollouts."""
+    extra_files: name (from names.py) -> text or bytes, e.g. an asynchronous run's generated, not yet trained
+    rollouts."""
     final = step_dir(root, step)
     with atomic_checkpoint_dir(final, overwrite=True, collective=False) as tmp:
-        for name, text in (extra_files or {}).items():
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                f.write(text)
+        for name, content in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(content if isinstance(content, bytes) else content.encode("utf-8"))
         actor_state = actor_group.save_checkpoint(tmp)
         with open(os.path.join(tmp, TRAINER_STATE), "w", encoding="utf-8") as f:
             json.dump({**state, "step": step, "actor": actor_state}, f, indent=2)

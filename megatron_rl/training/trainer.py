@@ -26,6 +26,7 @@ but not yet trained batches are saved with each checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -33,7 +34,9 @@ import signal
 import time
 import warnings
 
-from megatron_rl.checkpoint.names import CHECKPOINTS_DIR, PENDING_ROLLOUTS, RUN_CONFIG
+import torch
+
+from megatron_rl.checkpoint.names import CHECKPOINTS_DIR, PENDING_ROLLOUTS, PENDING_ROUTING, RUN_CONFIG
 from megatron_rl.config import TrainConfig, config_yaml, required_cpus
 from megatron_rl.checkpoint.run_state import (
     latest_checkpoint,
@@ -447,6 +450,11 @@ class Trainer:
         extra_files = {RUN_CONFIG: config_yaml(self.cfg)}
         if pending:
             extra_files[PENDING_ROLLOUTS] = json.dumps([r.to_json() for _, r in sorted(pending.items())])
+            routing = {key: t for r in pending.values() for key, t in r.routing_tensors().items()}
+            if routing:  # MoE routing replay: the routed experts, as tensors (loaded with weights_only=True)
+                buffer = io.BytesIO()
+                torch.save(routing, buffer)
+                extra_files[PENDING_ROUTING] = buffer.getvalue()
         path = save_training_checkpoint(self.ckpt_root, self.step, self.group, state,
                                         metrics_path=self.metrics.path if self.metrics else None,
                                         keep_last=self.cfg.checkpoint.keep_last, extra_files=extra_files)
@@ -492,7 +500,9 @@ class Trainer:
             with open(pending_file, encoding="utf-8") as f:
                 saved = json.load(f)
             by_row = {example.row: example for example in self.train_data.examples}
-            self._restored_rollouts = {int(r["step"]): Rollouts.from_json(r, by_row) for r in saved}
+            routing_file = os.path.join(path, PENDING_ROUTING)
+            routing = torch.load(routing_file, weights_only=True) if os.path.exists(routing_file) else None
+            self._restored_rollouts = {int(r["step"]): Rollouts.from_json(r, by_row, routing) for r in saved}
         self.echo(f"[resume] continuing from step {step} ({path})"
                   + (f" with {len(self._restored_rollouts)} generated, not yet trained batch(es)"
                      if self._restored_rollouts else ""))

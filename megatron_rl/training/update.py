@@ -39,7 +39,10 @@ def policy_update(group, batch: ActorBatch, cfg) -> dict[str, Any]:
     if from_forward:  # the policy's log-probs before its update, from that update's own forward: the old ones
         batch.old_log_probs = steps[0].pop("log_probs")
         metrics.update(mismatch_metrics(batch.old_log_probs, batch.rollout_log_probs))
-    metrics.update({f"train/{key}": value for key, value in combine_mini_batches(steps).items()})
+    combined = combine_mini_batches(steps)
+    if "moe_routing_agreement" in combined:  # routing replay: the routers' own top-k vs the replayed one
+        metrics["moe/routing_agreement"] = combined.pop("moe_routing_agreement")
+    metrics.update({f"train/{key}": value for key, value in combined.items()})
     return metrics
 
 
@@ -81,6 +84,7 @@ def split_mini_batches(batch: ActorBatch, parts: int, group_size: int = 1):
     for lo, hi in zip(bounds, bounds[1:]):
         if hi <= lo:
             continue
-        fields = {name: getattr(batch, name)[lo:hi] for name in (*TOKEN_FIELDS, "loss_mask") if getattr(batch, name) is not None}
+        fields = {name: getattr(batch, name)[lo:hi] for name in (*TOKEN_FIELDS, "loss_mask", "routed_experts")
+                  if getattr(batch, name) is not None}
         yield ActorBatch(prompt_ids=batch.prompt_ids[lo:hi], response_ids=batch.response_ids[lo:hi],
                          advantages=None if batch.advantages is None else batch.advantages[lo:hi], **fields)

@@ -37,15 +37,27 @@ def perturbed(log_probs, seed: int = 1):
     return [lp + 0.01 * (torch.rand(lp.shape, generator=g) - 0.5) for lp in log_probs]
 
 
+def batch_from_plain(plain: dict) -> ActorBatch:
+    """An ActorBatch from plain lists (prompts, responses, routed: what crosses to spawned ranks; tensors would go
+    as shared-memory file descriptors), with the same random advantages as make_batch's."""
+    n = len(plain["prompts"])
+    return ActorBatch(prompt_ids=[torch.tensor(p) for p in plain["prompts"]],
+                      response_ids=[torch.tensor(r) for r in plain["responses"]],
+                      routed_experts=[torch.tensor(r, dtype=torch.uint8) for r in plain["routed"]]
+                      if plain.get("routed") is not None else None,
+                      advantages=torch.randn(n, generator=torch.Generator().manual_seed(0)))
+
+
 def _train_rank(path, layout, packing, max_tokens, old_log_probs, loss="luspo", entropy_coef=0.0,
-                exclude_fully_masked=False, masked_rows=()):
+                exclude_fully_masked=False, masked_rows=(), plain_batch=None, actor_options=None):
     cfg = ActorConfig(
         model_path=path, layout=ParallelLayout(**layout), packing=packing, max_tokens_per_microbatch=max_tokens,
         optimizer=OptimizerSettings(name="sgd", lr=0.05, weight_decay=0.0, clip_grad=0.0),
         loss=PolicyLossSettings(name=loss, entropy_coef=entropy_coef, exclude_fully_masked=exclude_fully_masked),
+        **(actor_options or {}),
     )
     actor = MegatronActor(cfg).setup()
-    batch = make_batch()
+    batch = make_batch() if plain_batch is None else batch_from_plain(plain_batch)
     if masked_rows:  # these responses are left out of the loss entirely (e.g. truncated, DAPO overlong filtering)
         batch.loss_mask = [torch.full(r.shape, i not in masked_rows, dtype=torch.bool)
                            for i, r in enumerate(batch.response_ids)]
@@ -72,12 +84,15 @@ def _train_rank(path, layout, packing, max_tokens, old_log_probs, loss="luspo", 
 
 
 def run(path, layout=None, packing=True, max_tokens=48, old=None, loss="luspo", entropy_coef=0.0,
-        exclude_fully_masked=False, masked_rows=()):
+        exclude_fully_masked=False, masked_rows=(), plain_batch=None, actor_options=None):
+    """One train step in `layout` (world: DP ranks beyond the model-parallel ones); plain_batch (batch_from_plain)
+    replaces make_batch(); actor_options: further ActorConfig fields."""
     layout = dict(layout or {})
     world = layout.pop("world", None)
     lay = ParallelLayout(**layout)
     world = world or max(lay.model_parallel_size, lay.etp * lay.ep * lay.pp)
-    args = (path, layout, packing, max_tokens, old, loss, entropy_coef, exclude_fully_masked, masked_rows)
+    args = (path, layout, packing, max_tokens, old, loss, entropy_coef, exclude_fully_masked, masked_rows,
+            plain_batch, actor_options)
     return spawn_ranks(_train_rank, world, args=args, timeout=600)[0]
 
 

@@ -114,11 +114,11 @@ def _wait_for(predicate, timeout, proc):
     return False
 
 
-def _start(config, out, log, *, resume):
+def _start(config, out, log, *, resume, overrides=()):
     """The training command in its own session (so kill -9 of the group takes Ray, engine and actors too)."""
     with log.open("w") as output:
         return subprocess.Popen([sys.executable, "-m", "megatron_rl.cli", "train", "--config", config,
-                                 f"run.output_dir={out}", *(["--resume"] if resume else [])],
+                                 f"run.output_dir={out}", *overrides, *(["--resume"] if resume else [])],
                                 stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
 
 

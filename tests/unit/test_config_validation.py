@@ -146,3 +146,27 @@ def test_train_and_print_config_exit_2_before_anything_starts(override, key, cap
 def test_the_quickstart_itself_loads():
     cfg = load_config(QUICKSTART)
     assert cfg.actor.loss.name == "luspo" and cfg.run.steps == 200
+
+
+def test_asynchronous_rollouts_with_colocated_engines_are_refused():
+    with pytest.raises(ConfigError, match=r"^algorithm\.max_staleness=1 needs split engines, but resources\.colocate"):
+        load_config(QUICKSTART, ["algorithm.max_staleness=1", "resources.colocate=true"])
+
+
+@pytest.mark.parametrize("override, key", [("algorithm.max_staleness=-1", "algorithm.max_staleness:"),
+                                            ("actor.loss.off_policy.mis=tokens", "actor.loss.off_policy.mis:"),
+                                            ("actor.loss.off_policy.icepop_low=0.5",
+                                             "actor.loss.off_policy.icepop_high:"),
+                                            ("actor.loss.off_policy.seq_tis_cap=0", "actor.loss.off_policy.seq_tis_cap:"),
+                                            ("resources.actor_call_timeout_s=0", "resources.actor_call_timeout_s:"),
+                                            ("resources.collective_timeout_s=nan", "resources.collective_timeout_s:"),
+                                            ("rollout.engine.threads=0", "rollout.engine.threads:"),
+                                            ("reward.in_process=always", "reward.in_process:"),
+                                            ("actor.moe.routing_replay=old_policy", "actor.moe.routing_replay:"),
+                                            # the quickstart's model is a dense Qwen3
+                                            ("actor.moe.routing_replay=rollout",
+                                             "actor.moe.routing_replay='rollout' needs a MoE model")])
+def test_the_new_settings_of_this_round_are_checked(override, key):
+    with pytest.raises(ConfigError) as error:
+        load_config(QUICKSTART, [override])
+    assert str(error.value).startswith(key), str(error.value)

@@ -199,11 +199,13 @@ def test_the_synthetic_verifiers_and_the_default_reward_declare_what_is_safe():
 
 def test_a_worker_killed_mid_batch_loses_no_item_and_scores_none_twice(monkeypatch):
     """Reward worker 0 is SIGKILLed (MEGATRON_RL_FAULTS, as the OOM killer would) at its 3rd item: the pool replaces
-    it, re-issues that item once, and every item is scored exactly once with the right score."""
+    it (the replacement is worker 1: ids are never reused), re-issues that item once, and every item is scored
+    exactly once with the right score. One worker, so that worker 0 surely reaches its 3rd item (with two, the other
+    one may take them all)."""
     items = [RewardItem(f"Answer: {i}", str(i)) for i in range(12)] + [RewardItem("Answer: 5", "4")]
     fault = '[{"point": "reward.score", "action": "kill", "rank": 0, "call": 3}]'
     monkeypatch.setenv("MEGATRON_RL_FAULTS", fault)
-    with RewardPool("arithmetic", num_workers=2, timeout_s=5, in_process="never") as pool:
+    with RewardPool("arithmetic", num_workers=1, timeout_s=5, in_process="never") as pool:
         scores, metrics = pool.score(items)
     assert scores == [1.0] * 12 + [0.0]
     assert metrics.num_worker_restarts == 1 and metrics.num_errors == 0 and metrics.num_items == 13
