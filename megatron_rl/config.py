@@ -460,6 +460,10 @@ def validate_config(cfg: TrainConfig) -> None:
     if replay != "none" and arch.moe is None:
         raise ConfigError(f"actor.moe.routing_replay={replay!r} needs a MoE model; {arch.model_type} has no experts "
                           "(set actor.moe.routing_replay=none)")
+    if replay == "old_policy" and cfg.algorithm.old_log_probs != "recompute":
+        raise ConfigError(f"actor.moe.routing_replay=old_policy replays the routing of the old-log-prob pass, but "
+                          f"algorithm.old_log_probs={cfg.algorithm.old_log_probs!r} computes none (set "
+                          "algorithm.old_log_probs=recompute, or actor.moe.routing_replay=rollout)")
     if replay == "rollout" and not cfg.rollout.engine.return_routed_experts:
         raise ConfigError("actor.moe.routing_replay=rollout needs rollout.engine.return_routed_experts=true (the "
                           "default with it; do not set it to false)")

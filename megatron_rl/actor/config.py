@@ -128,10 +128,11 @@ class PolicyLossSettings:
 class MoESettings:
     """routing_replay (docs/actor.md, "Routing replay"; megatron_rl/actor/routing_replay.py): "none"; "rollout" (R3,
     arXiv 2510.11370): every actor pass over a sample (old and reference log-probs, the training forward) routes each
-    token to the experts the rollout engine used, with the gate weights from the actor's own router logits. MoE models
-    only (refused for dense ones when the config loads)."""
+    token to the experts the rollout engine used, with the gate weights from the actor's own router logits;
+    "old_policy" (R2, GSPO's Routing Replay, arXiv 2507.18071): the old-log-prob pass records the actor's own
+    routing and the training passes replay it. MoE models only (refused for dense ones when the config loads)."""
 
-    routing_replay: Literal["none", "rollout"] = "none"
+    routing_replay: Literal["none", "rollout", "old_policy"] = "none"
 
 
 @dataclass(frozen=True)

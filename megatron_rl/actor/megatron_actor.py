@@ -116,9 +116,10 @@ class MegatronActor:
             from megatron_rl.actor.routing_replay import RoutingReplay
 
             moe_layers = [i for i, routed in enumerate(arch.moe.moe_layers) if routed]
-            self._replay["policy"] = RoutingReplay(self.model, moe_layers, arch.moe.top_k)
-            if self.reference is not None:
-                self._replay["reference"] = RoutingReplay(self.reference, moe_layers, arch.moe.top_k)
+            self._replay["policy"] = RoutingReplay(self.model, moe_layers, arch.moe.top_k, arch.moe.num_experts)
+            if self.reference is not None and cfg.moe.routing_replay == "rollout":  # R2 leaves the reference alone
+                self._replay["reference"] = RoutingReplay(self.reference, moe_layers, arch.moe.top_k,
+                                                          arch.moe.num_experts)
         initial_weights.close()
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
@@ -179,13 +180,17 @@ class MegatronActor:
 
     # ------------------------------------------------------------------------------------ forward-only pass
     @torch.no_grad()
-    def compute_log_probs(self, batch: ActorBatch, *, with_entropy: bool = False, model: str = "policy"):
+    def compute_log_probs(self, batch: ActorBatch, *, with_entropy: bool = False, model: str = "policy",
+                          record_routing: bool = False):
         """Per-sequence response log-probs (and entropies) under the current weights (model="policy") or the
         frozen KL reference (model="reference", built when loss.kl_coef > 0: the initial weights, or the policy's
         at the last reset_reference_to_policy).
 
         Returns on global rank 0 a list with one [len(response_i)] tensor per sequence (a tuple
         (log_probs, entropies) per sequence when with_entropy), None on other ranks. Collective.
+        record_routing (actor.moe.routing_replay=old_policy, the old-policy pass): returns (that list, the experts
+        every token was routed to, one [prompt + response - 1, MoE layers, top-k] tensor per sequence) instead,
+        for the training passes to replay (docs/actor.md, "Routing replay").
         """
         inject("actor.compute_log_probs", rank=dist.get_rank())
         if model not in ("policy", "reference"):
@@ -194,15 +199,24 @@ class MegatronActor:
             raise ValueError("no reference model: it is built only when actor.loss.kl_coef > 0")
         chunks = self.model if model == "policy" else self.reference
 
+        if record_routing and (self.config.moe.routing_replay != "old_policy" or model != "policy"):
+            raise ValueError("record_routing is the old-policy pass of actor.moe.routing_replay=old_policy (got "
+                             f"routing_replay={self.config.moe.routing_replay!r}, model={model!r})")
         microbatches = self._my_microbatches(batch)
         temperature = self.config.temperature
 
-        replay = self._replay_for(batch, model)
+        replay = self._replay_for(batch, model, training=False)
+        recorder = self._replay["policy"] if record_routing else None
+        if recorder is not None:
+            tables = recorder.new_tables(batch)
+            recorder.start_recording()
 
         def forward_step(mb, model):
             if replay is not None:
                 self._set_replay(replay, model, mb, batch, training=False)
             output = self._forward(mb, model)
+            if recorder is not None:
+                recorder.collect(model, mb, tables, **self._token_split())
 
             def collect(out, non_loss_data=False):
                 logits, labels = self._selected_logits(mb, out)
@@ -221,14 +235,17 @@ class MegatronActor:
                 collect_outputs=True,
             )
         finally:
-            if replay is not None:
-                replay.clear()
-                replay.take_agreement()  # the training forward's agreement is the one reported
+            for used in (replay, recorder):
+                if used is not None:
+                    used.clear()
+                    used.take_agreement()  # the training forward's agreement is the one reported
+        routing = recorder.assemble(tables) if recorder is not None else None
         gathered = self._gather_on_rank0(batch, outputs, with_entropy)
         if gathered is None:
             return None
         logps, ents = gathered
-        return list(zip(logps, ents)) if with_entropy else logps
+        out = list(zip(logps, ents)) if with_entropy else logps
+        return (out, TensorList(routing)) if record_routing else out
 
     @staticmethod
     def _gather_on_rank0(batch: ActorBatch, pieces: list, with_entropy: bool = False):
@@ -305,7 +322,7 @@ class MegatronActor:
         loss_fn = partial(self._policy_objective, present=present, old_from_forward=old_from_forward) \
             if objective == "policy" else self._sft_objective
 
-        replay = self._replay_for(batch, "policy") if objective == "policy" else None
+        replay = self._replay_for(batch, "policy", training=True) if objective == "policy" else None
 
         def forward_step(mb, model):
             if replay is not None:
@@ -380,20 +397,32 @@ class MegatronActor:
             **(self._agreement(replay) if replay is not None else {}),
         }
 
-    def _replay_for(self, batch: ActorBatch, model: str):
-        """The RoutingReplay of `model` when routing replay is on (the batch must then carry routed_experts)."""
+    def _replay_for(self, batch: ActorBatch, model: str, training: bool):
+        """The RoutingReplay that replays `batch.routed_experts` in this pass of `model`, or None.
+
+        rollout (R3): every pass of the policy and the reference; the batch must carry the engines' routing.
+        old_policy (R2): the training passes, with the routing the old-policy pass recorded
+        (compute_log_probs(record_routing=True)); without it (the old log-probs come from the training forward
+        itself, so that forward is the old policy) nothing is replayed."""
         replay = self._replay.get(model)
-        if replay is not None and batch.routed_experts is None:
+        if replay is None:
+            return None
+        if self.config.moe.routing_replay == "old_policy":
+            return replay if training and batch.routed_experts is not None else None
+        if batch.routed_experts is None:
             raise ValueError(f"actor.moe.routing_replay={self.config.moe.routing_replay!r} but the batch has no "
                              "routed_experts: the engines must return them (rollout.engine.return_routed_experts)")
         return replay
 
-    def _set_replay(self, replay, chunk, mb: MicroBatch, batch: ActorBatch, training: bool) -> None:
+    def _token_split(self) -> dict:
+        """How a router's tokens are split over TP ranks (sequence parallelism), for RoutingReplay."""
         from megatron.core import parallel_state as ps
 
-        replay.set_targets(chunk, mb, batch.routed_experts, tp=self.config.layout.tp,
-                           tp_rank=ps.get_tensor_model_parallel_rank(),
-                           sequence_parallel=self.transformer_config.sequence_parallel,
+        return {"tp": self.config.layout.tp, "tp_rank": ps.get_tensor_model_parallel_rank(),
+                "sequence_parallel": self.transformer_config.sequence_parallel}
+
+    def _set_replay(self, replay, chunk, mb: MicroBatch, batch: ActorBatch, training: bool) -> None:
+        replay.set_targets(chunk, mb, batch.routed_experts, **self._token_split(),
                            recomputed_in_backward=training and self.transformer_config.recompute_granularity == "full")
 
     @staticmethod

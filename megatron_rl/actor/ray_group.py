@@ -266,9 +266,12 @@ class ActorGroup:
         return RankFailure("\n".join(lines), ranks=ranks, kind="stuck")
 
     # ---- the actor's collective methods, typed ------------------------------------------------------------
-    def compute_log_probs(self, batch: ActorBatch, *, model: str = "policy", with_entropy: bool = False) -> list:
-        """Per-sequence response log-probs under the policy or the KL reference (`MegatronActor.compute_log_probs`)."""
-        return self._call_all("compute_log_probs", batch, model=model, with_entropy=with_entropy)[0]
+    def compute_log_probs(self, batch: ActorBatch, *, model: str = "policy", with_entropy: bool = False,
+                          record_routing: bool = False):
+        """Per-sequence response log-probs under the policy or the KL reference (`MegatronActor.compute_log_probs`;
+        record_routing: (log-probs, the routing that pass used) for routing replay R2)."""
+        return self._call_all("compute_log_probs", batch, model=model, with_entropy=with_entropy,
+                              record_routing=record_routing)[0]
 
     def train_step(self, batch: ActorBatch, *, objective: str = "policy", max_response_length: int | None = None,
                    lr: float | None = None, old_from_forward: bool = False) -> dict:

@@ -6,8 +6,12 @@ than the one that sampled. Routing replay makes every actor pass over a sample u
 
 - R3, "rollout" (Ma et al. 2025, "Stabilizing MoE Reinforcement Learning by Aligning Training and Inference
   Routers", arXiv 2510.11370): the experts the rollout engine routed each token of prompt + response to;
-- R2, "old_policy": the experts the actor's own old-log-prob forward chose (the same paper's "routing replay" of the
-  training side, as in GSPO's analysis, arXiv 2507.18071 Sec. 5.3).
+- R2, "old_policy": the experts the actor's own old-log-prob forward chose (GSPO's "Routing Replay", Zheng et al.
+  2025, arXiv 2507.18071 Sec. 5.3; R3's paper calls it R2): that pass records its routers' top-k (megatron-core's
+  RouterReplay RECORD), each rank files what it recorded under (sample, position, layer) through the same token
+  order as replay uses, and a MAX-reduce to global rank 0 assembles every sample's table (each (token, layer) is
+  recorded by the ranks that ran it: TP ranks agree, DP/CP/PP/SP ranks hold disjoint parts); the trainer hands the
+  tables back with the batch and the training passes replay them like R3's.
 
 What is replayed is the top-k *selection* only: each router still computes its logits, and the gate weights are the
 softmax of the router's own logits over the replayed experts (megatron-core 0.16's `RouterReplay` REPLAY_FORWARD:
@@ -38,12 +42,14 @@ __all__ = ["RoutingReplay"]
 class RoutingReplay:
     """The routers of one model (its pipeline chunks on this rank) and how to make them replay a micro-batch."""
 
-    def __init__(self, chunks: list, moe_layer_ids: list[int], top_k: int):
+    def __init__(self, chunks: list, moe_layer_ids: list[int], top_k: int, num_experts: int):
         """chunks: this rank's model chunks (wrapped or not); moe_layer_ids: the global 0-based decoder layers with
         experts, ascending (the routing arrays' second axis)."""
         from megatron.core.transformer.moe.router import TopKRouter
 
         self.top_k = top_k
+        self.num_experts = num_experts
+        self.num_layers = len(moe_layer_ids)
         moe_index = {layer: i for i, layer in enumerate(moe_layer_ids)}  # global 0-based layer -> routing column
         self.routers: dict[int, list[tuple[int, object]]] = {}  # id(chunk) -> [(routing column, router)]
         for chunk in chunks:
@@ -71,41 +77,82 @@ class RoutingReplay:
         routers = self.routers.get(id(_unwrap(chunk)))
         if not routers:
             return
-        targets, valid = self._targets(mb, routes)  # [S, B, L, k], [S, B]
-        if sequence_parallel and tp > 1:
-            per_rank = targets.shape[0] // tp
-            targets = targets[tp_rank * per_rank : (tp_rank + 1) * per_rank]
-            valid = valid[tp_rank * per_rank : (tp_rank + 1) * per_rank]
-        flat = targets.reshape(-1, targets.shape[2], self.top_k)
-        valid = valid.reshape(-1)
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        from megatron.core.transformer.moe.router_replay import RouterReplayAction
-
-        for column, router in routers:
-            replay = router.router_replay
-            if recomputed_in_backward:
-                replay.set_target_indices(flat[:, column].to(device))
-            else:
-                replay.target_topk_idx = flat[:, column].to(device)
-            replay.replay_valid = valid.to(device)
-            replay.recomputed_in_backward = recomputed_in_backward
-            replay.counts = (self.agree, self.total)
-            replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
-
-    def _targets(self, mb: MicroBatch, routes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """[S, B, L, k] expert ids for the micro-batch's tokens (Megatron's [sequence, batch] order) and whether each
-        is a real routed token (else the placeholder 0..k-1)."""
-        rows, positions = mb.token_rows, mb.positions  # [B, S] each (packed: B = 1)
+        rows, positions = _router_tokens(mb, tp, tp_rank, sequence_parallel)
         num_layers = routes[0].shape[1] if routes else 0
-        out = torch.arange(self.top_k, dtype=torch.long).expand(*rows.shape, num_layers, self.top_k).clone()
+        targets = torch.arange(self.top_k, dtype=torch.long).expand(rows.numel(), num_layers, self.top_k).clone()
         valid = torch.zeros(rows.shape, dtype=torch.bool)
         for r, i in enumerate(mb.sample_ids):
             table = routes[i]
             where = (rows == r) & (positions < table.shape[0])
             if where.any():
-                out[where] = table[positions[where]].long()
+                targets[where] = table[positions[where]].long()
                 valid |= where
-        return out.transpose(0, 1).contiguous(), valid.transpose(0, 1).contiguous()
+        device = _device()
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+        for column, router in routers:
+            replay = router.router_replay
+            if recomputed_in_backward:
+                replay.set_target_indices(targets[:, column].to(device))
+            else:
+                replay.target_topk_idx = targets[:, column].to(device)
+            replay.replay_valid = valid.to(device)
+            replay.recomputed_in_backward = recomputed_in_backward
+            replay.counts = (self.agree, self.total)
+            replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+
+    # ---- R2: record the routing of a forward pass ----------------------------------------------------------------
+    def start_recording(self) -> None:
+        """Every router records its own top-k of the next forwards (RouterReplay RECORD)."""
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+        for routers in self.routers.values():
+            for _, router in routers:
+                router.router_replay.set_router_replay_action(RouterReplayAction.RECORD)
+
+    def new_tables(self, batch) -> list[torch.Tensor]:
+        """One [prompt + response - 1, MoE layers, top-k] table per sample, 0 = not recorded here (ids are stored
+        + 1, so that a MAX over ranks assembles them; uint8 below 256 experts: 384 bytes per token at 30B)."""
+        dtype = torch.uint8 if self.num_experts < 256 else torch.int32  # what gloo and NCCL MAX-reduce
+        return [torch.zeros(p.numel() + r.numel() - 1, self.num_layers, self.top_k, dtype=dtype)
+                for p, r in zip(batch.prompt_ids, batch.response_ids)]
+
+    def collect(self, chunk, mb: MicroBatch, tables: list[torch.Tensor], tp: int, tp_rank: int,
+                sequence_parallel: bool) -> None:
+        """File what `chunk`'s routers recorded for `mb` (just run) into the samples' tables."""
+        routers = self.routers.get(id(_unwrap(chunk)))
+        if not routers:
+            return
+        rows, positions = _router_tokens(mb, tp, tp_rank, sequence_parallel)
+        for column, router in routers:
+            recorded = router.router_replay.get_recorded_indices()
+            if recorded is None or recorded.shape[0] != rows.numel():
+                raise RuntimeError(f"routing replay: MoE layer {router.layer_number} recorded "
+                                   f"{None if recorded is None else recorded.shape[0]} tokens, expected {rows.numel()}")
+            recorded = recorded.to("cpu")
+            for r, i in enumerate(mb.sample_ids):
+                table = tables[i]
+                where = (rows == r) & (positions < table.shape[0])
+                table[positions[where], column] = (recorded[where] + 1).to(table.dtype)
+
+    @staticmethod
+    def assemble(tables: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Every rank's recorded tables MAX-reduced to global rank 0 (collective): the samples' routing, expert ids
+        [prompt + response - 1, MoE layers, top-k] (uint8 below 256 experts), on rank 0; None elsewhere."""
+        import torch.distributed as dist
+
+        from megatron_rl.actor.batch import pack_ragged, unpack_ragged
+
+        flat, lengths = pack_ragged(tables)
+        reduced = flat.to(_device())
+        dist.reduce(reduced, dst=0, op=dist.ReduceOp.MAX)
+        if dist.get_rank() != 0:
+            return None
+        reduced = reduced.cpu()
+        if (reduced == 0).any():
+            raise RuntimeError("routing replay: some (token, MoE layer) routing was recorded by no rank")
+        ids = reduced - 1
+        return unpack_ragged(ids if ids.dtype == torch.uint8 else ids.to(torch.int16), lengths)
 
     def clear(self) -> None:
         """Back to each router's own top-k (no replay) and no stored targets."""
@@ -123,6 +170,22 @@ class RoutingReplay:
         self.agree.zero_()
         self.total.zero_()
         return out
+
+
+def _router_tokens(mb: MicroBatch, tp: int, tp_rank: int, sequence_parallel: bool):
+    """(row in the micro-batch, position in its sequence) of every token a router of this rank sees for `mb`, in
+    the router's order: Megatron's [sequence, batch] flattened, under sequence parallelism this TP rank's S/tp slice.
+    Padding has row -1; the packed or padded layout and the CP split are already in mb.token_rows / mb.positions."""
+    rows, positions = mb.token_rows.t(), mb.positions.t()  # [S, B]
+    if sequence_parallel and tp > 1:
+        per_rank = rows.shape[0] // tp
+        rows = rows[tp_rank * per_rank : (tp_rank + 1) * per_rank]
+        positions = positions[tp_rank * per_rank : (tp_rank + 1) * per_rank]
+    return rows.reshape(-1), positions.reshape(-1)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _unwrap(chunk):

@@ -28,7 +28,10 @@ def policy_update(group, batch: ActorBatch, cfg) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     from_forward = algo.reuses_training_forward
     if algo.old_log_probs == "recompute" and not from_forward:
-        batch.old_log_probs = group.compute_log_probs(batch)
+        if cfg.actor.moe.routing_replay == "old_policy":  # R2: the training passes replay this pass's routing
+            batch.old_log_probs, batch.routed_experts = group.compute_log_probs(batch, record_routing=True)
+        else:
+            batch.old_log_probs = group.compute_log_probs(batch)
         metrics.update(mismatch_metrics(batch.old_log_probs, batch.rollout_log_probs))
     elif algo.old_log_probs == "rollout":
         batch.old_log_probs = batch.rollout_log_probs

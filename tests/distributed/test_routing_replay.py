@@ -226,3 +226,58 @@ def test_replay_brings_the_actor_closer_to_a_bf16_engine(tmp_path):
     own, replay = ((torch.cat(actor[mode]) - engine).abs() for mode in ("none", "rollout"))
     assert float(replay.mean()) < 0.75 * float(own.mean()), (float(replay.mean()), float(own.mean()))
     assert float(replay.max()) < float(own.max()), (float(replay.max()), float(own.max()))
+
+
+# ---- R2 (actor.moe.routing_replay=old_policy): the old-policy pass records, the training passes replay ----------
+
+def _rank_r2(path: str, plain: dict, layouts: list):
+    batch = ActorBatch(prompt_ids=[torch.tensor(p) for p in plain["prompts"]],
+                       response_ids=[torch.tensor(r) for r in plain["responses"]],
+                       advantages=torch.randn(len(plain["prompts"]), generator=torch.Generator().manual_seed(0)))
+    out = {}
+    for name, layout in layouts:
+        for packing in (True, False):
+            cfg = ActorConfig(model_path=path, layout=ParallelLayout(**layout), packing=packing,
+                              max_tokens_per_microbatch=48, moe=MoESettings(routing_replay="old_policy"))
+            actor = MegatronActor(cfg).setup()
+            result = actor.compute_log_probs(batch, record_routing=True)
+            holder = [result]
+            torch.distributed.broadcast_object_list(holder, src=0)  # what the trainer does through the batch
+            log_probs, routing = holder[0]
+            batch.old_log_probs, batch.routed_experts = log_probs, routing
+            counts = _hook_routers(actor)
+            metrics = actor.train_step(batch)
+            actor.shutdown()
+            batch.old_log_probs = batch.routed_experts = None
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, counts)
+            if torch.distributed.get_rank() == 0:
+                out[(name, packing)] = (log_probs, [r.clone() for r in routing], gathered, metrics)
+    return out if torch.distributed.get_rank() == 0 else None
+
+
+@pytest.fixture(scope="module")
+def recorded(rollout):
+    path, batch, *_ = rollout
+    plain = _plain(batch)
+    results = spawn_ranks(_rank_r2, 1, args=(path, plain, [("TP1", {})]), timeout=600)[0]
+    results.update(spawn_ranks(_rank_r2, 2, args=(path, plain, LAYOUTS_2), timeout=900)[0])
+    return results
+
+
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("layout", ["TP1"] + [name for name, _ in LAYOUTS_2])
+def test_old_policy_records_the_actors_own_routing_and_training_replays_it(recorded, rollout, layout, packing):
+    """In every layout, packed and padded: the routing the old-policy pass recorded, assembled per sample from every
+    rank's share (sequence-parallel slices, CP halves, pipeline stages, DP ranks), is exactly the model's own:
+    transformers' fp32 top-k on every (token, MoE layer); the log-probs are the own-routing ones (1e-5); and the
+    training pass replays it (read back from the routers), agreeing with its own routing on the same weights."""
+    path, batch, _, completions = rollout
+    log_probs, routing, counts, metrics = recorded[(layout, packing)]
+    assert all(r.dtype == torch.uint8 and r.shape == (p.numel() + q.numel() - 1, SIZE.num_layers, SIZE.top_k)
+               for r, p, q in zip(routing, batch.prompt_ids, batch.response_ids))
+    as_recorded = [{**c, "routed": r} for c, r in zip(completions, routing)]
+    assert own_routing_agreement(path, as_recorded) == 1.0
+    assert _max_diff(log_probs, _hf_log_probs(path, batch, forced=False)) < TOL
+    assert sum(c["checked"] for c in counts) > 0 and all(c["wrong"] == 0 for c in counts), counts
+    assert metrics["moe_routing_agreement"] > 0.99  # the same weights route (all but near-ties) the same

@@ -61,3 +61,21 @@ def test_moe_example_trains_with_routing_replay_and_resumes_exactly(tmp_path):
     _run(out, tmp_path / "resume.log", resume=True)
     assert "with 1 generated, not yet trained batch(es)" in (tmp_path / "resume.log").read_text()
     _same_math(ref, _records(out / "qwen3_moe_tiny"))
+
+
+def test_moe_example_with_old_policy_routing_replay(tmp_path):
+    """R2 end to end: synchronous, two optimizer steps per batch (so the second mini-batch's policy has moved since
+    the old-policy pass recorded); the engines report no routing, and every step replays the record."""
+    overrides = [o for o in SHORT if not o.startswith(("algorithm.max_staleness", "run.steps"))]
+    overrides += ["run.steps=2", "actor.moe.routing_replay=old_policy", "algorithm.mini_batches=2"]
+    proc = _start(CONFIG, tmp_path, tmp_path / "r2.log", resume=False, overrides=overrides)
+    try:
+        assert proc.wait(timeout=900) == 0, (tmp_path / "r2.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    records = _records(tmp_path / "qwen3_moe_tiny")
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["train/optimizer_steps"] == 2 and 0.5 < r["moe/routing_agreement"] <= 1.0 for r in records)
+    saved = (tmp_path / "qwen3_moe_tiny" / "config.yaml").read_text()
+    assert "return_routed_experts: false" in saved  # R2 needs nothing from the engines

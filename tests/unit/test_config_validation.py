@@ -162,7 +162,9 @@ def test_asynchronous_rollouts_with_colocated_engines_are_refused():
                                             ("resources.collective_timeout_s=nan", "resources.collective_timeout_s:"),
                                             ("rollout.engine.threads=0", "rollout.engine.threads:"),
                                             ("reward.in_process=always", "reward.in_process:"),
-                                            ("actor.moe.routing_replay=old_policy", "actor.moe.routing_replay:"),
+                                            ("actor.moe.routing_replay=everything", "actor.moe.routing_replay:"),
+                                            ("actor.moe.routing_replay=old_policy",
+                                             "actor.moe.routing_replay='old_policy' needs a MoE model"),
                                             # the quickstart's model is a dense Qwen3
                                             ("actor.moe.routing_replay=rollout",
                                              "actor.moe.routing_replay='rollout' needs a MoE model")])
@@ -170,3 +172,12 @@ def test_the_new_settings_of_this_round_are_checked(override, key):
     with pytest.raises(ConfigError) as error:
         load_config(QUICKSTART, [override])
     assert str(error.value).startswith(key), str(error.value)
+
+
+def test_old_policy_routing_replay_needs_a_recomputed_old_policy_pass():
+    with pytest.raises(ConfigError, match=r"^actor\.moe\.routing_replay=old_policy replays the routing of the "
+                                          r"old-log-prob pass, but algorithm\.old_log_probs='rollout'"):
+        load_config("examples/configs/qwen3_moe_tiny_cpu.yaml",
+                    ["actor.moe.routing_replay=old_policy", "algorithm.old_log_probs=rollout"])
+    cfg = load_config("examples/configs/qwen3_moe_tiny_cpu.yaml", ["actor.moe.routing_replay=old_policy"])
+    assert cfg.actor.moe.routing_replay == "old_policy"
