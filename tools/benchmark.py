@@ -96,8 +96,9 @@ def run_sync(args) -> dict:
         rows = weight_sync_rows(
             [bench_model(s, args.workdir) for s in args.sizes], engine_counts=args.engines,
             bucket_sizes=tuple(int(b * 2**20) for b in args.bucket_mib), repeats=args.repeats,
+            transports=args.transports,
         )
-    return {"tables": {f"Weight sync (object-store transport), median of {args.repeats}": rows}}
+    return {"tables": {f"Weight sync per transport, median of {args.repeats}": rows}}
 
 
 def run_train(args) -> dict:
@@ -211,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engines", type=_ints, default=(1, 2), help="pool engine counts (each needs a CPU)")
     p.add_argument("--bucket-mib", type=_floats, default=(1.0, 64.0), help="bucket sizes, MiB")
     p.add_argument("--repeats", type=int, default=3, help="measured syncs per setting (median)")
+    p.add_argument("--transports", type=lambda v: tuple(v.split(",")), default=("gloo", "object_store"),
+                   help="weight transports to measure, comma-separated (rollout.transport values)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs the local Ray cluster may hand out (1 per engine)")
     p.set_defaults(run=run_sync)
 

@@ -4,7 +4,7 @@ against vLLM's own reload.
 `weight_sync_rows` returns rows (dicts) for a table; `tools/benchmark.py sync` prints them.
 
 A full model (every HF tensor, perturbed so the engines really change) goes through the pool in buckets of a given
-size, compared with (a) a plain in-memory copy of the same bytes (`dst.copy_(src)` per tensor into preallocated
+size, per transport (gloo broadcast, Ray object store; docs/rollout.md), compared with (a) a plain in-memory copy of the same bytes (`dst.copy_(src)` per tensor into preallocated
 tensors, one process): the floor for moving those bytes once, and (b) vLLM's own `worker.reload_weights` of the
 same tensors in one in-process engine (no Ray, no transport): the floor set by vLLM's loading and weight
 processing, which every update pays.
@@ -54,9 +54,11 @@ def weight_sync_rows(
     bucket_sizes: tuple[int, ...] = (1 << 20, 64 << 20),
     repeats: int = 3,
     dtype: str = "float32",
+    transports: tuple[str, ...] = ("gloo", "object_store"),
 ) -> list[dict[str, Any]]:
-    """One row per (model, engine count, bucket size): update_weights seconds vs a memcpy of the same bytes and vs
-    vLLM's own reload in one in-process engine. Needs a running Ray cluster with at least max(engine_counts) CPUs."""
+    """One row per (model, transport, engine count, bucket size): update_weights seconds vs a memcpy of the same
+    bytes and vs vLLM's own reload in one in-process engine. Needs a running Ray cluster with at least
+    max(engine_counts) CPUs."""
     from safetensors.torch import load_file
 
     from megatron_rl.rollout.pool import RolloutPool
@@ -75,8 +77,8 @@ def weight_sync_rows(
             )
         finally:
             bare.close()
-        for engines in engine_counts:
-            pool = RolloutPool(RolloutPoolConfig(engine, num_engines=engines))
+        for transport, engines in ((t, e) for t in transports for e in engine_counts):
+            pool = RolloutPool(RolloutPoolConfig(engine, num_engines=engines, transport=transport))
             try:
                 for bucket_bytes in bucket_sizes:
                     times, engine_times, num_buckets = [], [], 0
@@ -90,6 +92,7 @@ def weight_sync_rows(
                     rows.append({
                         "model": os.path.basename(model_dir.rstrip("/")),
                         "tensors": len(state),
+                        "transport": transport,
                         "MiB": round(num_bytes / 2**20, 1),
                         "engines": engines,
                         "bucket_MiB": round(bucket_bytes / 2**20, 1),

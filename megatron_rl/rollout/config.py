@@ -191,7 +191,7 @@ class RolloutPoolConfig:
     max_attempts: int = 3
     startup_timeout_s: float = 300.0
     weight_sync_timeout_s: float = 600.0
-    transport: str = "object_store"
+    transport: str = "gloo"
     colocate: bool = False
 
     def __post_init__(self):
@@ -201,6 +201,10 @@ class RolloutPoolConfig:
         for name in ("request_timeout_s", "startup_timeout_s", "weight_sync_timeout_s"):
             if not (is_finite_number(getattr(self, name)) and getattr(self, name) > 0):
                 _fail_in(name, f"must be > 0, got {getattr(self, name)}", "give seconds")
+        if self.transport not in ("gloo", "object_store"):
+            _fail_in("transport", f"is {self.transport!r}" + (
+                ": vLLM's NCCL/IPC weight-transfer backends are not wired into the pool yet (they need GPUs)"
+                if self.transport in ("nccl", "cuda_ipc") else ""), "use 'gloo' (default) or 'object_store'")
         if self.max_attempts < 1:
             _fail_in("max_attempts", f"must be >= 1, got {self.max_attempts}", "1 means no retry")
         if self.device == "cpu" and self.engine.tensor_parallel_size != 1:

@@ -112,14 +112,28 @@ def _placement_group_id() -> str | None:
 class RolloutEngine:
     """A vLLM `LLM` plus the weight-update protocol of `megatron_rl.rollout.worker_extension`."""
 
-    def __init__(self, engine_id: int, config: EngineConfig, device: str, colocated: bool = False):
+    def __init__(self, engine_id: int, config: EngineConfig, device: str, colocated: bool = False,
+                 transport: str = "gloo"):
+        """transport: the pool's weight transport (`weight_transport.BACKENDS`: which of our vLLM weight-transfer
+        backends the workers run)."""
+        from megatron_rl.rollout.weight_transport import BACKENDS
+
         os.environ.update(config.process_env(device))  # already set by runtime_env; keeps a direct use correct too
         start = time.perf_counter()
         from vllm import LLM
+        from vllm.config import WeightTransferConfig
 
+        from megatron_rl.rollout.weight_transfer_engines import register_backends
+
+        if transport not in BACKENDS:
+            raise ValueError(f"engine {engine_id}: no weight-transfer backend for transport {transport!r}; "
+                             f"use one of {sorted(BACKENDS)}")
+        register_backends()  # in this process (the in-process engine core's worker); worker_extension does it too
         self.engine_id = engine_id
         self.config = config
-        self.llm = LLM(**config.llm_kwargs(device, colocated=colocated))
+        self.transport = transport
+        self.llm = LLM(**config.llm_kwargs(device, colocated=colocated),
+                       weight_transfer_config=WeightTransferConfig(backend=BACKENDS[transport]))
         self.startup_s = time.perf_counter() - start
         # vLLM's own flag: True only where vLLM could enable sleep mode (GPU, colocated); on CPU vLLM's sleep/wake_up
         # would only log a warning, so the hand-off below skips them there (the protocol around them is the same).
@@ -209,7 +223,16 @@ class RolloutEngine:
                         "whole-prompt prefill (no chunked prefill) and no prefix caching on CPU")
                 completion.routed_experts = rows.astype(np.uint8 if self.num_experts <= 256 else np.int16)
 
-    # ---- weight updates: begin, load_bucket per bucket, finish (see worker_extension.py) -----------------------
+    # ---- weight updates: vLLM's worker lifecycle with our registered backend (weight_transfer_engines.py) -------
+    def num_workers(self) -> int:
+        """How many vLLM workers receive each bucket (the engine's tensor x pipeline parallel size)."""
+        parallel = self.llm.llm_engine.vllm_config.parallel_config
+        return parallel.tensor_parallel_size * parallel.pipeline_parallel_size
+
+    def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
+        """Join a sender's transfer group (gloo: the rendezvous; blocks until the sender is in it too)."""
+        self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": init_info})
+
     def begin_weight_update(self, version: int) -> None:
         if self._update is not None:
             open_version = self._update["version"]
@@ -219,15 +242,22 @@ class RolloutEngine:
                 "the open one was aborted"
             )
         self.weights_valid = False
-        self.llm.collective_rpc("megatron_rl_begin_weight_update")
+        self.llm.collective_rpc("start_weight_update")
         self._update = {"version": version, "names": set(), "start": time.perf_counter()}
 
     def load_bucket(self, transport: str, payload: Any) -> int:
+        """One bucket through vLLM's `update_weights`: object_store's payload is the PackedBucket itself, gloo's the
+        bucket's names, dtypes and shapes (the tensors arrive by broadcast while this runs)."""
         if self._update is None:
             raise WeightUpdateError(f"engine {self.engine_id}: load_bucket without begin_weight_update")
+        if transport != self.transport:
+            raise WeightUpdateError(f"engine {self.engine_id}: a {transport!r} bucket, but this engine's workers run "
+                                    f"the {self.transport!r} backend")
         inject("engine.load_bucket", rank=self.engine_id)
+        update_info, names = ({"bucket": payload}, payload.names) if transport == "object_store" \
+            else (payload, payload["names"])
         try:
-            names = self.llm.collective_rpc("megatron_rl_load_bucket", args=(transport, payload))[0]
+            self.llm.collective_rpc("update_weights", kwargs={"update_info": update_info})
         except BaseException:
             self.abort_weight_update()
             raise
@@ -245,7 +275,8 @@ class RolloutEngine:
         if self._update is None:
             raise WeightUpdateError(f"engine {self.engine_id}: finish_weight_update without begin_weight_update")
         update, self._update = self._update, None
-        counts = self.llm.collective_rpc("megatron_rl_finish_weight_update")[0]
+        self.llm.collective_rpc("finish_weight_update")
+        counts = self.llm.collective_rpc("megatron_rl_after_weight_update")[0]
         # Cached KV blocks were computed with the old weights. vLLM refuses (returns False) while requests hold
         # blocks; this engine is idle here (one call at a time), so a refusal means stale KV would be reused.
         if not self.llm.reset_prefix_cache():  # weights_valid stays False (set by begin_weight_update)
@@ -273,7 +304,7 @@ class RolloutEngine:
         self._update = None
         self.weights_valid = False
         try:
-            self.llm.collective_rpc("megatron_rl_finish_weight_update")
+            self.llm.collective_rpc("megatron_rl_abort_weight_update")
         except Exception:  # noqa: BLE001 - best effort; the error that caused the abort is what the caller sees
             logger.exception("engine %d: closing an aborted weight update failed", self.engine_id)
 

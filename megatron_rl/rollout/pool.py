@@ -83,6 +83,18 @@ def _is_engine_failure(error: BaseException) -> bool:
     return False
 
 
+def _first_error(refs: Sequence[Any]) -> BaseException | None:
+    """The error of the first of these finished Ray calls that raised, if any."""
+    import ray
+
+    for ref in refs:
+        try:
+            ray.get(ref, timeout=0)
+        except Exception as error:  # noqa: BLE001 - returned to the caller
+            return error
+    return None
+
+
 def validate_prompts(prompts: Sequence[Sequence[int]], max_model_len: int | None, max_tokens: int) -> list[list[int]]:
     """Prompts as lists of ints; raises ValueError naming the first bad prompt before any engine is asked."""
     out = []
@@ -140,7 +152,7 @@ class RolloutPool:
         self.stats = PoolStats()
         self._asleep: set[str] = set()  # memory tags the engines have released ("weights", "kv_cache")
         self._handoff_events: list[str] = []
-        self._transport = make_transport(config.transport)  # unimplemented transports fail here, before any start
+        self._transport = make_transport(config.transport, timeout_s=config.weight_sync_timeout_s)  # unwired: fail here
         self._version = 0
         self._invalid_reason: str | None = None
         self._slots: list[_Slot] = []
@@ -330,6 +342,7 @@ class RolloutPool:
         for i, slot in enumerate(self._slots):
             refs[i] = [slot.actor.begin_weight_update.remote(version)]
         actors = [slot.actor for slot in self._slots]
+        unreachable: set[int] = set()  # engines the transport gave up on during this update
         num_buckets = num_tensors = num_bytes = 0
         try:
             for bucket in buckets:
@@ -337,7 +350,10 @@ class RolloutPool:
                 if not bucket:  # export_hf_weights(dst=0) yields empty buckets on other ranks; harmless here
                     continue
                 for i, ref in enumerate(self._transport.send_bucket(bucket, actors)):
-                    refs[i].append(ref)
+                    if ref is None:
+                        unreachable.add(i)
+                    else:
+                        refs[i].append(ref)
                 num_buckets += 1
                 num_tensors += len(bucket)
                 num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
@@ -354,6 +370,14 @@ class RolloutPool:
         lost: list[tuple[int, str]] = []
         update_errors: list[str] = []
         for i, slot_refs in refs.items():
+            if i in unreachable:  # what its finished calls raised says why; unfinished ones are not waited for
+                raised = _first_error(ray.wait(slot_refs, num_returns=len(slot_refs), timeout=0)[0])
+                if raised is not None and not _is_engine_failure(raised):
+                    update_errors.append(f"engine {i}: {raised}")
+                else:
+                    lost.append((i, "the weight transfer to it failed (gone, or not receiving within "
+                                    f"weight_sync_timeout_s={self.config.weight_sync_timeout_s})"))
+                continue
             try:
                 finished = ray.get(slot_refs, timeout=max(0.0, deadline - time.monotonic()))[-1]
                 engine_seconds[self._slots[i].engine_id] = finished["seconds"]
@@ -472,7 +496,7 @@ class RolloutPool:
             **self._actor_resources(),
         )
         actor = ray.remote(RolloutEngine).options(**options).remote(
-            engine_id, self.config.engine, self.config.device, self.config.colocate)
+            engine_id, self.config.engine, self.config.device, self.config.colocate, self.config.transport)
         return _Slot(engine_id, actor, placement_group, owns)
 
     def _wait_started(self, slots: Sequence[_Slot]) -> None:
@@ -503,13 +527,10 @@ class RolloutPool:
         new = self._spawn(slot.engine_id, slot.placement_group)
         self._slots[index] = new
         self.stats.restarts += 1
-        refs = [new.actor.info.remote()]
-        if replay and self._transport.has_weights:
-            refs.append(new.actor.begin_weight_update.remote(self._version))
-            refs.extend(self._transport.replay(new.actor))
-            refs.append(new.actor.finish_weight_update.remote())
         try:
-            ray.get(refs, timeout=self.config.startup_timeout_s)
+            ray.get(new.actor.info.remote(), timeout=self.config.startup_timeout_s)
+            if replay and self._transport.has_weights:
+                ray.get(self._transport.replay(new.actor, self._version), timeout=self.config.weight_sync_timeout_s)
         except Exception as error:  # noqa: BLE001 - the pool cannot go on without this engine
             raise RolloutError(f"engine {slot.engine_id} could not be restarted ({reason}): {error}") from error
 

@@ -1,30 +1,39 @@
-"""How one weight update travels from the trainer (the pool's owner, global rank 0) to every engine.
+"""How one weight update travels from the trainer (the pool's owner) to every engine.
 
-The pool's update loop (`RolloutPool.update_weights`) is the same for every transport:
+Every transport goes through vLLM's weight-transfer framework (`weight_transfer_engines.py`): the engines' workers
+run a registered `WeightTransferEngine` and the update is vLLM's worker lifecycle `start_weight_update` ->
+`update_weights` per bucket -> `finish_weight_update` (layerwise reload, in place). The pool's loop
+(`RolloutPool.update_weights`) is the same for every transport:
 
-    for engine: engine.begin_weight_update(version)
-    for bucket in buckets:                       # lists of (hf_name, full tensor) from export_hf_weights(dst=0)
-        refs = transport.send_bucket(bucket, engines)
-    for engine: engine.finish_weight_update()    # finalize, MoE fix, reset the prefix cache
-    transport.commit()                           # this update is now "the current weights"
+    for engine: engine.begin_weight_update(version)         # vLLM start_weight_update
+    for bucket in buckets:                                   # lists of (hf_name, full tensor)
+        refs = transport.send_bucket(bucket, engines)        # vLLM update_weights on every engine
+    for engine: engine.finish_weight_update()                # vLLM finish_weight_update, prefix-cache reset
+    transport.commit()                                       # this update is now "the current weights"
 
-and a restarted engine gets the current weights with `transport.replay(engine)` between a begin and a finish.
-A transport has two halves that share a name: the sender (a `WeightTransport` here, in the trainer process) and the
-receiver (`receive_bucket(name, payload)`, called inside each vLLM worker by the worker extension, where it turns
-the payload into (hf_name, tensor) pairs for `model.load_weights`).
+and a restarted engine is brought to the current weights with `transport.replay(engine, version)`.
 
-Implemented here: "object_store" (CPU, and any device as a fallback). Interface points for the GPU transports are
-named below; they raise NotImplementedError until they are written and tested on GPUs.
+- "gloo" (default): per engine a gloo process group with the sender; per bucket the engine is told names, dtypes
+  and shapes and the sender broadcasts one packed buffer (vLLM's dense-NCCL choreography on gloo). The sender keeps
+  references to the committed buckets (no copy) to replay them to a restarted engine.
+- "object_store": each bucket as numpy arrays in Ray's object store (one `ray.put`, read zero-copy by the engines
+  of a node); kept as the transport that needs no network path from the sender to the engines' workers (any Ray
+  cluster reaches them), measured against gloo in docs/rollout.md.
+- "nccl", "cuda_ipc": vLLM's own backends "nccl" / "ipc" on GPU; not wired here (no GPU to run them): refused.
 """
 from __future__ import annotations
 
+import logging
 import warnings
+from functools import partial
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 Bucket = Sequence[tuple[str, torch.Tensor]]
 
@@ -85,7 +94,8 @@ class WeightTransport(ABC):
     @abstractmethod
     def send_bucket(self, bucket: Bucket, engines: Sequence[Any]) -> list[Any]:
         """Start delivering and loading one bucket on every engine; returns one Ray ObjectRef per engine that
-        resolves (to the number of tensors loaded) once that engine has loaded the bucket."""
+        resolves (to the number of tensors loaded) once that engine has loaded the bucket, or None for an engine
+        the transport gave up on in this update (unreachable, or it failed a transfer): the pool replaces it."""
 
     @abstractmethod
     def commit(self) -> None:
@@ -96,9 +106,9 @@ class WeightTransport(ABC):
         """The buckets sent since the last commit are abandoned (the update failed); keep the current weights."""
 
     @abstractmethod
-    def replay(self, engine: Any) -> list[Any]:
-        """Send the current (last committed) weights to one engine; ObjectRefs as in `send_bucket`.
-        Called for a restarted engine, between its begin and finish of a weight update."""
+    def replay(self, engine: Any, version: int) -> list[Any]:
+        """Bring a restarted engine to the current (last committed) weights, `version`: a whole update (begin,
+        buckets, finish). Returns ObjectRefs to wait for (the last resolves to finish_weight_update's counts)."""
 
     @property
     @abstractmethod
@@ -133,8 +143,10 @@ class ObjectStoreTransport(WeightTransport):
     def discard(self) -> None:
         self._pending = []
 
-    def replay(self, engine: Any) -> list[Any]:
-        return [engine.load_bucket.remote(self.name, ref) for ref in self._current]
+    def replay(self, engine: Any, version: int) -> list[Any]:
+        return [engine.begin_weight_update.remote(version),
+                *[engine.load_bucket.remote(self.name, ref) for ref in self._current],
+                engine.finish_weight_update.remote()]
 
     @property
     def has_weights(self) -> bool:
@@ -144,61 +156,166 @@ class ObjectStoreTransport(WeightTransport):
         self._pending, self._current = [], []
 
 
-def nccl_broadcast_transport() -> WeightTransport:
-    """GPU, trainer and engines on separate GPUs: NCCL broadcast from trainer rank 0 to every engine worker.
+class GlooTransport(WeightTransport):
+    """The "megatron_rl_gloo" backend's sender: one `GlooTrainerWeightTransferEngine` per engine (its own group, so
+    an engine that dies breaks only its own), all engines sent to in parallel threads. A broadcast that fails (the
+    engine died, or did not receive within the timeout) drops that engine's group; its `load_bucket` call then
+    fails or times out and the pool restarts it (`replay` builds a new group)."""
 
-    Not implemented (needs CUDA GPUs to write and test; nothing here pretends to work). The missing pieces:
-    - setup: one NCCL group {trainer rank 0} + all TP workers of all engines. vLLM 0.32 ships this as
-      `vllm.distributed.weight_transfer` backend "nccl": engines start with
-      `LLM(weight_transfer_config=WeightTransferConfig(backend="nccl"))`, the trainer side joins with
-      `NCCLTrainerWeightTransferEngine`, the engine side with `llm.init_weight_transfer_engine(...)`;
-    - send_bucket: an engine actor call carrying only (names, dtypes, shapes) that makes every worker post its
-      receive, then the trainer broadcasts the bucket's tensors (packed into one flat buffer);
-    - receive_bucket("nccl", metadata) in the worker: allocate, receive, return the (name, tensor) pairs;
-    - replay: not possible from the engines alone; the pool must ask the trainer to re-export (or keep a pinned
-      host copy).
-    """
-    raise NotImplementedError(
-        "the 'nccl' weight transport is not implemented yet: it needs CUDA GPUs and the NCCL group described in "
-        "megatron_rl.rollout.weight_transport.nccl_broadcast_transport; use transport='object_store' (it works on "
-        "GPU too, through host memory)"
-    )
+    name = "gloo"
+
+    def __init__(self, address: str | None = None, timeout_s: float = 600.0):
+        self.address = address
+        self.timeout_s = timeout_s
+        self._senders: dict[Any, Any] = {}  # engine actor id -> GlooTrainerWeightTransferEngine
+        self._pending: list[Bucket] = []
+        self._current: list[Bucket] = []
+        self._failed: set[Any] = set()  # engines lost during the open update: not sent to again until it ends
+        self._threads = None
+
+    def _sender(self, engine: Any):
+        key = engine._actor_id
+        if key not in self._senders:
+            import ray
+            from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+            from megatron_rl.rollout.weight_transfer_engines import GlooTrainerInitInfo, register_backends
+
+            register_backends()
+            address = self.address or ray.util.get_node_ip_address()
+            workers = ray.get(engine.num_workers.remote(), timeout=self.timeout_s)
+            self._senders[key] = WeightTransferTrainerFactory.trainer_init(
+                GlooTrainerInitInfo(master_address=address, num_workers=workers, timeout_s=self.timeout_s, rank=0),
+                client=_EngineClient(engine, self.timeout_s))
+        return self._senders[key]
+
+    def _drop(self, engine: Any) -> None:
+        sender = self._senders.pop(engine._actor_id, None)
+        if sender is not None:
+            sender.shutdown()
+
+    def _connected(self, engine: Any):
+        """This engine's sender, or None when the engine is given up on in the open update."""
+        if engine._actor_id in self._failed:
+            return None
+        try:
+            return self._sender(engine)
+        except Exception as error:  # noqa: BLE001 - this engine is lost: the pool replaces it
+            logger.warning("gloo weight transfer: cannot connect to an engine: %s", error)
+            self._failed.add(engine._actor_id)
+            return None
+
+    def send_bucket(self, bucket: Bucket, engines: Sequence[Any]) -> list[Any]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from megatron_rl.rollout.weight_transfer_engines import update_info
+
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(max_workers=max(2, len(engines)), thread_name_prefix="gloo-sender")
+        bucket = [(name, tensor.detach().to("cpu")) for name, tensor in bucket]
+        info = update_info(bucket)
+        senders = list(self._threads.map(self._connected, engines))  # in parallel: a hung engine delays no other
+        refs = [engine.load_bucket.remote(self.name, info) if sender is not None else None
+                for engine, sender in zip(engines, senders)]
+        futures = [self._threads.submit(sender.send_bucket, bucket, partial(_finished, ref)) if sender is not None
+                   else None for sender, ref in zip(senders, refs)]
+        for engine, future in zip(engines, futures):
+            if future is None:
+                continue
+            try:
+                future.result()
+            except Exception as error:  # noqa: BLE001 - the pool sees this engine's call fail and restarts it
+                logger.warning("gloo weight transfer to an engine failed: %s", error)
+                self._failed.add(engine._actor_id)
+                self._drop(engine)
+        self._pending.append(bucket)
+        return refs
+
+    def commit(self) -> None:
+        self._current, self._pending, self._failed = self._pending, [], set()
+
+    def discard(self) -> None:
+        self._pending, self._failed = [], set()
+
+    def replay(self, engine: Any, version: int) -> list[Any]:
+        self._drop(engine)
+        sender = self._sender(engine)
+        sender.client.version = version
+        sender.source = self._current
+        sender.send_weights()
+        return [engine.info.remote()]
+
+    @property
+    def has_weights(self) -> bool:
+        return bool(self._current)
+
+    def close(self) -> None:
+        for key in list(self._senders):
+            self._senders.pop(key).shutdown()
+        if self._threads is not None:
+            self._threads.shutdown(wait=False)
+            self._threads = None
+        self._pending, self._current = [], []
 
 
-def cuda_ipc_transport() -> WeightTransport:
-    """GPU, colocated (trainer and engine share GPUs): CUDA IPC handles of the bucket's tensors.
+def _finished(ref) -> bool:
+    """Whether a Ray call has ended (returned or raised)."""
+    import ray
 
-    Not implemented (needs CUDA GPUs). The missing pieces: send_bucket flattens the bucket into one CUDA buffer,
-    shares it with `torch.multiprocessing.reductions.reduce_tensor` and passes the handle (a few bytes) through Ray;
-    `receive_bucket("cuda_ipc", handle)` in the worker on the same GPU rebuilds the tensor and views it per name;
-    the trainer frees the buffer after every engine acknowledged the bucket. vLLM 0.32's weight_transfer backend
-    "ipc" implements the same idea.
-    """
-    raise NotImplementedError(
-        "the 'cuda_ipc' weight transport is not implemented yet: it needs colocated CUDA GPUs (see "
-        "megatron_rl.rollout.weight_transport.cuda_ipc_transport); use transport='object_store'"
-    )
+    return bool(ray.wait([ref], timeout=0)[0])
 
 
-# name -> factory of the sender half. The GPU entries name their missing pieces in their docstrings.
-TRANSPORTS: dict[str, Callable[[], WeightTransport]] = {
+class _EngineClient:
+    """vLLM's `VLLMWeightSyncClient` protocol over one `RolloutEngine` Ray actor (blocking calls, each bounded by
+    the timeout). `version` is the weights version a whole `send_weights` update installs."""
+
+    def __init__(self, engine: Any, timeout_s: float, version: int = 0):
+        self.engine, self.timeout_s, self.version = engine, timeout_s, version
+
+    def _get(self, ref):
+        import ray
+
+        return ray.get(ref, timeout=self.timeout_s)
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self._get(self.engine.init_weight_transfer.remote(init_info))
+
+    def start_weight_update(self) -> None:
+        self._get(self.engine.begin_weight_update.remote(self.version))
+
+    def update_weights(self, update_info: dict) -> None:
+        self._get(self.engine.load_bucket.remote(GlooTransport.name, update_info))
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._get(self.engine.finish_weight_update.remote())
+
+
+def _not_wired(name: str, backend: str) -> Callable[[], WeightTransport]:
+    def refuse() -> WeightTransport:
+        raise NotImplementedError(
+            f"rollout.transport={name!r}: vLLM's {backend!r} weight-transfer backend needs CUDA GPUs and is not wired "
+            "into the pool yet (no GPU to run it here); use 'gloo' (the same choreography over TCP) or 'object_store'"
+        )
+
+    return refuse
+
+
+# name -> factory of the sender half (pool side); the worker halves are in weight_transfer_engines.py.
+TRANSPORTS: dict[str, Callable[..., WeightTransport]] = {
+    GlooTransport.name: GlooTransport,
     ObjectStoreTransport.name: ObjectStoreTransport,
-    "nccl": nccl_broadcast_transport,
-    "cuda_ipc": cuda_ipc_transport,
+    "nccl": _not_wired("nccl", "nccl"),
+    "cuda_ipc": _not_wired("cuda_ipc", "ipc"),
 }
 
+# transport -> the vLLM weight-transfer backend its engines run
+BACKENDS = {"gloo": "megatron_rl_gloo", "object_store": "megatron_rl_object_store"}
 
-def make_transport(name: str) -> WeightTransport:
-    """The sender half of transport `name` (raises before any engine starts for unknown/unimplemented ones)."""
+
+def make_transport(name: str, *, timeout_s: float = 600.0) -> WeightTransport:
+    """The sender half of transport `name` (raises before any engine starts for unknown/unwired ones)."""
     if name not in TRANSPORTS:
         raise ValueError(f"rollout.transport: unknown transport {name!r}; use one of {sorted(TRANSPORTS)}")
+    if name == GlooTransport.name:
+        return GlooTransport(timeout_s=timeout_s)
     return TRANSPORTS[name]()
-
-
-def receive_bucket(name: str, payload: Any) -> list[tuple[str, torch.Tensor]]:
-    """Receiver half, run inside a vLLM worker: the payload of transport `name` -> (hf_name, tensor) pairs."""
-    if name == ObjectStoreTransport.name:
-        if not isinstance(payload, PackedBucket):
-            raise TypeError(f"transport 'object_store' expects a PackedBucket payload, got {type(payload).__name__}")
-        return unpack_bucket(payload)
-    raise NotImplementedError(f"no receiver for weight transport {name!r} in this build")

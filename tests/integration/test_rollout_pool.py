@@ -5,7 +5,11 @@
 - after update_weights the engines follow the NEW weights (and no longer the old ones), with buckets that split
   layers, arriving in a shuffled order;
 - an engine killed mid-batch is restarted with the current weights and every sample comes back exactly once, the
-  same samples as without the failure (per-prompt seeds);
+  same samples as without the failure (per-prompt seeds); one killed in the middle of a weight update (gloo
+  transport, between buckets) fails only its own broadcast: the update completes on the others within its
+  timeout, and the engine comes back with the new weights;
+- the weights travel through vLLM's weight-transfer API with our gloo backend (the pool's default transport),
+  whose connections stay on loopback;
 - stop strings, seeds, ordering, bad input, incomplete updates, and a clean shutdown (no leaked /dev/shm file).
 One module-scoped pool per architecture; longer scenarios are marked slow.
 """
@@ -380,6 +384,46 @@ def test_killed_engine_is_recovered_mid_batch(setup, reference):
     assert {(c.prompt_index, c.sample_index) for c in got} == {(p, s) for p in range(len(batch)) for s in range(4)}
     assert [c.token_ids for c in got] == [c.token_ids for c in expected]
     assert reference.max_abs_diff([c for c in got if c.engine_id == 1][:8], TEMPERATURE) <= TOL
+
+
+def test_engine_killed_mid_update_is_replaced_with_the_new_weights(setup, reference):
+    """Kill engine 0 after the third bucket of an update: the sender's broadcast to it fails at once (its gloo
+    connection closes), the other engine finishes the update, the pool restarts the dead one and replays the update
+    to it through a new group; both then sample from the new weights. Nothing waits for a timeout."""
+    import psutil
+    import ray
+
+    arch, model_dir, pool, prompts, _ = setup
+    if arch != "qwen3":
+        pytest.skip("one architecture is enough for the failure path")
+    assert pool.config.transport == "gloo"
+    new = perturbed(hf_state_dict(model_dir), seed=11)
+    buckets = shuffled_buckets(new, bucket_bytes=32 * 1024)
+    victim = pool.engine_handles()[0]
+
+    def killed_after_three():
+        for i, bucket in enumerate(buckets):
+            if i == 3:
+                ray.kill(victim, no_restart=True)
+            yield bucket
+
+    start = time.perf_counter()
+    stats = pool.update_weights(killed_after_three())
+    assert time.perf_counter() - start < pool.config.weight_sync_timeout_s / 2
+    assert stats.restarted_engines == [0] and stats.num_tensors == len(new)
+    assert [info["weights_version"] for info in pool.engine_info()] == [stats.version] * 2
+    completions = pool.generate(prompts, _sampling())
+    assert {c.engine_id for c in completions} == {0, 1}
+    reference.load(new)
+    assert reference.max_abs_diff(completions, TEMPERATURE) <= TOL
+
+    # the transfer groups' connections (sender here, receivers in the engines) listen on loopback only
+    ours = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
+    listening = {c.laddr.ip for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in ours}
+    assert listening <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, listening
+    pool.update_weights(shuffled_buckets(hf_state_dict(model_dir), bucket_bytes=64 * 1024))
+    reference.load(hf_state_dict(model_dir))
 
 
 def test_shutdown_leaves_nothing_behind(setup):

@@ -4,11 +4,14 @@
   changed in Megatron) reach the engines, whose log-probs then match transformers on the exported tensors (1e-4);
 - a hung engine (answer later than request_timeout_s) is killed and restarted with the current weights, its share
   re-issued, every sample returned once; one that keeps hanging makes the pool raise after max_attempts, and the
-  pool works afterwards;
+  pool works afterwards; one hung when a weight update starts times out of the gloo broadcast and is replaced with
+  the new weights;
 - logprobs_mode="raw_logprobs" reports log_softmax(logits) (temperature 1) whatever the sampling temperature;
 - samples do not depend on the number of engines (per-prompt seeds).
 """
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -115,6 +118,55 @@ def test_hung_engine_is_replaced_with_the_current_weights(ray_cluster, tiny_mode
         assert reference.max_abs_diff(got, TEMPERATURE) <= TOL  # the restarted engine holds the updated weights
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(blocker, timeout=60)
+
+
+def test_engine_hung_during_an_update_times_out_and_is_replaced(ray_cluster, tiny_model, tmp_path):
+    """Engine 1 is busy (a long request sent to it directly) when an update starts, so it never enters the gloo
+    broadcast: the sender's wait for it times out after weight_sync_timeout_s, engine 0 completes the update, and
+    the pool replaces engine 1 and replays the update to it. The update returns within a bounded time (the broadcast
+    timeout, the finish deadline and one restart), not after the hung request."""
+    import ray
+
+    model_dir = tiny_model("qwen3", **MODEL_SIZE)
+    new = perturbed(hf_state_dict(model_dir), seed=6)
+    reference = Reference(model_dir, str(tmp_path / "ref"))
+    reference.load(new)
+    timeout_s = 10.0
+    with _pool(model_dir, num_engines=2, weight_sync_timeout_s=timeout_s) as pool:
+        victim = pool.engine_handles()[1]
+        blocker = victim.generate.remote(  # minutes of work
+            [(i, PROMPTS[i % len(PROMPTS)]) for i in range(256)], SamplingConfig(n=8, max_tokens=900, seed=0)
+        )
+        start = time.perf_counter()
+        stats = pool.update_weights(shuffled_buckets(new, bucket_bytes=64 * 1024))
+        elapsed = time.perf_counter() - start
+        assert stats.restarted_engines == [1] and pool.engine_handles()[1] is not victim
+        assert elapsed < 2 * timeout_s + pool.config.startup_timeout_s, elapsed
+        got = pool.generate(PROMPTS, SamplingConfig(n=2, temperature=TEMPERATURE, max_tokens=16, seed=2))
+        assert {c.engine_id for c in got} == {0, 1}
+        assert reference.max_abs_diff(got, TEMPERATURE) <= TOL
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(blocker, timeout=60)
+
+
+def test_engine_failing_before_a_broadcast_does_not_hold_the_sender(ray_cluster, tiny_model, monkeypatch):
+    """Engine 1's update_weights raises before it joins the second bucket's broadcast (an injected fault): the
+    sender sees the call end and gives up on that broadcast at once instead of waiting out the timeout; the update
+    fails with the engine's error, and the next one succeeds on both engines."""
+    import json
+
+    model_dir = tiny_model("qwen3", **MODEL_SIZE)
+    monkeypatch.setenv("MEGATRON_RL_FAULTS", json.dumps(
+        [{"point": "engine.load_bucket", "action": "raise", "rank": 1, "call": 2}]))
+    timeout_s = 120.0
+    with _pool(model_dir, num_engines=2, weight_sync_timeout_s=timeout_s) as pool:
+        state = hf_state_dict(model_dir)
+        start = time.perf_counter()
+        with pytest.raises(RolloutError, match="FaultInjected"):
+            pool.update_weights(shuffled_buckets(state, bucket_bytes=64 * 1024))
+        assert time.perf_counter() - start < timeout_s / 4
+        stats = pool.update_weights(shuffled_buckets(state, bucket_bytes=64 * 1024))
+        assert stats.restarted_engines == [] and len(pool.generate(PROMPTS, SamplingConfig(n=1, max_tokens=4))) == 4
 
 
 def test_hung_engine_is_restarted_then_the_pool_gives_up(ray_cluster, tiny_model):

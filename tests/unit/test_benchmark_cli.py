@@ -217,13 +217,15 @@ def test_rollout_and_sync_subcommands_end_to_end(bench, tmp_path, capsys):
     assert bench.main(["sync", "--sizes", "tiny", "--engines", "1", "--bucket-mib", "0.5,64", "--repeats", "1",
                        "--num-cpus", "1", "--workdir", str(tmp_path), "--json", str(path)]) == 0
     (rows,) = json.loads(path.read_text())["tables"].values()
-    assert [(r["model"], r["bucket_MiB"]) for r in rows] == [("qwen3_tiny", 0.5), ("qwen3_tiny", 64.0)]
+    assert [(r["transport"], r["bucket_MiB"]) for r in rows] == [("gloo", 0.5), ("gloo", 64.0),
+                                                                 ("object_store", 0.5), ("object_store", 64.0)]
+    assert {r["model"] for r in rows} == {"qwen3_tiny"}
     assert rows[0]["buckets"] > rows[1]["buckets"] == 1  # ~0.8 MiB of weights: two 0.5 MiB buckets, or one
     for r in rows:
         assert r["sync_s"] > 0 and r["memcpy_s"] > 0 and r["vllm_reload_s"] > 0
         # the ratio is taken before the table rounds memcpy_s to 1e-5 s (~4e-5 s here: up to 12.5% off)
         assert r["sync/memcpy"] == pytest.approx(r["sync_s"] / r["memcpy_s"], rel=0.15)
-    assert "Weight sync (object-store transport)" in capsys.readouterr().out
+    assert "Weight sync per transport" in capsys.readouterr().out
 
 
 @pytest.mark.slow

