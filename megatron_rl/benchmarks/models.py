@@ -16,6 +16,9 @@ SIZES: dict[str, dict] = {  # name -> TinySize fields (fp32 size in the comment)
                    num_kv_heads=4),  # ~122 MiB
     "large": dict(hidden_size=1024, head_dim=64, num_layers=8, intermediate_size=4096, num_attention_heads=16,
                   num_kv_heads=8),  # ~500 MiB
+    # The GPU check's MFU: Qwen2.5-7B's layer shapes (hidden 3584, 28 heads of 128, 4 KV heads, MLP 18944), 4 layers.
+    "qwen7b_slice": dict(hidden_size=3584, head_dim=128, num_layers=4, intermediate_size=18944,
+                         num_attention_heads=28, num_kv_heads=4, vocab_size=32768, max_position_embeddings=8192),
     # GPU mode: a ~0.4B-parameter model (fp32 on disk ~1.6 GiB; trained in bf16). Too slow for 2 CPU cores.
     "gpu": dict(hidden_size=1024, head_dim=64, num_layers=16, intermediate_size=3072, num_attention_heads=16,
                 num_kv_heads=8, vocab_size=32768, max_position_embeddings=8192),

@@ -320,15 +320,20 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
 
     def send_bucket(self, bucket: Sequence[tuple[str, torch.Tensor]], receiver_gone=lambda: False,
                     poll_s: float = 0.5) -> None:
-        """Broadcast one bucket while the engine's workers run `update_weights(update_info(bucket))`. Raises when the
-        engine is gone (its connection closed), when `receiver_gone()` says its `update_weights` ended without
-        receiving (it failed before the broadcast), or after the timeout; the group is then dropped (a later
-        `trainer_init` builds a new one)."""
+        """Broadcast one bucket while the engine's workers run `update_weights(update_info(bucket))` (see
+        `send_packed`)."""
+        self.send_packed(pack_into_buffer([t for _, t in bucket]), receiver_gone, poll_s)
+
+    def send_packed(self, buffer: torch.Tensor, receiver_gone=lambda: False, poll_s: float = 0.5) -> None:
+        """Broadcast one bucket packed by `pack_into_buffer` (senders to several engines share one buffer). Raises
+        when the engine is gone (its connection closed), when `receiver_gone()` says its `update_weights` ended
+        without receiving (it failed before the broadcast), or after the timeout; the group is then dropped (a
+        later `trainer_init` builds a new one)."""
         if self.group is None:
             raise RuntimeError("gloo trainer engine not initialized (trainer_init)")
         options = torch.distributed.BroadcastOptions()
         options.rootRank = 0
-        work = self.group.broadcast([pack_into_buffer([t for _, t in bucket])], options)
+        work = self.group.broadcast([buffer], options)
         deadline = time.monotonic() + self.timeout_s
         try:
             while True:

@@ -208,7 +208,7 @@ class GlooTransport(WeightTransport):
     def send_bucket(self, bucket: Bucket, engines: Sequence[Any]) -> list[Any]:
         from concurrent.futures import ThreadPoolExecutor
 
-        from megatron_rl.rollout.weight_transfer_engines import update_info
+        from megatron_rl.rollout.weight_transfer_engines import pack_into_buffer, update_info
 
         if self._threads is None:
             self._threads = ThreadPoolExecutor(max_workers=max(2, len(engines)), thread_name_prefix="gloo-sender")
@@ -217,7 +217,8 @@ class GlooTransport(WeightTransport):
         senders = list(self._threads.map(self._connected, engines))  # in parallel: a hung engine delays no other
         refs = [engine.load_bucket.remote(self.name, info) if sender is not None else None
                 for engine, sender in zip(engines, senders)]
-        futures = [self._threads.submit(sender.send_bucket, bucket, partial(_finished, ref)) if sender is not None
+        buffer = pack_into_buffer([t for _, t in bucket]) if any(senders) else None  # one copy for all engines
+        futures = [self._threads.submit(sender.send_packed, buffer, partial(_finished, ref)) if sender is not None
                    else None for sender, ref in zip(senders, refs)]
         for engine, future in zip(engines, futures):
             if future is None:

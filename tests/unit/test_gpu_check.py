@@ -1,0 +1,37 @@
+"""The GPU check script's dry run (what CI can run): it imports every check, plans them all, skips them with the
+reason, writes the report and exits 0. The checks themselves need a CUDA GPU (run tools/gpu_check.sh there)."""
+import subprocess
+
+from megatron_rl.benchmarks import gpu_check
+
+
+def test_dry_run_plans_and_skips_every_check(tmp_path):
+    report = tmp_path / "plan.md"
+    result = subprocess.run(["bash", "tools/gpu_check.sh", "--dry-run", "--report", str(report)],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = report.read_text()
+    assert text.startswith("# GPU check (dry run: nothing ran)")
+    for name, _, check in gpu_check.CHECKS:
+        assert f"| {name} | " in text and callable(check)
+    assert text.count("| skipped | dry run |") == len(gpu_check.CHECKS)
+
+
+def test_without_cuda_every_check_is_skipped_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)
+    results = gpu_check.run_checks(str(tmp_path), dry_run=False)
+    assert [r.status for r in results] == ["skipped"] * len(gpu_check.CHECKS)
+    assert all(r.detail.startswith("no CUDA device") for r in results)
+
+
+def test_a_failing_check_is_reported_and_the_rest_still_run(tmp_path, monkeypatch):
+    def broken(workdir):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_check, "CHECKS", [("a", "fails", broken), ("b", "works", lambda workdir: {"x": 1})])
+    results = gpu_check.run_checks(str(tmp_path), dry_run=False)
+    assert [r.status for r in results] == ["FAILED", "ok"]
+    assert "RuntimeError: boom" in results[0].detail and results[1].numbers["x"] == 1
+    assert "| a | fails | FAILED | RuntimeError: boom |" in gpu_check.report(results, dry_run=False)
+    assert gpu_check.main(["--report", str(tmp_path / "r.md"), "--dry-run"]) == 0
