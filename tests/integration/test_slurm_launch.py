@@ -201,6 +201,7 @@ def test_clean_stop_checkpoints_and_leaves_nothing(submit):
     assert _checkpoints(job.run_dir)[-1] == f"step_{last_step:06d}", log  # the step it stopped at is saved
 
 
+@pytest.mark.slow  # ~5 min: two Slurm jobs, each starting Ray, the actors and an engine (run with -m slow)
 def test_requeued_job_continues_from_its_checkpoint_by_itself(submit):
     """The time limit's signal (#SBATCH --signal=B:USR1@900): the trainer checkpoints, the job requeues itself and
     resumes; then an operator's (or preemption's) `scontrol requeue`: the job restarts and resumes from its latest

@@ -63,6 +63,7 @@ def test_moe_example_trains_with_routing_replay_and_resumes_exactly(tmp_path):
     _same_math(ref, _records(out / "qwen3_moe_tiny"))
 
 
+@pytest.mark.slow  # R2 is proven layer by layer in tests/distributed/test_routing_replay.py; this is the CLI path
 def test_moe_example_with_old_policy_routing_replay(tmp_path):
     """R2 end to end: synchronous, two optimizer steps per batch (so the second mini-batch's policy has moved since
     the old-policy pass recorded); the engines report no routing, and every step replays the record."""
