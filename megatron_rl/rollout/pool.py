@@ -520,6 +520,7 @@ class RolloutPool:
 
         slot = self._slots[index]
         logger.warning("rollout engine %d %s; restarting it", slot.engine_id, reason)
+        self._transport.forget(slot.actor)
         try:
             ray.kill(slot.actor, no_restart=True)
         except Exception:  # noqa: BLE001 - already gone

@@ -115,6 +115,9 @@ class WeightTransport(ABC):
     def has_weights(self) -> bool:
         """Whether an update was ever committed (else engines run the checkpoint they started from)."""
 
+    def forget(self, engine: Any) -> None:
+        """An engine is being replaced: release what the transport holds for it (nothing by default)."""
+
     def close(self) -> None:
         """Release what the transport holds."""
 
@@ -193,6 +196,9 @@ class GlooTransport(WeightTransport):
         sender = self._senders.pop(engine._actor_id, None)
         if sender is not None:
             sender.shutdown()
+
+    def forget(self, engine: Any) -> None:
+        self._drop(engine)
 
     def _connected(self, engine: Any):
         """This engine's sender, or None when the engine is given up on in the open update."""
