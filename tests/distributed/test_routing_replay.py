@@ -107,20 +107,39 @@ def _hook_routers(actor) -> dict:
     return counts
 
 
+def _actor(path: str, layout: dict, packing: bool, routing_replay: str) -> MegatronActor:
+    cfg = ActorConfig(model_path=path, layout=ParallelLayout(**layout), packing=packing,
+                      max_tokens_per_microbatch=48, moe=MoESettings(routing_replay=routing_replay))
+    return MegatronActor(cfg).setup()
+
+
+def _gathered(counts: dict) -> list[dict]:
+    """Every rank's router check counts (`_hook_routers`), on every rank."""
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, counts)
+    return gathered
+
+
+def _in_every_layout(rank_main, rollout) -> dict:
+    """rank_main(path, plain batch, layouts) on one rank (TP1) and on two (LAYOUTS_2): its rank-0 results merged."""
+    path, batch, *_ = rollout
+    plain = _plain(batch)
+    results = spawn_ranks(rank_main, 1, args=(path, plain, [("TP1", {})]), timeout=600)[0]
+    results.update(spawn_ranks(rank_main, 2, args=(path, plain, LAYOUTS_2), timeout=900)[0])
+    return results
+
+
 def _rank_main(path: str, plain: dict, layouts: list):
     batch = ActorBatch(prompt_ids=plain["prompts"], response_ids=plain["responses"],
                        routed_experts=[torch.tensor(r, dtype=torch.uint8) for r in plain["routed"]])
     out = {}
     for name, layout in layouts:
         for packing in (True, False):
-            cfg = ActorConfig(model_path=path, layout=ParallelLayout(**layout), packing=packing,
-                              max_tokens_per_microbatch=48, moe=MoESettings(routing_replay="rollout"))
-            actor = MegatronActor(cfg).setup()
+            actor = _actor(path, layout, packing, "rollout")
             counts = _hook_routers(actor)
             log_probs = actor.compute_log_probs(batch)
             actor.shutdown()
-            gathered = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, counts)
+            gathered = _gathered(counts)
             if torch.distributed.get_rank() == 0:
                 out[(name, packing)] = (log_probs, gathered)
     return out if torch.distributed.get_rank() == 0 else None
@@ -134,11 +153,7 @@ def _plain(batch: ActorBatch) -> dict:
 
 @pytest.fixture(scope="module")
 def replayed(rollout):
-    path, batch, *_ = rollout
-    plain = _plain(batch)
-    results = spawn_ranks(_rank_main, 1, args=(path, plain, [("TP1", {})]), timeout=600)[0]
-    results.update(spawn_ranks(_rank_main, 2, args=(path, plain, LAYOUTS_2), timeout=900)[0])
-    return results
+    return _in_every_layout(_rank_main, rollout)
 
 
 def _max_diff(a, b):
@@ -237,9 +252,7 @@ def _rank_r2(path: str, plain: dict, layouts: list):
     out = {}
     for name, layout in layouts:
         for packing in (True, False):
-            cfg = ActorConfig(model_path=path, layout=ParallelLayout(**layout), packing=packing,
-                              max_tokens_per_microbatch=48, moe=MoESettings(routing_replay="old_policy"))
-            actor = MegatronActor(cfg).setup()
+            actor = _actor(path, layout, packing, "old_policy")
             result = actor.compute_log_probs(batch, record_routing=True)
             holder = [result]
             torch.distributed.broadcast_object_list(holder, src=0)  # what the trainer does through the batch
@@ -249,8 +262,7 @@ def _rank_r2(path: str, plain: dict, layouts: list):
             metrics = actor.train_step(batch)
             actor.shutdown()
             batch.old_log_probs = batch.routed_experts = None
-            gathered = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, counts)
+            gathered = _gathered(counts)
             if torch.distributed.get_rank() == 0:
                 out[(name, packing)] = (log_probs, [r.clone() for r in routing], gathered, metrics)
     return out if torch.distributed.get_rank() == 0 else None
@@ -258,11 +270,7 @@ def _rank_r2(path: str, plain: dict, layouts: list):
 
 @pytest.fixture(scope="module")
 def recorded(rollout):
-    path, batch, *_ = rollout
-    plain = _plain(batch)
-    results = spawn_ranks(_rank_r2, 1, args=(path, plain, [("TP1", {})]), timeout=600)[0]
-    results.update(spawn_ranks(_rank_r2, 2, args=(path, plain, LAYOUTS_2), timeout=900)[0])
-    return results
+    return _in_every_layout(_rank_r2, rollout)
 
 
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])

@@ -13,7 +13,6 @@ own log (<run>/logs/actor_rank<r>.log), so the bounds below are measured from th
   loss and gradient norm bit for bit.
 """
 import json
-import math
 import os
 import re
 import subprocess
@@ -23,7 +22,7 @@ import time
 import psutil
 import pytest
 
-from tests.integration.test_train_e2e import _records, _train, _write_config
+from tests.integration.test_train_e2e import _records, _train, _write_config, assert_same_math
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
@@ -32,7 +31,6 @@ WARMUP = 5  # supervised steps: each is a train_step call too (the fault's `call
 TWO_RANKS = {"run.steps": STEPS, "resources.actor_ranks": 2, "resources.num_cpus": 3, "warmup.steps": WARMUP,
              "eval.every": 0, "eval.at_start": False, "checkpoint.every": 1, "checkpoint.keep_last": 10,
              "logging.save_rollouts": True}
-TIMING = ("time/", "sync/", "_seconds", "_s", "tokens_per_second")
 
 
 def _fault(point, action, rank, call, seconds=0.0):
@@ -72,17 +70,6 @@ def reference(tmp_path_factory):
     return config, tmp / "runs" / "t"
 
 
-def _same_math(a, b):
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for x, y in zip(a, b):
-        assert x["sampling/prompt_rows"] == y["sampling/prompt_rows"], x["step"]
-        for key, value in x.items():
-            if key.startswith(TIMING) or key.endswith(TIMING[2:]):
-                continue
-            if isinstance(value, float) and not math.isnan(value):
-                assert y[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (x["step"], key)
-
-
 def test_a_killed_rank_stops_the_run_fast_and_the_run_resumes(tmp_path, reference):
     config, ref_dir = reference
     out = tmp_path / "runs"
@@ -100,7 +87,7 @@ def test_a_killed_rank_stops_the_run_fast_and_the_run_resumes(tmp_path, referenc
     resumed = _train(config, f"run.output_dir={out}", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "[resume] continuing from step 2" in resumed.stdout
-    _same_math(_records(ref_dir), _records(run_dir))
+    assert_same_math(_records(ref_dir), _records(run_dir), ignore=("time/", "sync/"))
 
 
 def test_a_rank_stalled_in_a_collective_is_reported_with_the_stacks(tmp_path, reference):

@@ -11,34 +11,28 @@
   (tolerance as in test_train_e2e: 1e-5 relative, same computation on one machine).
 """
 import json
-import math
 import os
 
 import pytest
 
-from tests.integration.test_train_e2e import _kill_when, _records, _start, _train, _write_config
+from tests.integration.test_train_e2e import (
+    _kill_when,
+    _records,
+    _start,
+    _train,
+    _write_config,
+    assert_same_math,
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
 STEPS = 4
 ASYNC = {"run.steps": STEPS, "algorithm.max_staleness": 1, "eval.every": 0, "eval.at_start": False,
          "warmup.steps": 20}
-TIMING = ("time/", "sync/seconds", "_seconds", "_s", "tokens_per_second")
 
 
 def _slowed(point, seconds=1.0):
     return {**os.environ, "MEGATRON_RL_FAULTS": json.dumps([{"point": point, "action": "delay", "seconds": seconds}])}
-
-
-def _same_math(a, b):
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for x, y in zip(a, b):
-        assert x["sampling/prompt_rows"] == y["sampling/prompt_rows"], x["step"]
-        for key, value in x.items():
-            if key.startswith(TIMING) or key.endswith(TIMING[2:]):
-                continue
-            if isinstance(value, float) and not math.isnan(value):
-                assert y[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (x["step"], key)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +60,7 @@ def test_staleness_bound_holds_under_a_slow_actor_and_a_slow_engine(tmp_path, sl
     waited = {name: sum(r["time/wait_rollouts"] for r in run[1:])
               for name, run in (("slow actor", slow_actor_run), ("slow engine", slow_engine_run))}
     assert waited["slow engine"] > waited["slow actor"] + 1.0, waited
-    _same_math(slow_actor_run, slow_engine_run)
+    assert_same_math(slow_actor_run, slow_engine_run)
 
 
 def test_kill_mid_step_then_resume_replays_the_async_run(tmp_path, slow_actor_run):
@@ -89,7 +83,7 @@ def test_kill_mid_step_then_resume_replays_the_async_run(tmp_path, slow_actor_ru
     assert "with 1 generated, not yet trained batch(es)" in log.read_text()
     got = _records(out / "t")
     assert [r["async/staleness_max"] for r in got] == [0.0, 1.0, 1.0, 1.0]
-    _same_math(slow_actor_run, got)
+    assert_same_math(slow_actor_run, got)
 
 
 def test_resume_with_another_max_staleness_is_refused(tmp_path, slow_actor_run):

@@ -63,6 +63,28 @@ def _records(run_dir):
         return [json.loads(line) for line in f]
 
 
+# Metrics that measure wall time (they differ between runs by nature): these prefixes, and names with these endings.
+WALL_CLOCK = ("time/", "sync/seconds")
+WALL_CLOCK_ENDINGS = ("_seconds", "_s", "tokens_per_second")
+
+
+def is_wall_clock(key: str, prefixes: tuple[str, ...] = WALL_CLOCK) -> bool:
+    return key.startswith(prefixes) or key.endswith(WALL_CLOCK_ENDINGS)
+
+
+def assert_same_math(ref: list[dict], got: list[dict], ignore: tuple[str, ...] = WALL_CLOCK) -> None:
+    """Two runs' metrics records: the same steps, the same prompts in order, and every non-timing float equal to
+    1e-5 relative (`ignore`: the prefixes of the keys not compared, besides the WALL_CLOCK_ENDINGS)."""
+    assert [r["step"] for r in ref] == [r["step"] for r in got]
+    for a, b in zip(ref, got):
+        assert a["sampling/prompt_rows"] == b["sampling/prompt_rows"], a["step"]  # the same prompts, in order
+        for key, value in a.items():
+            if is_wall_clock(key, ignore):
+                continue
+            if isinstance(value, float) and not math.isnan(value):
+                assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (a["step"], key)
+
+
 def test_three_step_run(tmp_path):
     out = tmp_path / "runs"
     config_path = _write_config(tmp_path, **{"algorithm.mini_batches": 2})  # 4 groups -> 2 optimizer steps of 2
@@ -165,13 +187,7 @@ def test_kill_at_any_time_then_resume_replays_exactly(tmp_path):
 
     ref, got = _records(ref_out / "t"), _records(out / "t")
     assert [r["step"] for r in got] == list(range(1, steps + 1))
-    for a, b in zip(ref, got):
-        assert a["sampling/prompt_rows"] == b["sampling/prompt_rows"], a["step"]  # the same prompts, in order
-        for key, value in a.items():
-            if key.startswith("time/") or key.endswith(("_seconds", "_s", "tokens_per_second")) or key.startswith("sync/"):
-                continue  # wall-clock timings differ by nature
-            if isinstance(value, float) and not math.isnan(value):
-                assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (a["step"], key)
+    assert_same_math(ref, got, ignore=("time/", "sync/"))
 
 
 @pytest.mark.parametrize(

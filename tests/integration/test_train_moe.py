@@ -14,8 +14,7 @@ import os
 import pytest
 import torch
 
-from tests.integration.test_train_async import _same_math
-from tests.integration.test_train_e2e import _kill_when, _records, _start
+from tests.integration.test_train_e2e import _kill_when, _records, _start, assert_same_math
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
@@ -60,7 +59,7 @@ def test_moe_example_trains_with_routing_replay_and_resumes_exactly(tmp_path):
                lambda: "step_000002" in names(), "step 3")
     _run(out, tmp_path / "resume.log", resume=True)
     assert "with 1 generated, not yet trained batch(es)" in (tmp_path / "resume.log").read_text()
-    _same_math(ref, _records(out / "qwen3_moe_tiny"))
+    assert_same_math(ref, _records(out / "qwen3_moe_tiny"))
 
 
 @pytest.mark.slow  # R2 is proven layer by layer in tests/distributed/test_routing_replay.py; this is the CLI path
