@@ -63,7 +63,7 @@ def _moe_layer_ids(model_dir: str) -> tuple[list[int], int]:
     arch = load_arch(model_dir)
     if arch.moe is None:
         raise ValueError(f"rollout.engine.return_routed_experts needs a MoE model; {model_dir} is {arch.model_type}")
-    return [i for i, routed in enumerate(arch.moe.moe_layers) if routed], arch.moe.num_experts
+    return arch.moe.routed_layers, arch.moe.num_experts
 
 
 def completions_from_output(prompt_index: int, output, engine_id: int, timings: dict[str, float]) -> list[Completion]:

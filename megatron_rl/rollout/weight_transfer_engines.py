@@ -27,6 +27,7 @@ the parameters are updated in place (addresses unchanged). CPU patches, here rat
 """
 from __future__ import annotations
 
+import math
 import socket
 import threading
 import time
@@ -43,6 +44,8 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferInitInfo,
     WeightTransferUpdateInfo,
 )
+
+from megatron_rl.parallel.packing import round_up
 
 GLOO_BACKEND = "megatron_rl_gloo"
 OBJECT_STORE_BACKEND = "megatron_rl_object_store"
@@ -70,12 +73,8 @@ def bucket_layout(shapes: Sequence[Sequence[int]], dtypes: Sequence[torch.dtype]
     """Byte offset of every tensor in a packed bucket (each aligned to ALIGN_BYTES) and the buffer's size."""
     offsets, end = [], 0
     for shape, dtype in zip(shapes, dtypes):
-        start = -(-end // ALIGN_BYTES) * ALIGN_BYTES
-        offsets.append(start)
-        numel = 1
-        for d in shape:
-            numel *= int(d)
-        end = start + numel * dtype.itemsize
+        offsets.append(round_up(end, ALIGN_BYTES))
+        end = offsets[-1] + math.prod(shape) * dtype.itemsize
     return offsets, end
 
 
@@ -96,13 +95,8 @@ def views_of_buffer(buffer: torch.Tensor, shapes: Sequence[Sequence[int]],
     offsets, size = bucket_layout(shapes, dtypes)
     if buffer.numel() != size:
         raise ValueError(f"packed bucket of {buffer.numel()} bytes, the layout needs {size}")
-    out = []
-    for shape, dtype, offset in zip(shapes, dtypes, offsets):
-        numel = 1
-        for d in shape:
-            numel *= int(d)
-        out.append(buffer[offset:offset + numel * dtype.itemsize].view(dtype).view(tuple(shape)))
-    return out
+    return [buffer[offset:offset + math.prod(shape) * dtype.itemsize].view(dtype).view(tuple(shape))
+            for shape, dtype, offset in zip(shapes, dtypes, offsets)]
 
 
 # ---- worker side ----------------------------------------------------------------------------------------------
@@ -356,8 +350,8 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         if self.source is None:
             raise ValueError("send_weights needs a source (the buckets of the current weights)")
         self.client.start_weight_update()
-        for bucket in self.source:
-            with ThreadPoolExecutor(max_workers=1) as pool:
+        with ThreadPoolExecutor(max_workers=1) as pool:  # the engine receives while we broadcast
+            for bucket in self.source:
                 received = pool.submit(self.client.update_weights, update_info(bucket))
                 self.send_bucket(bucket, receiver_gone=received.done)
                 received.result(timeout=self.timeout_s)

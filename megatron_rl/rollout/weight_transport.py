@@ -87,9 +87,18 @@ def unpack_bucket(packed: PackedBucket) -> list[tuple[str, torch.Tensor]]:
 
 
 class WeightTransport(ABC):
-    """Sender half of a transport. `engines` are the engines' Ray actor handles (`RolloutEngine`)."""
+    """Sender half of a transport. `engines` are the engines' Ray actor handles (`RolloutEngine`).
+
+    Every transport keeps the buckets sent since the last commit (`_pending`, in whatever form it needs to send them
+    again) and the last committed update (`_current`), from which `replay` serves a restarted engine.
+    timeout_s: how long one engine's part of a transfer may take (`RolloutPoolConfig.weight_sync_timeout_s`)."""
 
     name: ClassVar[str]
+
+    def __init__(self, timeout_s: float = 600.0):
+        self.timeout_s = timeout_s
+        self._pending: list[Any] = []
+        self._current: list[Any] = []
 
     @abstractmethod
     def send_bucket(self, bucket: Bucket, engines: Sequence[Any]) -> list[Any]:
@@ -97,13 +106,13 @@ class WeightTransport(ABC):
         resolves (to the number of tensors loaded) once that engine has loaded the bucket, or None for an engine
         the transport gave up on in this update (unreachable, or it failed a transfer): the pool replaces it."""
 
-    @abstractmethod
     def commit(self) -> None:
         """The buckets sent since the last commit are a complete update: they become the current weights."""
+        self._current, self._pending = self._pending, []
 
-    @abstractmethod
     def discard(self) -> None:
         """The buckets sent since the last commit are abandoned (the update failed); keep the current weights."""
+        self._pending = []
 
     @abstractmethod
     def replay(self, engine: Any, version: int) -> list[Any]:
@@ -111,15 +120,16 @@ class WeightTransport(ABC):
         buckets, finish). Returns ObjectRefs to wait for (the last resolves to finish_weight_update's counts)."""
 
     @property
-    @abstractmethod
     def has_weights(self) -> bool:
         """Whether an update was ever committed (else engines run the checkpoint they started from)."""
+        return bool(self._current)
 
     def forget(self, engine: Any) -> None:
         """An engine is being replaced: release what the transport holds for it (nothing by default)."""
 
     def close(self) -> None:
         """Release what the transport holds."""
+        self._pending, self._current = [], []
 
 
 class ObjectStoreTransport(WeightTransport):
@@ -129,10 +139,6 @@ class ObjectStoreTransport(WeightTransport):
 
     name = "object_store"
 
-    def __init__(self):
-        self._pending: list[Any] = []
-        self._current: list[Any] = []
-
     def send_bucket(self, bucket: Bucket, engines: Sequence[Any]) -> list[Any]:
         import ray
 
@@ -140,23 +146,10 @@ class ObjectStoreTransport(WeightTransport):
         self._pending.append(ref)
         return [engine.load_bucket.remote(self.name, ref) for engine in engines]
 
-    def commit(self) -> None:
-        self._current, self._pending = self._pending, []
-
-    def discard(self) -> None:
-        self._pending = []
-
     def replay(self, engine: Any, version: int) -> list[Any]:
         return [engine.begin_weight_update.remote(version),
                 *[engine.load_bucket.remote(self.name, ref) for ref in self._current],
                 engine.finish_weight_update.remote()]
-
-    @property
-    def has_weights(self) -> bool:
-        return bool(self._current)
-
-    def close(self) -> None:
-        self._pending, self._current = [], []
 
 
 class GlooTransport(WeightTransport):
@@ -167,16 +160,15 @@ class GlooTransport(WeightTransport):
 
     name = "gloo"
 
-    def __init__(self, address: str | None = None, timeout_s: float = 600.0):
-        self.address = address
-        self.timeout_s = timeout_s
+    def __init__(self, timeout_s: float = 600.0):
+        super().__init__(timeout_s)
         self._senders: dict[Any, Any] = {}  # engine actor id -> GlooTrainerWeightTransferEngine
-        self._pending: list[Bucket] = []
-        self._current: list[Bucket] = []
         self._failed: set[Any] = set()  # engines lost during the open update: not sent to again until it ends
         self._threads = None
 
-    def _sender(self, engine: Any):
+    def _sender(self, engine: Any, *, version: int = 0, source: list[Bucket] | None = None):
+        """This engine's sender, connected on first use (the group's TCP store on this node's Ray address: loopback
+        on a local cluster). version and source: what its `send_weights` installs (a replay)."""
         key = engine._actor_id
         if key not in self._senders:
             import ray
@@ -185,11 +177,11 @@ class GlooTransport(WeightTransport):
             from megatron_rl.rollout.weight_transfer_engines import GlooTrainerInitInfo, register_backends
 
             register_backends()
-            address = self.address or ray.util.get_node_ip_address()
             workers = ray.get(engine.num_workers.remote(), timeout=self.timeout_s)
             self._senders[key] = WeightTransferTrainerFactory.trainer_init(
-                GlooTrainerInitInfo(master_address=address, num_workers=workers, timeout_s=self.timeout_s, rank=0),
-                client=_EngineClient(engine, self.timeout_s))
+                GlooTrainerInitInfo(master_address=ray.util.get_node_ip_address(), num_workers=workers,
+                                    timeout_s=self.timeout_s, rank=0),
+                client=_EngineClient(engine, self.timeout_s, version), source=source)
         return self._senders[key]
 
     def _drop(self, engine: Any) -> None:
@@ -239,22 +231,17 @@ class GlooTransport(WeightTransport):
         return refs
 
     def commit(self) -> None:
-        self._current, self._pending, self._failed = self._pending, [], set()
+        super().commit()
+        self._failed = set()
 
     def discard(self) -> None:
-        self._pending, self._failed = [], set()
+        super().discard()
+        self._failed = set()
 
     def replay(self, engine: Any, version: int) -> list[Any]:
         self._drop(engine)
-        sender = self._sender(engine)
-        sender.client.version = version
-        sender.source = self._current
-        sender.send_weights()
+        self._sender(engine, version=version, source=self._current).send_weights()
         return [engine.info.remote()]
-
-    @property
-    def has_weights(self) -> bool:
-        return bool(self._current)
 
     def close(self) -> None:
         for key in list(self._senders):
@@ -262,7 +249,7 @@ class GlooTransport(WeightTransport):
         if self._threads is not None:
             self._threads.shutdown(wait=False)
             self._threads = None
-        self._pending, self._current = [], []
+        super().close()
 
 
 def _finished(ref) -> bool:
@@ -297,8 +284,8 @@ class _EngineClient:
         self._get(self.engine.finish_weight_update.remote())
 
 
-def _not_wired(name: str, backend: str) -> Callable[[], WeightTransport]:
-    def refuse() -> WeightTransport:
+def _not_wired(name: str, backend: str) -> Callable[..., WeightTransport]:
+    def refuse(**_options) -> WeightTransport:
         raise NotImplementedError(
             f"rollout.transport={name!r}: vLLM's {backend!r} weight-transfer backend needs CUDA GPUs and is not wired "
             "into the pool yet (no GPU to run it here); use 'gloo' (the same choreography over TCP) or 'object_store'"
@@ -323,6 +310,4 @@ def make_transport(name: str, *, timeout_s: float = 600.0) -> WeightTransport:
     """The sender half of transport `name` (raises before any engine starts for unknown/unwired ones)."""
     if name not in TRANSPORTS:
         raise ValueError(f"rollout.transport: unknown transport {name!r}; use one of {sorted(TRANSPORTS)}")
-    if name == GlooTransport.name:
-        return GlooTransport(timeout_s=timeout_s)
-    return TRANSPORTS[name]()
+    return TRANSPORTS[name](timeout_s=timeout_s)
