@@ -115,7 +115,7 @@ class MegatronActor:
         if replaying:
             from megatron_rl.actor.routing_replay import RoutingReplay
 
-            moe_layers = [i for i, routed in enumerate(arch.moe.moe_layers) if routed]
+            moe_layers = arch.moe.routed_layers
             self._replay["policy"] = RoutingReplay(self.model, moe_layers, arch.moe.top_k, arch.moe.num_experts)
             if self.reference is not None and cfg.moe.routing_replay == "rollout":  # R2 leaves the reference alone
                 self._replay["reference"] = RoutingReplay(self.reference, moe_layers, arch.moe.top_k,

@@ -81,11 +81,9 @@ class RoutingReplay:
         num_layers = routes[0].shape[1] if routes else 0
         targets = torch.arange(self.top_k, dtype=torch.long).expand(rows.numel(), num_layers, self.top_k).clone()
         valid = torch.zeros(rows.shape, dtype=torch.bool)
-        for r, i in enumerate(mb.sample_ids):
-            table = routes[i]
-            where = (rows == r) & (positions < table.shape[0])
+        for i, where in _sample_tokens(mb, rows, positions, routes):
             if where.any():
-                targets[where] = table[positions[where]].long()
+                targets[where] = routes[i][positions[where]].long()
                 valid |= where
         device = _device()
         from megatron.core.transformer.moe.router_replay import RouterReplayAction
@@ -130,10 +128,8 @@ class RoutingReplay:
                 raise RuntimeError(f"routing replay: MoE layer {router.layer_number} recorded "
                                    f"{None if recorded is None else recorded.shape[0]} tokens, expected {rows.numel()}")
             recorded = recorded.to("cpu")
-            for r, i in enumerate(mb.sample_ids):
-                table = tables[i]
-                where = (rows == r) & (positions < table.shape[0])
-                table[positions[where], column] = (recorded[where] + 1).to(table.dtype)
+            for i, where in _sample_tokens(mb, rows, positions, tables):
+                tables[i][positions[where], column] = (recorded[where] + 1).to(tables[i].dtype)
 
     @staticmethod
     def assemble(tables: list[torch.Tensor]) -> list[torch.Tensor] | None:
@@ -182,6 +178,13 @@ def _router_tokens(mb: MicroBatch, tp: int, tp_rank: int, sequence_parallel: boo
         rows = rows[tp_rank * per_rank : (tp_rank + 1) * per_rank]
         positions = positions[tp_rank * per_rank : (tp_rank + 1) * per_rank]
     return rows.reshape(-1), positions.reshape(-1)
+
+
+def _sample_tokens(mb: MicroBatch, rows: torch.Tensor, positions: torch.Tensor, tables: list[torch.Tensor]):
+    """(sample index in the batch, mask over `_router_tokens`) of each sample of `mb`: its tokens that have a row in
+    its routing table (the last token of a sequence is never run by the engine, so it has none)."""
+    for r, i in enumerate(mb.sample_ids):
+        yield i, (rows == r) & (positions < tables[i].shape[0])
 
 
 def _device() -> torch.device:

@@ -37,6 +37,11 @@ class MoEArch:
     moe_layers: tuple[bool, ...]
     router_aux_loss_coef: float = 0.0
 
+    @property
+    def routed_layers(self) -> list[int]:
+        """The 0-based decoder layers with experts, ascending (the layer axis of routed-experts arrays)."""
+        return [i for i, routed in enumerate(self.moe_layers) if routed]
+
 
 @dataclass(frozen=True)
 class QwenArch:
