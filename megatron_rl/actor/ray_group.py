@@ -28,12 +28,14 @@ GPU) and builds its shard of the model. A failure on any rank surfaces as the fi
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
 import threading
 import time
 import traceback
+from functools import partial
 from typing import Any, Iterator
 
 import ray
@@ -130,30 +132,30 @@ class _MegatronWorker:
             torch.cuda.set_device(0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
         dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
                                 world_size=self.world_size, timeout=datetime.timedelta(seconds=collective_timeout_s))
-        self._running = ("setup", time.monotonic(), threading.get_ident())
-        try:
+        with self._doing("setup"):
             self.actor = MegatronActor(config).setup()
-        finally:
-            self._running = None
         return {"rank": self.rank, "dp_size": self.actor.dp_size, "pid": os.getpid(),
                 "node": ray.util.get_node_ip_address()}
 
-    def call(self, method: str, *args, **kwargs) -> Any:
-        self._running = (method, time.monotonic(), threading.get_ident())
+    @contextlib.contextmanager
+    def _doing(self, what: str):
+        """Marks the call in progress for `status` (what, since when, on which thread)."""
+        self._running = (what, time.monotonic(), threading.get_ident())
         try:
-            return getattr(self.actor, method)(*args, **kwargs)
+            yield
         finally:
             self._running = None
 
+    def call(self, method: str, *args, **kwargs) -> Any:
+        with self._doing(method):
+            return getattr(self.actor, method)(*args, **kwargs)
+
     def weight_buckets(self, bucket_bytes: int) -> Iterator[list]:
         """Streaming generator: every rank takes part in the collective export; rank 0 yields the buckets."""
-        self._running = ("export_hf_weights", time.monotonic(), threading.get_ident())
-        try:
+        with self._doing("export_hf_weights"):
             for bucket in self.actor.export_hf_weights(bucket_bytes=bucket_bytes, dst=0):
                 if self.rank == 0:
                     yield bucket
-        finally:
-            self._running = None
 
     def shutdown(self) -> None:
         import torch.distributed as dist
@@ -226,13 +228,17 @@ class ActorGroup:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(self.poll_s, remaining))
             for ref in ready:
                 rank = pending.pop(ref)
-                try:
-                    results[rank] = ray.get(ref)
-                except ray.exceptions.RayActorError as error:
-                    raise self._failed(rank, what, "died", error) from None
-                except ray.exceptions.RayTaskError as error:
-                    raise self._failed(rank, what, "raised", error) from error
+                results[rank] = self._result(rank, partial(ray.get, ref), what)
         return results
+
+    def _result(self, rank: int, fetch, what: str):
+        """fetch() of one rank's result, a dead rank or a raised error reported as a RankFailure."""
+        try:
+            return fetch()
+        except ray.exceptions.RayActorError as error:
+            raise self._failed(rank, what, "died", error) from None
+        except ray.exceptions.RayTaskError as error:
+            raise self._failed(rank, what, "raised", error) from error
 
     def _failed(self, rank: int, what: str, kind: str, error: BaseException) -> RankFailure:
         cause = str(getattr(error, "cause", None) or error).strip().splitlines()
@@ -315,15 +321,10 @@ class ActorGroup:
             for stream in ready:
                 rank = next(r for r, s in active.items() if s is stream)
                 try:
-                    ref = next(stream)
-                    bucket = ray.get(ref)
+                    bucket = self._result(rank, lambda stream=stream: ray.get(next(stream)), "export_hf_weights")
                 except StopIteration:
                     del active[rank]
                     continue
-                except ray.exceptions.RayActorError as error:
-                    raise self._failed(rank, "export_hf_weights", "died", error) from None
-                except ray.exceptions.RayTaskError as error:
-                    raise self._failed(rank, "export_hf_weights", "raised", error) from error
                 if rank == 0:
                     yield bucket
 
