@@ -104,19 +104,15 @@ def _replay(cfg, ckpt: str, state: dict, batch) -> dict:
     """The update of `batch` by an actor restored from `ckpt`, on a private local Ray cluster."""
     import ray
 
-    from megatron_rl.actor.ray_group import ActorGroup
     from megatron_rl.cluster.ray_cluster import start_local_ray_cluster
     from megatron_rl.config import required_cpus
+    from megatron_rl.training.trainer import start_actor_group
     from megatron_rl.training.update import policy_update
 
     start_local_ray_cluster(num_cpus=cfg.resources.num_cpus or max(required_cpus(cfg), os.cpu_count() or 1))
     group = None
     try:
-        group = ActorGroup(cfg.actor, cfg.resources.actor_ranks, device=cfg.resources.resolved_device,
-                           cpus_per_rank=cfg.resources.actor_cpus_per_rank,
-                           threads_per_rank=cfg.resources.actor_threads_per_rank,
-                           timeout_s=cfg.resources.actor_call_timeout_s,
-                           collective_timeout_s=cfg.resources.collective_timeout_s)
+        group = start_actor_group(cfg)
         group.load_checkpoint(ckpt, state["actor"])
         return policy_update(group, batch, cfg)
     finally:

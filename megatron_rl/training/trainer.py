@@ -55,6 +55,18 @@ from megatron_rl.training.timing import StepTimer
 logger = logging.getLogger("megatron_rl")
 
 
+def start_actor_group(cfg: TrainConfig, *, log_dir: str | None = None, gpu_share: float = 1.0):
+    """The Megatron ranks of `cfg` (actor settings, resources) as an ActorGroup, on the Ray cluster already started:
+    what training and `megatron-rl replay-step` both run."""
+    from megatron_rl.actor.ray_group import ActorGroup
+
+    resources = cfg.resources
+    return ActorGroup(cfg.actor, resources.actor_ranks, device=resources.resolved_device,
+                      cpus_per_rank=resources.actor_cpus_per_rank, threads_per_rank=resources.actor_threads_per_rank,
+                      timeout_s=resources.actor_call_timeout_s, collective_timeout_s=resources.collective_timeout_s,
+                      log_dir=log_dir, gpu_share=gpu_share)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, allow_config_change: bool = False, echo=print):
         """resume: continue from the run directory's latest complete checkpoint (a fresh start when there is none);
@@ -122,7 +134,6 @@ class Trainer:
     def _start_services(self) -> None:
         import ray
 
-        from megatron_rl.actor.ray_group import ActorGroup
         from megatron_rl.rewards import RewardPool
         from megatron_rl.cluster.placement import COLOCATED_GPU_SHARE, ColocatedPlacement
         from megatron_rl.rollout.pool import RolloutPool
@@ -147,13 +158,8 @@ class Trainer:
             self.pool = RolloutPool(cfg.rollout, wait=False)
         self.echo(f"[setup] starting {cfg.resources.actor_ranks} Megatron rank(s) "
                   f"({cfg.actor.layout.describe(cfg.resources.actor_ranks)}) from {source}")
-        self.group = ActorGroup(cfg.actor, cfg.resources.actor_ranks, device=device,
-                                cpus_per_rank=cfg.resources.actor_cpus_per_rank,
-                                threads_per_rank=cfg.resources.actor_threads_per_rank,
-                                timeout_s=cfg.resources.actor_call_timeout_s,
-                                collective_timeout_s=cfg.resources.collective_timeout_s,
-                                log_dir=os.path.join(self.run_dir, "logs"),
-                                gpu_share=COLOCATED_GPU_SHARE if colocate and device == "gpu" else 1.0)
+        self.group = start_actor_group(cfg, log_dir=os.path.join(self.run_dir, "logs"),
+                                       gpu_share=COLOCATED_GPU_SHARE if colocate and device == "gpu" else 1.0)
         if colocate:  # colocated engines run in the actor group's placement group: after it exists
             self.echo(engines + " colocated with the actor ranks")
             placement = ColocatedPlacement.on(self.group.placement_group, cfg.resources.actor_ranks,
