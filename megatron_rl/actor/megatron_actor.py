@@ -527,6 +527,24 @@ class MegatronActor:
 
         return export_hf_weights([unwrap_model(m) for m in self.model], self.arch, bucket_bytes=bucket_bytes, dst=dst)
 
+    def weight_source(self, *, bucket_bytes: int = 256 * 1024**2):
+        """This rank's owned share of the weights as a vLLM `WeightSource` (collective to build; cached per bucket
+        size: the plan depends only on the model and layout; see actor/weight_source.py)."""
+        from megatron_rl.actor.weight_source import MegatronWeightSource
+        from megatron_rl.checkpoint.model_ckpt import unwrap_model
+
+        cached = getattr(self, "_weight_source", None)
+        if cached is None or cached.bucket_bytes != bucket_bytes:
+            cached = self._weight_source = MegatronWeightSource([unwrap_model(m) for m in self.model], self.arch,
+                                                                bucket_bytes=bucket_bytes)
+        return cached
+
+    def owned_weight_buckets(self, *, bucket_bytes: int = 256 * 1024**2):
+        """Collective: this rank's own buckets of HF-named tensors ([] where another rank owns the bucket)."""
+        source = self.weight_source(bucket_bytes=bucket_bytes)
+        inject("actor.export_weights", rank=dist.get_rank())
+        return source.buckets()
+
     # --------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, ckpt_dir: str) -> dict:
         """Collective: write the model (megatron_rl/checkpoint format), the optimizer state and, once it was reset to

@@ -43,6 +43,7 @@ import ray
 from megatron_rl.actor.batch import ActorBatch
 from megatron_rl.actor.config import ActorConfig
 from megatron_rl.faults import propagated_env
+from megatron_rl.rollout.weight_transport import WeightOwners
 
 
 class RankFailure(RuntimeError):
@@ -90,6 +91,7 @@ class _MegatronWorker:
         self.rank, self.world_size = rank, world_size
         self.threads = threads
         self.actor = None
+        self.owner_sender = None  # rollout/owner_sender.py, built at the first owner-sends update
         self._running: tuple[str, float, int] | None = None  # (method, start, thread id) of the call in progress
         self.log_path = log_path
         if log_path:  # everything this rank prints also goes to its own file, which the driver tails on failure
@@ -157,9 +159,35 @@ class _MegatronWorker:
                 if self.rank == 0:
                     yield bucket
 
+    def send_weights(self, engines: list, bucket_bytes: int, timeout_s: float) -> dict:
+        """Owner sends (rollout/owner_sender.py): every rank takes part in the collective export of the owned
+        buckets; each owner sends its own to every engine. This owner's report (OwnerSender.send)."""
+        with self._doing("send_weights"):
+            return self._sender(timeout_s).send(self.actor.owned_weight_buckets(bucket_bytes=bucket_bytes), engines)
+
+    @ray.method(concurrency_group="weights")
+    def conclude_weights(self, committed: bool) -> None:
+        if self.owner_sender is not None:
+            self.owner_sender.conclude(committed)
+
+    @ray.method(concurrency_group="weights")
+    def replay_weights(self, engine) -> int:
+        """This owner's share of the last committed update to a restarted engine (on its own thread: the rank may be
+        training meanwhile; the buckets are the ones kept at commit, not the live weights)."""
+        return self.owner_sender.replay(engine) if self.owner_sender is not None else 0
+
+    def _sender(self, timeout_s: float):
+        from megatron_rl.rollout.owner_sender import OwnerSender
+
+        if self.owner_sender is None:
+            self.owner_sender = OwnerSender(f"actor{self.rank}", timeout_s)
+        return self.owner_sender
+
     def shutdown(self) -> None:
         import torch.distributed as dist
 
+        if self.owner_sender is not None:
+            self.owner_sender.close()
         if self.actor is not None:
             self.actor.shutdown()
         if dist.is_initialized():
@@ -191,7 +219,7 @@ class ActorGroup:
             [bundle] * world_size, "PACK", timeout_s, f"{world_size} actor rank(s)",
             "Start Ray with more resources or lower resources.actor_ranks / actor_cpus_per_rank",
         )
-        worker_cls = ray.remote(concurrency_groups={"monitor": 1})(_MegatronWorker)
+        worker_cls = ray.remote(concurrency_groups={"monitor": 1, "weights": 1})(_MegatronWorker)
         threads = threads_per_rank or cpus_per_rank
         base_env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads), **propagated_env(),
                     **(env or {})}
@@ -328,6 +356,13 @@ class ActorGroup:
                 if rank == 0:
                     yield bucket
 
+    # ---- owner sends (rollout/owner_sender.py): the pool's `WeightOwners` ------------------------------------
+    def weight_owners(self, bucket_bytes: int = 256 * 1024**2, timeout_s: float = 600.0) -> "ActorWeightOwners":
+        """This group's ranks as the senders of a weight update (`RolloutPool.sync_weights(group.weight_owners())`):
+        each owner rank sends its own buckets straight to the engines. timeout_s: one engine's part of one bucket
+        (rollout.weight_sync_timeout_s)."""
+        return ActorWeightOwners(self, bucket_bytes, timeout_s)
+
     def shutdown(self, graceful: bool = True) -> None:
         """Stop every rank: graceful asks each to leave torch.distributed first (60 s at most), then every actor is
         killed; graceful=False kills at once (after a failure the live ranks may be blocked in a collective)."""
@@ -344,3 +379,31 @@ class ActorGroup:
         if getattr(self, "_pg", None) is not None:
             remove_placement_group(self._pg)
             self._pg = None
+
+
+class ActorWeightOwners(WeightOwners):
+    """The pool's `WeightOwners` (rollout/weight_transport.py) over an ActorGroup: the calls go to every rank and are
+    watched like the group's other calls (a rank that dies or stalls is a RankFailure)."""
+
+    def __init__(self, group: ActorGroup, bucket_bytes: int, timeout_s: float):
+        self.group, self.bucket_bytes, self.timeout_s = group, bucket_bytes, timeout_s
+
+    def send(self, engines: list) -> dict:
+        """Every owner's share of one update to `engines`; the owners' reports merged: {"failed": {engine index:
+        (kind, message)} (the first report per engine), "buckets", "tensors", "bytes"} summed over owners."""
+        engines_ref = ray.put(list(engines))
+        reports = self.group._watch([w.send_weights.remote(engines_ref, self.bucket_bytes, self.timeout_s)
+                                     for w in self.group.workers], "send_weights")
+        merged = {"failed": {}, "buckets": 0, "tensors": 0, "bytes": 0}
+        for report in reports:
+            for index, failure in report["failed"].items():
+                merged["failed"].setdefault(index, failure)
+            for key in ("buckets", "tensors", "bytes"):
+                merged[key] += report[key]
+        return merged
+
+    def conclude(self, committed: bool) -> None:
+        self.group._watch([w.conclude_weights.remote(committed) for w in self.group.workers], "conclude_weights")
+
+    def replay(self, engine) -> None:
+        self.group._watch([w.replay_weights.remote(engine) for w in self.group.workers], "replay_weights")

@@ -7,6 +7,10 @@
   groups; each full tensor then travels once from its owner (the lowest global rank holding it) to every rank
   (`dst=None`) or to one rank (`dst=r`; other ranks get empty buckets but must still iterate). Buckets are
   bounded by `bucket_bytes`, so peak extra memory is about one bucket, whatever the model size.
+- `owner_plan(chunks, arch, bucket_bytes=...)` + `owned_hf_buckets(chunks, arch, plan)`: the same tensors split by
+  owner (PP stage, EP group): no tensor crosses to another rank except inside its TP/ETP group; each owner gets its
+  own buckets (bounded by `bucket_bytes`). What owner sends to the engines use (actor/weight_source.py, a vLLM
+  `WeightSource`; docs/rollout.md, "Weight sync").
 Used by weight sync (trainer -> vLLM engines), HF export/conversion and the parity checks.
 """
 from __future__ import annotations
@@ -146,11 +150,13 @@ def _export_plan(items: list[LocalParam], arch: QwenArch) -> _ExportPlan:
     return _ExportPlan(order)
 
 
-def _buckets(order, bucket_bytes: int):
+def _buckets(order, bucket_bytes: int, *, one_owner: bool = False):
+    """Consecutive plan entries, at most bucket_bytes each (a larger tensor alone); one_owner: a new bucket also
+    starts where the owner changes (every bucket then comes from one rank)."""
     bucket, size = [], 0
     for entry in order:
         nbytes = torch.Size(entry[1]).numel() * torch.empty((), dtype=entry[2]).element_size()
-        if bucket and size + nbytes > bucket_bytes:
+        if bucket and (size + nbytes > bucket_bytes or (one_owner and entry[3] != bucket[-1][3])):
             yield bucket
             bucket, size = [], 0
         bucket.append(entry)
@@ -222,3 +228,58 @@ def _transfer(entries, owner: int, full: dict[str, torch.Tensor], rank: int, dst
         return {}
     flat = flat.cpu()
     return {name: piece.view(shape).clone() for (name, shape, _), piece in zip(entries, torch.split(flat, numels))}
+
+
+
+@dataclass(frozen=True)
+class OwnerPlan:
+    """Who sends what in owner sends (`owner_plan`): every HF tensor of the model with its owner, and the buckets
+    (plan entries: canonical name, full shape, dtype, owner), each from one owner, in the same order."""
+
+    tensors: list[tuple[str, tuple[int, ...], torch.dtype, int]]  # (hf_name, shape, dtype, owner rank)
+    buckets: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]]
+    hf_names: dict[str, list[str]]  # canonical name -> its HF names
+
+
+def owner_plan(chunks: list, arch: QwenArch, *, bucket_bytes: int) -> OwnerPlan:
+    """Collective (one exchange of every rank's parameter table): the owner plan of this model and layout. The owner
+    of a tensor is the lowest global rank holding it: the first DP replica's TP/ETP rank 0 of the PP stage / EP group
+    that has it. Shapes of the HF tensors are computed on the meta device (no data moves)."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    by_name = mappings_by_megatron_name(arch)
+    plan = _export_plan(local_params(chunks, arch), arch)
+    tensors, hf_names = [], {}
+    for name, shape, dtype, owner in plan.order:
+        parts = megatron_to_hf(by_name[name], torch.empty(shape, dtype=dtype, device="meta"), arch)
+        hf_names[name] = [hf for hf, _ in parts]
+        tensors.extend((hf, tuple(t.shape), dtype, owner) for hf, t in parts)
+    return OwnerPlan(tensors, list(_buckets(plan.order, bucket_bytes, one_owner=True)), hf_names)
+
+
+@torch.no_grad()
+def owned_hf_buckets(chunks: list, arch: QwenArch, plan: OwnerPlan) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Collective: one yield per bucket of `plan` on every rank: the bucket's (hf_name, full tensor) pairs on its
+    owner, an empty list elsewhere. Only the owner's TP/ETP group works on a bucket (gathers of its shards); no
+    tensor goes to another rank, so no rank ever holds more than one bucket of the model beyond its own shards."""
+    by_canonical = {it.canonical: it for it in local_params(chunks, arch)}
+    by_name = mappings_by_megatron_name(arch)
+    rank = dist.get_rank()
+    for bucket in plan.buckets:
+        owner = bucket[0][3]
+        full = {}
+        for name, *_ in bucket:
+            item = by_canonical.get(name)
+            if item is None:
+                continue
+            group = _tp_group_of(item)
+            sharded = item.tp_dim is not None and dist.get_world_size(group) > 1
+            if rank == owner or (sharded and owner in dist.get_process_group_ranks(group)):
+                full[name] = _gather_full(item)
+        if rank != owner:
+            yield []
+            continue
+        out = []
+        for name, *_ in bucket:
+            out.extend(megatron_to_hf(by_name[name], full.pop(name), arch))
+        yield out

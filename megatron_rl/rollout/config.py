@@ -170,6 +170,9 @@ class EngineConfig:
         return env
 
 
+WEIGHT_SENDERS = ("auto", "owners", "driver")
+
+
 @dataclass(frozen=True)
 class RolloutPoolConfig:
     """A pool of `num_engines` identical engines on `device`.
@@ -180,6 +183,11 @@ class RolloutPoolConfig:
     startup_timeout_s: an engine (re)start, including the replay of the current weights, must finish within this.
     weight_sync_timeout_s: one engine's part of an `update_weights` call must finish within this.
     transport: how weights travel to the engines (see `megatron_rl.rollout.weight_transport.TRANSPORTS`).
+    weight_sender: who sends them: "owners" (each owner rank of the actor sends its own share straight to the
+        engines, rollout/owner_sender.py; needs transport 'gloo'), "driver" (actor rank 0 gathers the model bucket
+        by bucket and streams it to the trainer process, whose transport sends it) or "auto" (default: owners with
+        the gloo transport, driver with object_store); `resolved_weight_sender` says which.
+    weight_bucket_mb: the size bound of one weight bucket in MiB (a larger single tensor goes alone).
     colocate: the engines run on the actor ranks' resources (megatron_rl/cluster/placement.py) and hand the memory
         back while the actors train (`RolloutPool.sleep` / `wake_up`); the trainer sets it from resources.colocate.
     """
@@ -192,6 +200,8 @@ class RolloutPoolConfig:
     startup_timeout_s: float = 300.0
     weight_sync_timeout_s: float = 600.0
     transport: str = "gloo"
+    weight_sender: str = "auto"
+    weight_bucket_mb: float = 256.0
     colocate: bool = False
 
     def __post_init__(self):
@@ -205,6 +215,13 @@ class RolloutPoolConfig:
             _fail_in("transport", f"is {self.transport!r}" + (
                 ": vLLM's NCCL/IPC weight-transfer backends are not wired into the pool yet (they need GPUs)"
                 if self.transport in ("nccl", "cuda_ipc") else ""), "use 'gloo' (default) or 'object_store'")
+        if self.weight_sender not in WEIGHT_SENDERS:
+            _fail_in("weight_sender", f"is {self.weight_sender!r}", f"use one of {WEIGHT_SENDERS}")
+        if self.weight_sender == "owners" and self.transport != "gloo":
+            _fail_in("weight_sender", f"is 'owners' with transport {self.transport!r}",
+                     "owner sends go through the gloo backend: use transport 'gloo' or weight_sender 'driver'")
+        if not (is_finite_number(self.weight_bucket_mb) and self.weight_bucket_mb > 0):
+            _fail_in("weight_bucket_mb", f"must be > 0, got {self.weight_bucket_mb}", "give MiB, e.g. 256")
         if self.max_attempts < 1:
             _fail_in("max_attempts", f"must be >= 1, got {self.max_attempts}", "1 means no retry")
         if self.device == "cpu" and self.engine.tensor_parallel_size != 1:
@@ -212,6 +229,14 @@ class RolloutPoolConfig:
                 "engine.tensor_parallel_size", f"is {self.engine.tensor_parallel_size} on device 'cpu'",
                 "the CPU pool runs one in-process vLLM worker per engine: use tensor_parallel_size=1 and more engines",
             )
+
+
+    @property
+    def resolved_weight_sender(self) -> str:
+        """The sender in effect, "owners" or "driver" (weight_sender "auto" resolved by the transport)."""
+        if self.weight_sender != "auto":
+            return self.weight_sender
+        return "owners" if self.transport == "gloo" else "driver"
 
 
 def _check_device(device: str) -> None:

@@ -48,7 +48,16 @@ from megatron_rl.cluster.placement import COLOCATED_GPU_SHARE, ColocatedPlacemen
 from megatron_rl.cluster.ray_cluster import require_ray
 from megatron_rl.rollout.sharding import assemble_completions, split_prompts
 from megatron_rl.rollout.types import Completion, PoolStats, SamplingConfig, WeightSyncStats
-from megatron_rl.rollout.weight_transport import Bucket, make_transport
+from megatron_rl.rollout.weight_transport import (
+    LOST,
+    RAISED,
+    Bucket,
+    GlooTransport,
+    WeightOwners,
+    first_error,
+    is_engine_failure,
+    make_transport,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,29 +79,6 @@ class _Share:
     prompt_indices: list[int]
     slot: int
     attempts: int = 0
-
-
-def _is_engine_failure(error: BaseException) -> bool:
-    """Errors that mean "this engine is gone": restart it. Anything else is a real error and propagates."""
-    from ray.exceptions import RayActorError, RayTaskError
-
-    if isinstance(error, RayActorError):
-        return True
-    if isinstance(error, RayTaskError):
-        return type(getattr(error, "cause", None)).__name__ == "EngineDeadError"
-    return False
-
-
-def _first_error(refs: Sequence[Any]) -> BaseException | None:
-    """The error of the first of these finished Ray calls that raised, if any."""
-    import ray
-
-    for ref in refs:
-        try:
-            ray.get(ref, timeout=0)
-        except Exception as error:  # noqa: BLE001 - returned to the caller
-            return error
-    return None
 
 
 def validate_prompts(prompts: Sequence[Sequence[int]], max_model_len: int | None, max_tokens: int) -> list[list[int]]:
@@ -153,6 +139,7 @@ class RolloutPool:
         self._asleep: set[str] = set()  # memory tags the engines have released ("weights", "kv_cache")
         self._handoff_events: list[str] = []
         self._transport = make_transport(config.transport, timeout_s=config.weight_sync_timeout_s)  # unwired: fail here
+        self._owners: WeightOwners | None = None  # who sent the current weights when owners did (their replay)
         self._version = 0
         self._invalid_reason: str | None = None
         self._slots: list[_Slot] = []
@@ -233,12 +220,13 @@ class RolloutPool:
             self.sleep(level=1)
 
     @_serialized
-    def sync_weights(self, buckets: Iterable[Bucket], *, version: int | None = None) -> WeightSyncStats:
+    def sync_weights(self, weights: Iterable[Bucket] | WeightOwners, *, version: int | None = None
+                     ) -> WeightSyncStats:
         """`update_weights` with a colocated pool's hand-back around it, in vLLM's RLHF colocate order: wake the
         weights, load the new ones, then wake the KV cache. For a split pool (or an awake one) just `update_weights`."""
         if "weights" in self._asleep:
             self.wake_up(("weights",))
-        stats = self.update_weights(buckets, version=version)
+        stats = self.update_weights(weights, version=version)
         if self._asleep:
             self.wake_up(("kv_cache",))
         return stats
@@ -314,7 +302,7 @@ class RolloutPool:
             try:
                 results.extend(ray.get(ref))
             except Exception as error:  # noqa: BLE001 - sorted into engine failures and real errors below
-                if not _is_engine_failure(error):
+                if not is_engine_failure(error):
                     raise
                 self.stats.engine_failures += 1
                 self._restart(share.slot, f"failed: {type(error).__name__}: {error}")
@@ -327,8 +315,11 @@ class RolloutPool:
         return completions
 
     @_serialized
-    def update_weights(self, buckets: Iterable[Bucket], *, version: int | None = None) -> WeightSyncStats:
-        """Load a complete set of HF-named weights, bucket by bucket, into every engine (in place)."""
+    def update_weights(self, weights: Iterable[Bucket] | WeightOwners, *, version: int | None = None
+                       ) -> WeightSyncStats:
+        """Load a complete set of HF-named weights into every engine (in place): `weights` is either the buckets
+        (lists of (hf_name, tensor)), sent by the pool's transport, or the trainer's `WeightOwners`, which send their
+        own buckets straight to the engines (owner sends, rollout/owner_sender.py)."""
         import ray
 
         self._check_open()
@@ -338,12 +329,81 @@ class RolloutPool:
         if version <= self._version:
             raise ValueError(f"version must increase: got {version}, current weights are version {self._version}")
         start = time.perf_counter()
-        refs: dict[int, list[Any]] = {}
+        if isinstance(weights, WeightOwners):
+            refs, failed, counts = self._send_by_owners(weights, version)
+        else:
+            refs, failed, counts = self._send_by_transport(weights, version)
         for i, slot in enumerate(self._slots):
-            refs[i] = [slot.actor.begin_weight_update.remote(version)]
+            if i not in failed:
+                refs[i].append(slot.actor.finish_weight_update.remote())
+
+        deadline = time.monotonic() + self.config.weight_sync_timeout_s
+        engine_seconds: dict[int, float] = {}
+        lost: list[tuple[int, str]] = []
+        update_errors: list[str] = []
+        for i, slot_refs in refs.items():
+            if i in failed:
+                kind, why = failed[i]
+                if kind == RAISED:
+                    update_errors.append(f"engine {i}: {why}")
+                else:
+                    lost.append((i, why))
+                continue
+            try:
+                finished = ray.get(slot_refs, timeout=max(0.0, deadline - time.monotonic()))[-1]
+                engine_seconds[self._slots[i].engine_id] = finished["seconds"]
+            except Exception as error:  # noqa: BLE001 - sorted below
+                if isinstance(error, ray.exceptions.GetTimeoutError):
+                    limit = self.config.weight_sync_timeout_s
+                    lost.append((i, f"weight update not done within weight_sync_timeout_s={limit}"))
+                elif is_engine_failure(error):
+                    self.stats.engine_failures += 1
+                    lost.append((i, f"died during the weight update: {type(error).__name__}"))
+                else:
+                    update_errors.append(f"engine {i}: {error}")
+        committed = not update_errors and len(lost) < len(self._slots)
+        if isinstance(weights, WeightOwners):
+            weights.conclude(committed)
+            if committed:
+                self._owners = weights
+        elif committed:
+            self._transport.commit()
+            self._owners = None
+        else:
+            self._transport.discard()
+        if not committed:
+            self._invalid_reason = f"weight update {version} failed"
+            for i, reason in lost:
+                self._restart(i, reason, replay=False)
+            raise RolloutError(
+                f"weight update {version} failed; the pool will not generate until a complete update succeeds. "
+                f"Errors: {update_errors or [reason for _, reason in lost]}"
+            )
+        self._version = version
+        self._invalid_reason = None
+        if self.config.colocate:
+            self._handoff_events.append(f"update_weights:{version}")
+        for i, reason in lost:  # the surviving engines have the new weights; the restarted ones get them by replay
+            self._restart(i, reason)
+        return WeightSyncStats(
+            version=version,
+            num_buckets=counts["buckets"],
+            num_tensors=counts["tensors"],
+            num_bytes=counts["bytes"],
+            seconds=time.perf_counter() - start,
+            engine_seconds=engine_seconds,
+            restarted_engines=[self._slots[i].engine_id for i, _ in lost],
+        )
+
+    def _send_by_transport(self, buckets: Iterable[Bucket], version: int):
+        """The pool's transport sends the buckets: (refs per engine, {engine: (kind, why)} given up on, counts)."""
+        import ray
+
+        refs: dict[int, list[Any]] = {i: [slot.actor.begin_weight_update.remote(version)]
+                                      for i, slot in enumerate(self._slots)}
         actors = [slot.actor for slot in self._slots]
         unreachable: set[int] = set()  # engines the transport gave up on during this update
-        num_buckets = num_tensors = num_bytes = 0
+        counts = {"buckets": 0, "tensors": 0, "bytes": 0}
         try:
             for bucket in buckets:
                 bucket = list(bucket)
@@ -354,67 +414,53 @@ class RolloutPool:
                         unreachable.add(i)
                     else:
                         refs[i].append(ref)
-                num_buckets += 1
-                num_tensors += len(bucket)
-                num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+                counts["buckets"] += 1
+                counts["tensors"] += len(bucket)
+                counts["bytes"] += sum(t.numel() * t.element_size() for _, t in bucket)
         except BaseException:
             self._transport.discard()
             self._invalid_reason = "an update_weights call was interrupted while sending buckets"
             self._abort_open_updates()
             raise
-        for i, slot in enumerate(self._slots):
-            refs[i].append(slot.actor.finish_weight_update.remote())
+        failed = {}
+        for i in unreachable:  # what its finished calls raised says why; unfinished ones are not waited for
+            raised = first_error(ray.wait(refs[i], num_returns=len(refs[i]), timeout=0)[0])
+            if raised is not None and not is_engine_failure(raised):
+                failed[i] = (RAISED, str(raised))
+            else:
+                failed[i] = (LOST, "the weight transfer to it failed (gone, or not receiving within "
+                                   f"weight_sync_timeout_s={self.config.weight_sync_timeout_s})")
+        return refs, failed, counts
 
-        deadline = time.monotonic() + self.config.weight_sync_timeout_s
-        engine_seconds: dict[int, float] = {}
-        lost: list[tuple[int, str]] = []
-        update_errors: list[str] = []
-        for i, slot_refs in refs.items():
-            if i in unreachable:  # what its finished calls raised says why; unfinished ones are not waited for
-                raised = _first_error(ray.wait(slot_refs, num_returns=len(slot_refs), timeout=0)[0])
-                if raised is not None and not _is_engine_failure(raised):
-                    update_errors.append(f"engine {i}: {raised}")
-                else:
-                    lost.append((i, "the weight transfer to it failed (gone, or not receiving within "
-                                    f"weight_sync_timeout_s={self.config.weight_sync_timeout_s})"))
-                continue
+    def _send_by_owners(self, owners: WeightOwners, version: int):
+        """Owner sends: every engine opens the update, then the owners send their buckets to the engines that did;
+        (refs per engine, {engine: (kind, why)} that failed, counts)."""
+        import ray
+
+        if self.config.transport != GlooTransport.name:
+            raise RolloutError(f"owner sends need rollout.transport='gloo' (the engines' backend), got "
+                               f"{self.config.transport!r}")
+        begun = {i: slot.actor.begin_weight_update.remote(version) for i, slot in enumerate(self._slots)}
+        failed: dict[int, tuple[str, str]] = {}
+        for i, ref in begun.items():
             try:
-                finished = ray.get(slot_refs, timeout=max(0.0, deadline - time.monotonic()))[-1]
-                engine_seconds[self._slots[i].engine_id] = finished["seconds"]
-            except Exception as error:  # noqa: BLE001 - sorted below
-                if isinstance(error, ray.exceptions.GetTimeoutError):
-                    limit = self.config.weight_sync_timeout_s
-                    lost.append((i, f"weight update not done within weight_sync_timeout_s={limit}"))
-                elif _is_engine_failure(error):
-                    self.stats.engine_failures += 1
-                    lost.append((i, f"died during the weight update: {type(error).__name__}"))
-                else:
-                    update_errors.append(f"engine {i}: {error}")
-        if update_errors or len(lost) == len(self._slots):
-            self._transport.discard()
-            self._invalid_reason = f"weight update {version} failed"
-            for i, reason in lost:
-                self._restart(i, reason, replay=False)
-            raise RolloutError(
-                f"weight update {version} failed; the pool will not generate until a complete update succeeds. "
-                f"Errors: {update_errors or [reason for _, reason in lost]}"
-            )
-        self._transport.commit()
-        self._version = version
-        self._invalid_reason = None
-        if self.config.colocate:
-            self._handoff_events.append(f"update_weights:{version}")
-        for i, reason in lost:  # the surviving engines have the new weights; the restarted ones get them by replay
-            self._restart(i, reason)
-        return WeightSyncStats(
-            version=version,
-            num_buckets=num_buckets,
-            num_tensors=num_tensors,
-            num_bytes=num_bytes,
-            seconds=time.perf_counter() - start,
-            engine_seconds=engine_seconds,
-            restarted_engines=[self._slots[i].engine_id for i, _ in lost],
-        )
+                ray.get(ref, timeout=self.config.weight_sync_timeout_s)
+            except Exception as error:  # noqa: BLE001 - this engine cannot take the update
+                gone = is_engine_failure(error) or isinstance(error, ray.exceptions.GetTimeoutError)
+                failed[i] = (LOST if gone else RAISED, f"begin_weight_update: {type(error).__name__}: {error}")
+        live = [slot.actor for i, slot in enumerate(self._slots) if i not in failed]
+        index = [i for i in range(len(self._slots)) if i not in failed]
+        try:
+            report = owners.send(live)
+        except BaseException:
+            owners.conclude(False)
+            self._invalid_reason = "an update_weights call was interrupted: the weight owners failed while sending"
+            self._abort_open_updates()
+            raise
+        for j, failure in report["failed"].items():
+            failed[index[int(j)]] = tuple(failure)
+        refs = {i: [] for i in range(len(self._slots))}
+        return refs, failed, {key: report[key] for key in ("buckets", "tensors", "bytes")}
 
     @_serialized
     def shutdown(self, timeout_s: float = 60.0) -> None:
@@ -530,7 +576,11 @@ class RolloutPool:
         self.stats.restarts += 1
         try:
             ray.get(new.actor.info.remote(), timeout=self.config.startup_timeout_s)
-            if replay and self._transport.has_weights:
+            if replay and self._owners is not None:  # the owners send their shares of the current weights
+                ray.get(new.actor.begin_weight_update.remote(self._version), timeout=self.config.weight_sync_timeout_s)
+                self._owners.replay(new.actor)
+                ray.get(new.actor.finish_weight_update.remote(), timeout=self.config.weight_sync_timeout_s)
+            elif replay and self._transport.has_weights:
                 ray.get(self._transport.replay(new.actor, self._version), timeout=self.config.weight_sync_timeout_s)
         except Exception as error:  # noqa: BLE001 - the pool cannot go on without this engine
             raise RolloutError(f"engine {slot.engine_id} could not be restarted ({reason}): {error}") from error

@@ -181,22 +181,26 @@ class ObjectStoreWeightTransferEngine(_LayerwiseReloadEngine):
 @dataclass
 class GlooInitInfo(WeightTransferInitInfo):
     """Where the sender's TCP store listens, this engine's first rank in the group (the sender is rank 0), the
-    group's size (1 + the engine's workers) and the timeout of every wait in seconds."""
+    group's size (1 + the engine's workers), the timeout of every wait in seconds and the sender's name (an engine
+    keeps one group per sender: the pool's driver, or each owner rank of the actor in owner sends)."""
 
     master_address: str
     master_port: int
     world_size: int
     timeout_s: float
     rank_offset: int = 1
+    sender: str = "driver"
 
 
 @dataclass
 class GlooUpdateInfo(WeightTransferUpdateInfo):
-    """One bucket: HF names, torch dtype names and shapes, in the packed buffer's order."""
+    """One bucket: HF names, torch dtype names and shapes, in the packed buffer's order, and which sender's group
+    broadcasts it."""
 
     names: list[str]
     dtype_names: list[str]
     shapes: list[list[int]]
+    sender: str = "driver"
 
     def __post_init__(self) -> None:
         if not len(self.names) == len(self.dtype_names) == len(self.shapes):
@@ -242,33 +246,35 @@ class GlooWeightTransferEngine(_LayerwiseReloadEngine):
 
     def __init__(self, config, vllm_config, device, model) -> None:
         super().__init__(config, vllm_config, device, model)
-        self.group = None
+        self.groups: dict[str, Any] = {}  # sender name -> its group
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
-        self.shutdown()  # a new sender (after a trainer restart) replaces the old group
+        self.groups.pop(init_info.sender, None)  # a sender that reconnects (new group) replaces its old group
         parallel = self.parallel_config
         rank = parallel.data_parallel_index * parallel.world_size + parallel.rank + init_info.rank_offset
-        self.group = gloo_group(init_info.master_address, init_info.master_port, rank, init_info.world_size,
-                                init_info.timeout_s)
+        self.groups[init_info.sender] = gloo_group(init_info.master_address, init_info.master_port, rank,
+                                                   init_info.world_size, init_info.timeout_s)
 
     def receive_weights(self, update_info: GlooUpdateInfo) -> None:
-        if self.group is None:
-            raise RuntimeError("gloo weight transfer not initialized: init_weight_transfer_engine first")
+        group = self.groups.get(update_info.sender)
+        if group is None:
+            raise RuntimeError(f"gloo weight transfer from sender {update_info.sender!r} not initialized: "
+                               "init_weight_transfer_engine first")
         dtypes = [getattr(torch, name) for name in update_info.dtype_names]
         _, size = bucket_layout(update_info.shapes, dtypes)
         buffer = torch.empty(size, dtype=torch.uint8)
-        _broadcast(self.group, buffer)
+        _broadcast(group, buffer)
         self.load(list(zip(update_info.names, views_of_buffer(buffer, update_info.shapes, dtypes))))
 
     def shutdown(self) -> None:
-        self.group = None  # gloo closes its connections when the group is freed
+        self.groups = {}  # gloo closes its connections when the groups are freed
 
 
 # ---- trainer side ---------------------------------------------------------------------------------------------
 @dataclass
 class GlooTrainerInitInfo(TrainerInitInfo):
     """The sender's side of one engine's group: the address its TCP store binds to (0 = a free port), the number
-    of the engine's workers, and the timeout of every wait in seconds."""
+    of the engine's workers, the timeout of every wait in seconds and the sender's name (GlooInitInfo)."""
 
     backend: ClassVar[str] = GLOO_BACKEND
 
@@ -276,6 +282,7 @@ class GlooTrainerInitInfo(TrainerInitInfo):
     num_workers: int
     timeout_s: float
     master_port: int = 0
+    sender: str = "driver"
 
 
 class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
@@ -289,10 +296,12 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         super().__init__(client=client, source=source, is_sender=is_sender)
         self.group = None
         self.timeout_s = timeout_s
+        self.name = "driver"
 
     @classmethod
     def trainer_init(cls, init_info: GlooTrainerInitInfo, *, client, source=None) -> GlooTrainerWeightTransferEngine:
         engine = cls(client=client, source=source, is_sender=init_info.is_sender, timeout_s=init_info.timeout_s)
+        engine.name = init_info.sender
         if not engine.is_sender:
             return engine
         listen = socket.socket(socket.AF_INET6 if ":" in init_info.master_address else socket.AF_INET)
@@ -301,7 +310,8 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         listen.listen()
         port = listen.getsockname()[1]
         worker_info = GlooInitInfo(master_address=init_info.master_address, master_port=port,
-                                   world_size=1 + init_info.num_workers, timeout_s=init_info.timeout_s)
+                                   world_size=1 + init_info.num_workers, timeout_s=init_info.timeout_s,
+                                   sender=init_info.sender)
         # The workers block in the rendezvous inside init_weight_transfer_engine: run it beside our side of it.
         with ThreadPoolExecutor(max_workers=1) as pool:
             joined = pool.submit(client.init_weight_transfer_engine, asdict(worker_info))
@@ -352,7 +362,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         self.client.start_weight_update()
         with ThreadPoolExecutor(max_workers=1) as pool:  # the engine receives while we broadcast
             for bucket in self.source:
-                received = pool.submit(self.client.update_weights, update_info(bucket))
+                received = pool.submit(self.client.update_weights, update_info(bucket, self.name))
                 self.send_bucket(bucket, receiver_gone=received.done)
                 received.result(timeout=self.timeout_s)
         self.client.finish_weight_update()
@@ -368,11 +378,12 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             threading.Thread(target=holder.clear, daemon=True, name="gloo-group-teardown").start()
 
 
-def update_info(bucket: Iterable[tuple[str, torch.Tensor]]) -> dict[str, Any]:
-    """The gloo update info of a bucket (what the worker allocates and splits the broadcast buffer by)."""
+def update_info(bucket: Iterable[tuple[str, torch.Tensor]], sender: str = "driver") -> dict[str, Any]:
+    """The gloo update info of a bucket (what the worker allocates and splits the broadcast buffer by), broadcast by
+    the group of `sender`."""
     names, dtypes, shapes = [], [], []
     for name, tensor in bucket:
         names.append(name)
         dtypes.append(str(tensor.dtype).removeprefix("torch."))
         shapes.append(list(tensor.shape))
-    return asdict(GlooUpdateInfo(names=names, dtype_names=dtypes, shapes=shapes))
+    return asdict(GlooUpdateInfo(names=names, dtype_names=dtypes, shapes=shapes, sender=sender))

@@ -86,6 +86,28 @@ def unpack_bucket(packed: PackedBucket) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+LOST, RAISED = "lost", "raised"  # an engine gone (restart it) / an engine that raised a real error (fail the update)
+
+
+class WeightOwners(ABC):
+    """The trainer's ranks that send their own shares of the weights straight to the engines (owner sends,
+    rollout/owner_sender.py; `ActorGroup.weight_owners()`). The pool opens and closes the update on every engine
+    around `send` and remembers the owners of the committed update to `replay` it to a restarted engine."""
+
+    @abstractmethod
+    def send(self, engines: Sequence[Any]) -> dict[str, Any]:
+        """Every owner's share of one update to every engine (their calls between the pool's begin and finish);
+        {"failed": {engine index: (LOST | RAISED, message)}, "buckets", "tensors", "bytes"}."""
+
+    @abstractmethod
+    def conclude(self, committed: bool) -> None:
+        """The update the last `send` started was committed (it is what `replay` sends from now on) or abandoned."""
+
+    @abstractmethod
+    def replay(self, engine: Any) -> None:
+        """The last committed update's buckets to one restarted engine, whose update the pool has opened."""
+
+
 class WeightTransport(ABC):
     """Sender half of a transport. `engines` are the engines' Ray actor handles (`RolloutEngine`).
 
@@ -257,6 +279,29 @@ def _finished(ref) -> bool:
     import ray
 
     return bool(ray.wait([ref], timeout=0)[0])
+
+
+def is_engine_failure(error: BaseException) -> bool:
+    """Errors that mean "this engine is gone": restart it. Anything else is a real error and propagates."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    if isinstance(error, RayActorError):
+        return True
+    if isinstance(error, RayTaskError):
+        return type(getattr(error, "cause", None)).__name__ == "EngineDeadError"
+    return False
+
+
+def first_error(refs: Sequence[Any]) -> BaseException | None:
+    """The error of the first of these finished Ray calls that raised, if any."""
+    import ray
+
+    for ref in refs:
+        try:
+            ray.get(ref, timeout=0)
+        except Exception as error:  # noqa: BLE001 - returned to the caller
+            return error
+    return None
 
 
 class _EngineClient:

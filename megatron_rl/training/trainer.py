@@ -218,7 +218,7 @@ class Trainer:
         if resume_from is not None:
             self._resume(*resume_from)
             if self.weights_version > 0:  # the same weights version as before the stop: staleness counts stay true
-                self.pool.sync_weights(self.group.weight_buckets(), version=self.weights_version)
+                self.pool.sync_weights(self._weights(), version=self.weights_version)
             return
         if self._warmup() or bool(self.cfg.actor.megatron_checkpoint):
             self._sync_weights()
@@ -443,9 +443,18 @@ class Trainer:
         """Stream the actor's weights to every engine as the next weights version (after each RL step, and before
         the first one when the actor's weights are not model.path's: `_prepare_policy`); returns the pool's stats.
         Colocated engines asleep since the rollout get their memory back around it (`RolloutPool.sync_weights`)."""
-        stats = self.pool.sync_weights(self.group.weight_buckets(), version=self.weights_version + 1)
+        stats = self.pool.sync_weights(self._weights(), version=self.weights_version + 1)
         self.weights_version += 1
         return stats
+
+    def _weights(self):
+        """What the pool loads the actor's weights from (rollout.weight_sender): the owner ranks, which send their own
+        shares to the engines, or rank 0's stream of buckets, which the pool's transport sends."""
+        config = self.pool.config
+        bucket_bytes = int(config.weight_bucket_mb * 1024**2)
+        if config.resolved_weight_sender == "owners":
+            return self.group.weight_owners(bucket_bytes, timeout_s=config.weight_sync_timeout_s)
+        return self.group.weight_buckets(bucket_bytes)
 
     # ----------------------------------------------------------------------------------- checkpoints
     def _save(self) -> None:
