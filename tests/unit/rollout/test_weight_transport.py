@@ -91,8 +91,25 @@ def test_packed_buffer_roundtrip_is_bit_exact_and_aligned(dtype):
 
 def test_update_info_describes_the_bucket_and_refuses_ragged_lists():
     info = update_info([("a", torch.zeros(2, 3, dtype=torch.bfloat16)), ("b", torch.zeros(4))])
-    assert info == {"names": ["a", "b"], "dtype_names": ["bfloat16", "float32"], "shapes": [[2, 3], [4]]}
+    assert info == {"names": ["a", "b"], "dtype_names": ["bfloat16", "float32"], "shapes": [[2, 3], [4]],
+                    "sender": "driver"}
+    assert update_info([("a", torch.zeros(1))], "actor3")["sender"] == "actor3"
     with pytest.raises(ValueError, match="differ in length"):
         GlooUpdateInfo(names=["a"], dtype_names=[], shapes=[[1]])
     with pytest.raises(ValueError, match="layout needs"):
         views_of_buffer(torch.zeros(3, dtype=torch.uint8), [[4]], [torch.float32])
+
+
+def test_weight_sender_setting_is_checked_and_resolved():
+    from megatron_rl.rollout.config import EngineConfig, RolloutPoolConfig
+
+    engine = EngineConfig(model="unused")
+    assert RolloutPoolConfig(engine).resolved_weight_sender == "owners"  # auto with gloo
+    assert RolloutPoolConfig(engine, transport="object_store").resolved_weight_sender == "driver"
+    assert RolloutPoolConfig(engine, weight_sender="driver").resolved_weight_sender == "driver"
+    with pytest.raises(ValueError, match="rollout.weight_sender.*'gloo'"):
+        RolloutPoolConfig(engine, transport="object_store", weight_sender="owners")
+    with pytest.raises(ValueError, match="rollout.weight_sender.*'ranks'"):
+        RolloutPoolConfig(engine, weight_sender="ranks")
+    with pytest.raises(ValueError, match="rollout.weight_bucket_mb: must be > 0"):
+        RolloutPoolConfig(engine, weight_bucket_mb=0)
