@@ -4,6 +4,7 @@ versions and load average) and writes them as JSON. The logic lives in megatron_
 
   rollout  vLLM pool tokens/s vs a bare vllm.LLM.generate and vs transformers generate, at several batch sizes
   sync     weight-sync seconds vs model bytes; ratios to a memcpy of the same bytes and to vLLM's own reload
+  refit    weight refit from the live Megatron actor: owner sends vs the driver's stream (1 rank and PP2)
   train    Megatron actor fwd+bwd tokens/s vs plain PyTorch; packed vs padded at several length spreads
   step     end-to-end RL step time: rollout / reward / train / sync / other (trains the CPU quickstart)
   floor    the quickstart's step vs a plain single-process PyTorch RL loop doing the same work, per part
@@ -14,6 +15,7 @@ versions and load average) and writes them as JSON. The logic lives in megatron_
 Examples:
   python tools/benchmark.py rollout --batch-sizes 8,32,128 --json rollout.json
   python tools/benchmark.py sync --sizes tiny,small,medium --engines 1,2
+  python tools/benchmark.py refit --sizes small,medium --layouts 1,pp2 --engines 1,2
   python tools/benchmark.py train --size small --spreads 1,2,10 --profile 2
   python tools/benchmark.py step --steps 10
   python tools/benchmark.py floor --steps 12 algorithm.max_staleness=1
@@ -99,6 +101,26 @@ def run_sync(args) -> dict:
             transports=args.transports,
         )
     return {"tables": {f"Weight sync per transport, median of {args.repeats}": rows}}
+
+
+def run_refit(args) -> dict:
+    from megatron_rl.benchmarks.models import bench_model
+    from megatron_rl.benchmarks.refit import refit_rows
+    from megatron_rl.cluster.ray_cluster import local_ray_cluster
+
+    ranks = 2 if "pp2" in args.layouts else 1
+    with local_ray_cluster(num_cpus=ranks + max(args.engines)):
+        rows = refit_rows([bench_model(s, args.workdir) for s in args.sizes], layouts=args.layouts,
+                          engine_counts=args.engines, bucket_bytes=int(args.bucket_mib * 2**20),
+                          repeats=args.repeats)
+    return {"tables": {f"Weight refit from the Megatron actor, owners vs driver, median of {args.repeats}": rows}}
+
+
+def _layouts(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not names or any(n not in ("1", "pp2") for n in names):
+        raise argparse.ArgumentTypeError(f"layouts are '1' (one rank) and 'pp2' (two ranks), got {text!r}")
+    return names
 
 
 def run_train(args) -> dict:
@@ -216,6 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight transports to measure, comma-separated (rollout.transport values)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs the local Ray cluster may hand out (1 per engine)")
     p.set_defaults(run=run_sync)
+
+    p = sub.add_parser("refit", parents=[common], help="refit from the Megatron actor: owner sends vs the driver")
+    p.add_argument("--sizes", type=_sizes, default=("small", "medium"),
+                   help="model sizes (megatron_rl/benchmarks/models.py)")
+    p.add_argument("--layouts", type=_layouts, default=("1", "pp2"), help="actor layouts: 1 (one rank), pp2")
+    p.add_argument("--engines", type=_ints, default=(1, 2), help="pool engine counts")
+    p.add_argument("--bucket-mib", type=float, default=64.0, help="bucket size, MiB")
+    p.add_argument("--repeats", type=int, default=3, help="measured refits per setting and sender (median)")
+    p.set_defaults(run=run_refit)
 
     p = sub.add_parser("train", parents=[common], help="actor vs plain PyTorch; packed vs padded")
     p.add_argument("--size", type=_size, default="small", help="model size (megatron_rl/benchmarks/models.py)")

@@ -19,6 +19,7 @@ def bench():
     (["rollout", "--batch-sizes", "8,x"], "comma-separated integers"),
     (["rollout", "--batch-sizes", "0"], "positive integers"),
     (["sync", "--sizes", "tiny,huge"], "unknown model size"),
+    (["refit", "--layouts", "tp2"], "layouts are '1' (one rank) and 'pp2'"),
     (["train", "--spreads", "-1"], "positive numbers"),
     (["nonsense"], "invalid choice"),
 ])
@@ -226,6 +227,15 @@ def test_rollout_and_sync_subcommands_end_to_end(bench, tmp_path, capsys):
         # the ratio is taken before the table rounds memcpy_s to 1e-5 s (~4e-5 s here: up to 12.5% off)
         assert r["sync/memcpy"] == pytest.approx(r["sync_s"] / r["memcpy_s"], rel=0.15)
     assert "Weight sync per transport" in capsys.readouterr().out
+
+    path = tmp_path / "refit.json"
+    assert bench.main(["refit", "--sizes", "tiny", "--layouts", "pp2", "--engines", "1", "--bucket-mib", "0.25",
+                       "--repeats", "1", "--workdir", str(tmp_path), "--json", str(path)]) == 0
+    (rows,) = json.loads(path.read_text())["tables"].values()
+    assert [(r["actor"], r["engines"], r["sender"]) for r in rows] == [("pp2", 1, "driver"), ("pp2", 1, "owners")]
+    for r in rows:
+        assert r["sync_s"] > 0 and r["slowest_engine_s"] > 0 and r["driver/this"] > 0
+    assert rows[0]["driver/this"] == 1.0
 
 
 @pytest.mark.slow
