@@ -69,6 +69,8 @@ def refit_rows(
                                     times[sender].append(time.perf_counter() - start)
                                     engine_times[sender].append(max(stats.engine_seconds.values()))
                         driver_s = statistics.median(times["driver"])
+                        print(f"[refit] {os.path.basename(model_dir)} actor {layout} engines {engines}: " +
+                              ", ".join(f"{s} {statistics.median(times[s]):.3f}s" for s in SENDERS), flush=True)
                         for sender in SENDERS:
                             sync = statistics.median(times[sender])
                             rows.append({

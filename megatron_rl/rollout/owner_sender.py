@@ -55,7 +55,7 @@ class OwnerSender:
         self._pending: list[tuple[dict, torch.Tensor]] = []  # (update info, packed buffer) of the open update
         self._current: list[tuple[dict, torch.Tensor]] = []  # ... of the last committed update
         self._lock = threading.Lock()  # send (the actor's main thread) and replay (its weights thread) share senders
-        self._threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"{name}-sender")
+        self._threads = ThreadPoolExecutor(max_workers=32, thread_name_prefix=f"{name}-sender")  # one per engine
 
     def _connected(self, engine: Any):
         key = engine._actor_id

@@ -453,7 +453,10 @@ class RolloutPool:
         try:
             report = owners.send(live)
         except BaseException:
-            owners.conclude(False)
+            try:
+                owners.conclude(False)
+            except Exception as error:  # noqa: BLE001 - the send's own error is the one to report
+                logger.warning("weight owners could not discard the failed update: %s", error)
             self._invalid_reason = "an update_weights call was interrupted: the weight owners failed while sending"
             self._abort_open_updates()
             raise

@@ -6,7 +6,9 @@ no weights.
   test_rollout_pool: fp32 on both sides, only the order of float sums differs), and no longer the old ones;
 - an engine killed in the middle of an owner-sends update (an injected delay holds its second bucket; the test kills
   it meanwhile) is restarted and given the new weights by every owner's replay of its share; the update completes on
-  the other engine without waiting for a timeout, and both engines then sample from the new weights.
+  the other engine without waiting for a timeout, and both engines then sample from the new weights;
+- an owner rank that raises during an update (injected) abandons it: the pool refuses to sample until the next
+  complete update, which is accepted.
 The actor is loaded from a perturbed copy of the checkpoint the engines start from, so an update that sent nothing
 (or only one owner's share) fails the log-prob check (checked by the gap to the old weights).
 """
@@ -20,7 +22,8 @@ import pytest
 
 from megatron_rl.cluster.ray_cluster import local_ray_cluster
 from megatron_rl.rollout.config import EngineConfig, RolloutPoolConfig
-from megatron_rl.rollout.pool import RolloutPool
+from megatron_rl.actor.ray_group import RankFailure
+from megatron_rl.rollout.pool import RolloutError, RolloutPool
 from megatron_rl.rollout.types import SamplingConfig
 from tests.integration.test_rollout_pool import MIN_OLD_NEW_GAP, TEMPERATURE, TOL, Reference, hf_state_dict, perturbed
 
@@ -68,8 +71,10 @@ def test_owners_send_their_shares_and_replay_them_to_a_killed_engine(ray_cluster
     new = _perturbed_checkpoint(model_dir, str(tmp_path / "actor_weights"), seed=21)
     reference = Reference(model_dir, str(tmp_path / "ref"))
     # engine 0's second load_bucket call is held for a while (in every process of engine 0, restarted ones too)
+    # ... and actor rank 1 raises when its share of the second update is asked for
     monkeypatch.setenv("MEGATRON_RL_FAULTS", json.dumps(
-        [{"point": "engine.load_bucket", "action": "delay", "seconds": 6, "rank": 0, "call": 2}]))
+        [{"point": "engine.load_bucket", "action": "delay", "seconds": 6, "rank": 0, "call": 2},
+         {"point": "actor.export_weights", "action": "raise", "rank": 1, "call": 2}]))
     engine = EngineConfig(model=model_dir, dtype="float32", max_model_len=512)
     group = _actor(str(tmp_path / "actor_weights"), layout)
     pool = RolloutPool(RolloutPoolConfig(engine, num_engines=2, weight_sync_timeout_s=120))
@@ -96,6 +101,16 @@ def test_owners_send_their_shares_and_replay_them_to_a_killed_engine(ray_cluster
         reference.load(new)
         assert reference.max_abs_diff(completions, TEMPERATURE) <= TOL
         assert gap_to_old > MIN_OLD_NEW_GAP, f"engines still (partly) on the old weights: gap {gap_to_old}"
+
+        # an owner failing during an update: the update is abandoned, the pool refuses to sample from the half-loaded
+        # engines, and the next complete update is accepted
+        with pytest.raises(RankFailure, match="FaultInjected"):
+            pool.sync_weights(owners)
+        with pytest.raises(RolloutError, match="interrupted"):
+            pool.generate(PROMPTS, _sampling())
+        stats = pool.sync_weights(owners)
+        assert stats.restarted_engines == [] and stats.num_tensors == len(new)
+        assert reference.max_abs_diff(pool.generate(PROMPTS, _sampling()), TEMPERATURE) <= TOL
     finally:
         pool.shutdown()
         group.shutdown()
