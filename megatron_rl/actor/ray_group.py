@@ -91,7 +91,7 @@ class _MegatronWorker:
         self.rank, self.world_size = rank, world_size
         self.threads = threads
         self.actor = None
-        self.owner_sender = None  # rollout/owner_sender.py, built at the first owner-sends update
+        self.owner_sender = None  # its GlooSender (rollout/weight_transport.py), built at the first owner-sends update
         self._running: tuple[str, float, int] | None = None  # (method, start, thread id) of the call in progress
         self.log_path = log_path
         if log_path:  # everything this rank prints also goes to its own file, which the driver tails on failure
@@ -160,8 +160,8 @@ class _MegatronWorker:
                     yield bucket
 
     def send_weights(self, engines: list, bucket_bytes: int, timeout_s: float) -> dict:
-        """Owner sends (rollout/owner_sender.py): every rank takes part in the collective export of the owned
-        buckets; each owner sends its own to every engine. This owner's report (OwnerSender.send)."""
+        """Owner sends (docs/rollout.md): every rank takes part in the collective export of the owned buckets; each
+        owner sends its own to every engine. This rank's report (BucketSender.send; empty for a non-owner)."""
         with self._doing("send_weights"):
             return self._sender(timeout_s).send(self.actor.owned_weight_buckets(bucket_bytes=bucket_bytes), engines)
 
@@ -177,10 +177,10 @@ class _MegatronWorker:
         return self.owner_sender.replay(engine) if self.owner_sender is not None else 0
 
     def _sender(self, timeout_s: float):
-        from megatron_rl.rollout.owner_sender import OwnerSender
+        from megatron_rl.rollout.weight_transport import GlooSender
 
         if self.owner_sender is None:
-            self.owner_sender = OwnerSender(f"actor{self.rank}", timeout_s)
+            self.owner_sender = GlooSender(f"actor{self.rank}", timeout_s)
         return self.owner_sender
 
     def shutdown(self) -> None:
@@ -356,7 +356,7 @@ class ActorGroup:
                 if rank == 0:
                     yield bucket
 
-    # ---- owner sends (rollout/owner_sender.py): the pool's `WeightOwners` ------------------------------------
+    # ---- owner sends (docs/rollout.md, "Owner sends"): the pool's `WeightOwners` ----------------------------
     def weight_owners(self, bucket_bytes: int = 256 * 1024**2, timeout_s: float = 600.0) -> "ActorWeightOwners":
         """This group's ranks as the senders of a weight update (`RolloutPool.sync_weights(group.weight_owners())`):
         each owner rank sends its own buckets straight to the engines. timeout_s: one engine's part of one bucket
@@ -384,6 +384,8 @@ class ActorGroup:
 class ActorWeightOwners(WeightOwners):
     """The pool's `WeightOwners` (rollout/weight_transport.py) over an ActorGroup: the calls go to every rank and are
     watched like the group's other calls (a rank that dies or stalls is a RankFailure)."""
+
+    transport = "gloo"  # the ranks send with GlooSender
 
     def __init__(self, group: ActorGroup, bucket_bytes: int, timeout_s: float):
         self.group, self.bucket_bytes, self.timeout_s = group, bucket_bytes, timeout_s

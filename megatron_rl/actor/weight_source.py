@@ -8,7 +8,7 @@ rank gathers the whole model. vLLM's contract, as its `WeightSource` docstring s
 - iteration covers this rank's gather groups (`groups()`) in metadata order, the tensor where held and None
   elsewhere; collective (the owner's TP/ETP peers gather with it), so every rank must iterate.
 `buckets()` is the same stream as whole buckets of the owner's tensors, which is what our senders put on the wire
-(rollout/owner_sender.py).
+(rollout/weight_transport.py, `GlooSender`).
 """
 from __future__ import annotations
 

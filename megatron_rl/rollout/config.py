@@ -184,7 +184,7 @@ class RolloutPoolConfig:
     weight_sync_timeout_s: one engine's part of an `update_weights` call must finish within this.
     transport: how weights travel to the engines (see `megatron_rl.rollout.weight_transport.TRANSPORTS`).
     weight_sender: who sends them: "owners" (each owner rank of the actor sends its own share straight to the
-        engines, rollout/owner_sender.py; needs transport 'gloo'), "driver" (actor rank 0 gathers the model bucket
+        engines, docs/rollout.md "Owner sends"; needs transport 'gloo'), "driver" (actor rank 0 gathers the model bucket
         by bucket and streams it to the trainer process, whose transport sends it) or "auto" (default: owners with
         the gloo transport, driver with object_store); `resolved_weight_sender` says which.
     weight_bucket_mb: the size bound of one weight bucket in MiB (a larger single tensor goes alone).

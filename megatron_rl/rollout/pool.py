@@ -52,11 +52,10 @@ from megatron_rl.rollout.weight_transport import (
     LOST,
     RAISED,
     Bucket,
-    GlooTransport,
+    BucketStream,
     WeightOwners,
-    first_error,
     is_engine_failure,
-    make_transport,
+    make_sender,
 )
 
 logger = logging.getLogger(__name__)
@@ -138,8 +137,8 @@ class RolloutPool:
         self.stats = PoolStats()
         self._asleep: set[str] = set()  # memory tags the engines have released ("weights", "kv_cache")
         self._handoff_events: list[str] = []
-        self._transport = make_transport(config.transport, timeout_s=config.weight_sync_timeout_s)  # unwired: fail here
-        self._owners: WeightOwners | None = None  # who sent the current weights when owners did (their replay)
+        self._sender = make_sender(config.transport, timeout_s=config.weight_sync_timeout_s)  # unwired: fail here
+        self._owners: WeightOwners | None = None  # who sent the current weights (they replay them)
         self._version = 0
         self._invalid_reason: str | None = None
         self._slots: list[_Slot] = []
@@ -318,8 +317,8 @@ class RolloutPool:
     def update_weights(self, weights: Iterable[Bucket] | WeightOwners, *, version: int | None = None
                        ) -> WeightSyncStats:
         """Load a complete set of HF-named weights into every engine (in place): `weights` is either the buckets
-        (lists of (hf_name, tensor)), sent by the pool's transport, or the trainer's `WeightOwners`, which send their
-        own buckets straight to the engines (owner sends, rollout/owner_sender.py)."""
+        (lists of (hf_name, tensor)), sent from here by the pool's transport, or the trainer's `WeightOwners`, which
+        send their own buckets straight to the engines (owner sends; rollout/weight_transport.py)."""
         import ray
 
         self._check_open()
@@ -329,28 +328,23 @@ class RolloutPool:
         if version <= self._version:
             raise ValueError(f"version must increase: got {version}, current weights are version {self._version}")
         start = time.perf_counter()
-        if isinstance(weights, WeightOwners):
-            refs, failed, counts = self._send_by_owners(weights, version)
-        else:
-            refs, failed, counts = self._send_by_transport(weights, version)
-        for i, slot in enumerate(self._slots):
-            if i not in failed:
-                refs[i].append(slot.actor.finish_weight_update.remote())
+        owners = weights if isinstance(weights, WeightOwners) else BucketStream(weights, self._sender)
+        failed, counts = self._send(owners, version)
+        finishes = {i: slot.actor.finish_weight_update.remote() for i, slot in enumerate(self._slots)
+                    if i not in failed}
 
         deadline = time.monotonic() + self.config.weight_sync_timeout_s
         engine_seconds: dict[int, float] = {}
         lost: list[tuple[int, str]] = []
         update_errors: list[str] = []
-        for i, slot_refs in refs.items():
-            if i in failed:
-                kind, why = failed[i]
-                if kind == RAISED:
-                    update_errors.append(f"engine {i}: {why}")
-                else:
-                    lost.append((i, why))
-                continue
+        for i, (kind, why) in sorted(failed.items()):
+            if kind == RAISED:
+                update_errors.append(f"engine {i}: {why}")
+            else:
+                lost.append((i, why))
+        for i, ref in finishes.items():
             try:
-                finished = ray.get(slot_refs, timeout=max(0.0, deadline - time.monotonic()))[-1]
+                finished = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
                 engine_seconds[self._slots[i].engine_id] = finished["seconds"]
             except Exception as error:  # noqa: BLE001 - sorted below
                 if isinstance(error, ray.exceptions.GetTimeoutError):
@@ -362,16 +356,10 @@ class RolloutPool:
                 else:
                     update_errors.append(f"engine {i}: {error}")
         committed = not update_errors and len(lost) < len(self._slots)
-        if isinstance(weights, WeightOwners):
-            weights.conclude(committed)
-            if committed:
-                self._owners = weights
-        elif committed:
-            self._transport.commit()
-            self._owners = None
+        owners.conclude(committed)
+        if committed:
+            self._owners = owners
         else:
-            self._transport.discard()
-        if not committed:
             self._invalid_reason = f"weight update {version} failed"
             for i, reason in lost:
                 self._restart(i, reason, replay=False)
@@ -395,56 +383,20 @@ class RolloutPool:
             restarted_engines=[self._slots[i].engine_id for i, _ in lost],
         )
 
-    def _send_by_transport(self, buckets: Iterable[Bucket], version: int):
-        """The pool's transport sends the buckets: (refs per engine, {engine: (kind, why)} given up on, counts)."""
+    def _send(self, owners: WeightOwners, version: int) -> tuple[dict[int, tuple[str, str]], dict[str, int]]:
+        """Every engine opens the update, then the owners send their buckets to the engines that did; ({engine
+        index: (LOST | RAISED, why)} of the engines that failed, the counts of what was sent)."""
         import ray
 
-        refs: dict[int, list[Any]] = {i: [slot.actor.begin_weight_update.remote(version)]
-                                      for i, slot in enumerate(self._slots)}
-        actors = [slot.actor for slot in self._slots]
-        unreachable: set[int] = set()  # engines the transport gave up on during this update
-        counts = {"buckets": 0, "tensors": 0, "bytes": 0}
-        try:
-            for bucket in buckets:
-                bucket = list(bucket)
-                if not bucket:  # export_hf_weights(dst=0) yields empty buckets on other ranks; harmless here
-                    continue
-                for i, ref in enumerate(self._transport.send_bucket(bucket, actors)):
-                    if ref is None:
-                        unreachable.add(i)
-                    else:
-                        refs[i].append(ref)
-                counts["buckets"] += 1
-                counts["tensors"] += len(bucket)
-                counts["bytes"] += sum(t.numel() * t.element_size() for _, t in bucket)
-        except BaseException:
-            self._transport.discard()
-            self._invalid_reason = "an update_weights call was interrupted while sending buckets"
-            self._abort_open_updates()
-            raise
-        failed = {}
-        for i in unreachable:  # what its finished calls raised says why; unfinished ones are not waited for
-            raised = first_error(ray.wait(refs[i], num_returns=len(refs[i]), timeout=0)[0])
-            if raised is not None and not is_engine_failure(raised):
-                failed[i] = (RAISED, str(raised))
-            else:
-                failed[i] = (LOST, "the weight transfer to it failed (gone, or not receiving within "
-                                   f"weight_sync_timeout_s={self.config.weight_sync_timeout_s})")
-        return refs, failed, counts
-
-    def _send_by_owners(self, owners: WeightOwners, version: int):
-        """Owner sends: every engine opens the update, then the owners send their buckets to the engines that did;
-        (refs per engine, {engine: (kind, why)} that failed, counts)."""
-        import ray
-
-        if self.config.transport != GlooTransport.name:
-            raise RolloutError(f"owner sends need rollout.transport='gloo' (the engines' backend), got "
-                               f"{self.config.transport!r}")
+        if owners.transport != self.config.transport:
+            raise RolloutError(f"these weights are sent over {owners.transport!r}, but the engines run the "
+                               f"{self.config.transport!r} backend (rollout.transport)")
         begun = {i: slot.actor.begin_weight_update.remote(version) for i, slot in enumerate(self._slots)}
         failed: dict[int, tuple[str, str]] = {}
+        deadline = time.monotonic() + self.config.weight_sync_timeout_s
         for i, ref in begun.items():
             try:
-                ray.get(ref, timeout=self.config.weight_sync_timeout_s)
+                ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
             except Exception as error:  # noqa: BLE001 - this engine cannot take the update
                 gone = is_engine_failure(error) or isinstance(error, ray.exceptions.GetTimeoutError)
                 failed[i] = (LOST if gone else RAISED, f"begin_weight_update: {type(error).__name__}: {error}")
@@ -457,13 +409,12 @@ class RolloutPool:
                 owners.conclude(False)
             except Exception as error:  # noqa: BLE001 - the send's own error is the one to report
                 logger.warning("weight owners could not discard the failed update: %s", error)
-            self._invalid_reason = "an update_weights call was interrupted: the weight owners failed while sending"
+            self._invalid_reason = "an update_weights call was interrupted while sending"
             self._abort_open_updates()
             raise
         for j, failure in report["failed"].items():
             failed[index[int(j)]] = tuple(failure)
-        refs = {i: [] for i in range(len(self._slots))}
-        return refs, failed, {key: report[key] for key in ("buckets", "tensors", "bytes")}
+        return failed, {key: report[key] for key in ("buckets", "tensors", "bytes")}
 
     @_serialized
     def shutdown(self, timeout_s: float = 60.0) -> None:
@@ -486,7 +437,7 @@ class RolloutPool:
                 ray.kill(slot.actor, no_restart=True)
             if slot.placement_group is not None and slot.owns_placement_group:
                 remove_placement_group(slot.placement_group)
-        self._transport.close()
+        self._sender.close()
         self._invalid_reason = "the pool was shut down"
 
     def __enter__(self) -> "RolloutPool":
@@ -569,7 +520,7 @@ class RolloutPool:
 
         slot = self._slots[index]
         logger.warning("rollout engine %d %s; restarting it", slot.engine_id, reason)
-        self._transport.forget(slot.actor)
+        self._sender.forget(slot.actor)
         try:
             ray.kill(slot.actor, no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
@@ -579,12 +530,10 @@ class RolloutPool:
         self.stats.restarts += 1
         try:
             ray.get(new.actor.info.remote(), timeout=self.config.startup_timeout_s)
-            if replay and self._owners is not None:  # the owners send their shares of the current weights
+            if replay and self._owners is not None:  # the senders of the current weights replay them
                 ray.get(new.actor.begin_weight_update.remote(self._version), timeout=self.config.weight_sync_timeout_s)
                 self._owners.replay(new.actor)
                 ray.get(new.actor.finish_weight_update.remote(), timeout=self.config.weight_sync_timeout_s)
-            elif replay and self._transport.has_weights:
-                ray.get(self._transport.replay(new.actor, self._version), timeout=self.config.weight_sync_timeout_s)
         except Exception as error:  # noqa: BLE001 - the pool cannot go on without this engine
             raise RolloutError(f"engine {slot.engine_id} could not be restarted ({reason}): {error}") from error
 

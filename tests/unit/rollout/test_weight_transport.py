@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_rl.rollout.weight_transport import (
-    make_transport,
+    make_sender,
     pack_bucket,
     unpack_bucket,
 )
@@ -61,15 +61,16 @@ def test_bad_buckets_and_payloads():
 
 
 def test_transport_registry():
-    transport = make_transport("object_store")
-    assert transport.name == "object_store" and not transport.has_weights
-    gloo = make_transport("gloo", timeout_s=5.0)
-    assert gloo.name == "gloo" and gloo.timeout_s == 5.0 and not gloo.has_weights
+    store = make_sender("object_store")
+    assert store.name == "object_store" and store.sender_id == "driver"
+    gloo = make_sender("gloo", sender_id="actor2", timeout_s=5.0)
+    assert gloo.name == "gloo" and gloo.timeout_s == 5.0 and gloo.sender_id == "actor2"
+    gloo.close()
     with pytest.raises(ValueError, match="rollout.transport: unknown transport 'tcp'"):
-        make_transport("tcp")
+        make_sender("tcp")
     for name, backend in (("nccl", "nccl"), ("cuda_ipc", "ipc")):
         with pytest.raises(NotImplementedError, match=f"rollout.transport='{name}': vLLM's '{backend}'"):
-            make_transport(name)
+            make_sender(name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
