@@ -361,6 +361,8 @@ class RolloutPool:
             self._owners = owners
         else:
             self._invalid_reason = f"weight update {version} failed"
+            # an engine that raised may still hold the update open (a finish closes the others'): close it
+            self._abort_open_updates([i for i, (kind, _) in failed.items() if kind == RAISED])
             for i, reason in lost:
                 self._restart(i, reason, replay=False)
             raise RolloutError(
@@ -537,12 +539,13 @@ class RolloutPool:
         except Exception as error:  # noqa: BLE001 - the pool cannot go on without this engine
             raise RolloutError(f"engine {slot.engine_id} could not be restarted ({reason}): {error}") from error
 
-    def _abort_open_updates(self) -> None:
-        """Close the engines' open weight updates after the caller's bucket iterator failed (best effort)."""
+    def _abort_open_updates(self, indices: Sequence[int] | None = None) -> None:
+        """Close the open weight updates of these engines (default: all) after a failed update (best effort)."""
         import ray
 
-        refs = [slot.actor.abort_weight_update.remote() for slot in self._slots]
-        for slot, ref in zip(self._slots, refs):
+        slots = self._slots if indices is None else [self._slots[i] for i in indices]
+        refs = [slot.actor.abort_weight_update.remote() for slot in slots]
+        for slot, ref in zip(slots, refs):
             try:
                 ray.get(ref, timeout=self.config.weight_sync_timeout_s)
             except Exception as error:  # noqa: BLE001 - such an engine is replaced at the next failure it causes
