@@ -3,20 +3,23 @@
     start_local_ray_cluster(num_cpus=4)                     # or ray.init(address="auto") on a cluster
     pool = RolloutPool(RolloutPoolConfig(EngineConfig(model=hf_dir, dtype="float32"), num_engines=2))
     completions = pool.generate(prompt_token_ids, SamplingConfig(n=8, temperature=1.0, max_tokens=512, seed=step))
-    stats = pool.update_weights(export_hf_weights(chunks, arch, bucket_bytes=256 << 20, dst=0))   # every rank
-    pool.shutdown()                                                                             # iterates; rank 0 feeds
+    stats = pool.update_weights(actor_group.weight_owners())       # each owner rank sends its own share
+    stats = pool.update_weights(buckets)                             # or buckets of (hf_name, tensor) sent from here
+    pool.shutdown()
 
 generate: the prompts are split into one contiguous share per engine (all n samples of a prompt on one engine).
 Each share must come back within `request_timeout_s`. An engine that dies (actor death, engine-core crash) or
-hangs (timeout) is killed, restarted in its placement group, given the current weights (the transport keeps the last
-committed update), and its share is issued again, up to `max_attempts` tries per share. Results are checked to hold
+hangs (timeout) is killed, restarted in its placement group, given the current weights (the senders of the last
+committed update replay it), and its share is issued again, up to `max_attempts` tries per share. Results are checked to hold
 every (prompt_index, sample_index) exactly once and returned in that order; a killed engine's late answer is never
 read. Samples are reproducible whatever the pool size or retries (per-prompt seeds, see sharding.prompt_seed).
 
-update_weights: the buckets go to every engine through the transport and are loaded in place (layerwise reload, see
-worker_extension.py), then the prefix cache is reset. An update must hold every tensor of the model (checked per
-engine); an incomplete one makes the pool refuse to generate until a complete update arrives. An engine that dies
-during an update is restarted afterwards with the new weights.
+update_weights: every engine opens the update, the senders (`WeightOwners`: the actor's owner ranks, or this process
+for a stream of buckets; rollout/weight_transport.py) send their buckets to every engine through the transport, the
+engines load them in place (layerwise reload, see worker_extension.py), close the update and reset the prefix cache.
+An update must hold every tensor of the model (checked per engine); an incomplete or interrupted one makes the pool
+refuse to generate until a complete update arrives. An engine that dies during an update is restarted afterwards
+and given the new weights by the senders' replay; an engine that raises fails the update with its error.
 
 Placement: each engine gets its own placement group: on CPU one bundle {"CPU": cpus_per_engine}; on GPU
 `tensor_parallel_size` bundles {"GPU": 1, "CPU": 1} packed on one node (STRICT_PACK), the engine actor in bundle 0
