@@ -10,9 +10,9 @@
 generate: the prompts are split into one contiguous share per engine (all n samples of a prompt on one engine).
 Each share must come back within `request_timeout_s`. An engine that dies (actor death, engine-core crash) or
 hangs (timeout) is killed, restarted in its placement group, given the current weights (the senders of the last
-committed update replay it), and its share is issued again, up to `max_attempts` tries per share. Results are checked to hold
-every (prompt_index, sample_index) exactly once and returned in that order; a killed engine's late answer is never
-read. Samples are reproducible whatever the pool size or retries (per-prompt seeds, see sharding.prompt_seed).
+committed update replay it), and its share is issued again, up to `max_attempts` tries per share. Results are checked
+to hold every (prompt_index, sample_index) exactly once and returned in that order; a killed engine's late answer is
+never read. Samples are reproducible whatever the pool size or retries (per-prompt seeds, see sharding.prompt_seed).
 
 update_weights: every engine opens the update, the senders (`WeightOwners`: the actor's owner ranks, or this process
 for a stream of buckets; rollout/weight_transport.py) send their buckets to every engine through the transport, the

@@ -93,9 +93,12 @@ LOST, RAISED = "lost", "raised"  # an engine gone (restart it) / an engine that 
 
 
 class WeightOwners(ABC):
-    """The trainer's ranks that send their own shares of the weights straight to the engines (owner sends,
-    `ActorGroup.weight_owners()`), or a `BucketStream` from this process. The pool opens and closes the update on every engine
-    around `send` and remembers the owners of the committed update to `replay` it to a restarted engine."""
+    """The senders of one update: the trainer's ranks that send their own shares straight to the engines (owner
+    sends, `ActorGroup.weight_owners()`), or a `BucketStream` from this process. The pool opens and closes the update
+    on every engine around `send` and keeps the owners of the committed update to `replay` it to a restarted engine.
+    `transport`: the transport (engine backend) they send with."""
+
+    transport: str = "gloo"
 
     @abstractmethod
     def send(self, engines: Sequence[Any]) -> dict[str, Any]:
@@ -109,8 +112,6 @@ class WeightOwners(ABC):
     @abstractmethod
     def replay(self, engine: Any) -> None:
         """The last committed update's buckets to one restarted engine, whose update the pool has opened."""
-
-    transport: str = "gloo"  # the transport (engine backend) the senders use
 
 
 class BucketSender(ABC):

@@ -1,5 +1,6 @@
-"""Owner sends' producer side (actor/weight_source.py): in PP2, TP2 x PP2 (dense) and EP2 (MoE) layouts each owner yields exactly its own share of the model, bucket by bucket, and the shares put together are the full
-model's tensors (the HF checkpoint the actor was loaded from: exact, the export only moves and concatenates floats).
+"""Owner sends' producer side (actor/weight_source.py): in PP2, TP2 x PP2 (dense) and EP2 (MoE) layouts each owner
+yields exactly its own share of the model, bucket by bucket, and the shares put together are the full model's tensors
+(the HF checkpoint the actor was loaded from: exact, the export only moves and concatenates floats).
 
 Checked per layout, on every rank:
 - `metadata()` is the whole model on every rank, identical across ranks, equal to the checkpoint's names, shapes and
