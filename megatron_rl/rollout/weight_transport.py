@@ -57,14 +57,22 @@ class PackedBucket:
         return sum(a.nbytes for a in self.arrays)
 
 
-def pack_bucket(bucket: Bucket) -> PackedBucket:
-    """(hf_name, tensor) pairs -> PackedBucket. Shares memory with CPU tensors (no copy); GPU tensors are copied."""
-    names, dtypes, arrays = [], [], []
+def _checked_cpu_bucket(bucket: Bucket) -> list[tuple[str, torch.Tensor]]:
+    """The bucket's (hf_name, tensor) pairs with the tensors on the CPU; a TypeError for anything else."""
+    out = []
     for name, tensor in bucket:
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             raise TypeError(f"a bucket holds (hf_name: str, tensor) pairs, got ({type(name).__name__}, "
                             f"{type(tensor).__name__})")
-        t = tensor.detach().to("cpu").contiguous()
+        out.append((name, tensor.detach().to("cpu")))
+    return out
+
+
+def pack_bucket(bucket: Bucket) -> PackedBucket:
+    """(hf_name, tensor) pairs -> PackedBucket. Shares memory with CPU tensors (no copy); GPU tensors are copied."""
+    names, dtypes, arrays = [], [], []
+    for name, tensor in _checked_cpu_bucket(bucket):
+        t = tensor.contiguous()
         dtype = t.dtype
         if dtype in _VIEW_AS:
             t = t.view(_VIEW_AS[dtype])
@@ -137,13 +145,7 @@ class BucketSender(ABC):
 
     def _start_all(self, engines: dict[int, Any], item: Any) -> dict[int, Any]:
         """`_start` on every engine: {index: ref, or the exception it raised}."""
-        out = {}
-        for i, engine in engines.items():
-            try:
-                out[i] = self._start(engine, item)
-            except Exception as error:  # noqa: BLE001 - reported per engine
-                out[i] = error
-        return out
+        return {i: _outcome(self._start, engine, item) for i, engine in engines.items()}
 
     def send(self, buckets: Iterable[Bucket], engines: Sequence[Any]) -> dict[str, Any]:
         """This sender's part of one update (between the pool's begin and finish on every engine): every non-empty
@@ -181,7 +183,10 @@ class BucketSender(ABC):
         return {"failed": failed, **counts}
 
     def _failure(self, engine: Any, index: int, error: BaseException) -> tuple[str, str]:
-        kind = RAISED if isinstance(error, _ray_task_error()) and not is_engine_failure(error) else LOST
+        """(LOST | RAISED, message) for an engine that failed a transfer, whose connection is then dropped."""
+        from ray.exceptions import RayTaskError
+
+        kind = RAISED if isinstance(error, RayTaskError) and not is_engine_failure(error) else LOST
         logger.warning("%s: weight transfer to engine %d failed (%s): %s", self.sender_id, index, kind, error)
         self.forget(engine)
         return kind, f"{type(error).__name__}: {error}"
@@ -207,20 +212,12 @@ class BucketSender(ABC):
         self._pending, self._current = [], []
 
 
-def _checked_cpu_bucket(bucket: Bucket) -> list[tuple[str, torch.Tensor]]:
-    out = []
-    for name, tensor in bucket:
-        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"a bucket holds (hf_name: str, tensor) pairs, got ({type(name).__name__}, "
-                            f"{type(tensor).__name__})")
-        out.append((name, tensor.detach().to("cpu")))
-    return out
-
-
-def _ray_task_error():
-    from ray.exceptions import RayTaskError
-
-    return RayTaskError
+def _outcome(call: Callable[..., Any], *args: Any) -> Any:
+    """call(*args), or the exception it raised (reported per engine by BucketSender.send)."""
+    try:
+        return call(*args)
+    except Exception as error:  # noqa: BLE001 - returned to the caller
+        return error
 
 
 class ObjectStoreSender(BucketSender):
@@ -299,14 +296,9 @@ class GlooSender(BucketSender):
             raise
 
     def _start_all(self, engines: dict[int, Any], item: Any) -> dict[int, Any]:
-        futures = {i: self._threads.submit(self._start, engine, item) for i, engine in engines.items()}
-        out = {}
-        for i, future in futures.items():
-            try:
-                out[i] = future.result()
-            except Exception as error:  # noqa: BLE001 - reported per engine
-                out[i] = error
-        return out
+        """In parallel: a slow or hung engine delays no other."""
+        futures = {i: self._threads.submit(_outcome, self._start, engine, item) for i, engine in engines.items()}
+        return {i: future.result() for i, future in futures.items()}
 
     def send(self, buckets: Iterable[Bucket], engines: Sequence[Any]) -> dict[str, Any]:
         report = super().send(buckets, engines)
