@@ -43,7 +43,7 @@ import ray
 from megatron_rl.actor.batch import ActorBatch
 from megatron_rl.actor.config import ActorConfig
 from megatron_rl.faults import propagated_env
-from megatron_rl.rollout.weight_transport import WeightOwners
+from megatron_rl.rollout.weight_transport import GlooSender, WeightOwners
 
 
 class RankFailure(RuntimeError):
@@ -177,8 +177,6 @@ class _MegatronWorker:
         return self.owner_sender.replay(engine) if self.owner_sender is not None else 0
 
     def _sender(self, timeout_s: float):
-        from megatron_rl.rollout.weight_transport import GlooSender
-
         if self.owner_sender is None:
             self.owner_sender = GlooSender(f"actor{self.rank}", timeout_s)
         return self.owner_sender
@@ -363,6 +361,16 @@ class ActorGroup:
         (rollout.weight_sync_timeout_s)."""
         return ActorWeightOwners(self, bucket_bytes, timeout_s)
 
+    def weights(self, sender: str, bucket_bytes: int = 256 * 1024**2, timeout_s: float = 600.0):
+        """What a pool loads this group's weights from, by sender (`RolloutPoolConfig.resolved_weight_sender`):
+        "owners" -> `weight_owners` (each owner rank sends its own share), "driver" -> `weight_buckets` (rank 0's
+        stream, sent by the pool's transport)."""
+        if sender == "owners":
+            return self.weight_owners(bucket_bytes, timeout_s)
+        if sender == "driver":
+            return self.weight_buckets(bucket_bytes)
+        raise ValueError(f"weight sender must be 'owners' or 'driver', got {sender!r}")
+
     def shutdown(self, graceful: bool = True) -> None:
         """Stop every rank: graceful asks each to leave torch.distributed first (60 s at most), then every actor is
         killed; graceful=False kills at once (after a failure the live ranks may be blocked in a collective)."""
@@ -385,7 +393,7 @@ class ActorWeightOwners(WeightOwners):
     """The pool's `WeightOwners` (rollout/weight_transport.py) over an ActorGroup: the calls go to every rank and are
     watched like the group's other calls (a rank that dies or stalls is a RankFailure)."""
 
-    transport = "gloo"  # the ranks send with GlooSender
+    transport = GlooSender.name  # the ranks send with GlooSender
 
     def __init__(self, group: ActorGroup, bucket_bytes: int, timeout_s: float):
         self.group, self.bucket_bytes, self.timeout_s = group, bucket_bytes, timeout_s

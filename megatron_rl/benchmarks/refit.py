@@ -23,10 +23,6 @@ from megatron_rl.rollout.config import EngineConfig, RolloutPoolConfig
 SENDERS = ("driver", "owners")
 
 
-def _weights(group, sender: str, bucket_bytes: int):
-    return group.weight_owners(bucket_bytes) if sender == "owners" else group.weight_buckets(bucket_bytes)
-
-
 def refit_rows(
     model_dirs: list[str],
     *,
@@ -64,7 +60,7 @@ def refit_rows(
                         for r in range(repeats + 1):  # the first round of each is a warm-up (connections)
                             for sender in SENDERS:
                                 start = time.perf_counter()
-                                stats = pool.sync_weights(_weights(group, sender, bucket_bytes))
+                                stats = pool.sync_weights(group.weights(sender, bucket_bytes))
                                 if r:
                                     times[sender].append(time.perf_counter() - start)
                                     engine_times[sender].append(max(stats.engine_seconds.values()))

@@ -451,10 +451,8 @@ class Trainer:
         """What the pool loads the actor's weights from (rollout.weight_sender): the owner ranks, which send their own
         shares to the engines, or rank 0's stream of buckets, which the pool's transport sends."""
         config = self.pool.config
-        bucket_bytes = int(config.weight_bucket_mb * 1024**2)
-        if config.resolved_weight_sender == "owners":
-            return self.group.weight_owners(bucket_bytes, timeout_s=config.weight_sync_timeout_s)
-        return self.group.weight_buckets(bucket_bytes)
+        return self.group.weights(config.resolved_weight_sender, int(config.weight_bucket_mb * 1024**2),
+                                  timeout_s=config.weight_sync_timeout_s)
 
     # ----------------------------------------------------------------------------------- checkpoints
     def _save(self) -> None:
