@@ -230,7 +230,6 @@ def _transfer(entries, owner: int, full: dict[str, torch.Tensor], rank: int, dst
     return {name: piece.view(shape).clone() for (name, shape, _), piece in zip(entries, torch.split(flat, numels))}
 
 
-
 @dataclass(frozen=True)
 class OwnerPlan:
     """Who sends what in owner sends (`owner_plan`): every HF tensor of the model with its owner, and the buckets

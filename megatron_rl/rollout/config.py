@@ -230,7 +230,6 @@ class RolloutPoolConfig:
                 "the CPU pool runs one in-process vLLM worker per engine: use tensor_parallel_size=1 and more engines",
             )
 
-
     @property
     def resolved_weight_sender(self) -> str:
         """The sender in effect, "owners" or "driver" (weight_sender "auto" resolved by the transport)."""
