@@ -45,16 +45,23 @@ def _fault_time(run_dir, rank):
     return float(match.group(1))
 
 
+KTHREADD = 2  # Linux's kernel-thread parent
+
+
 def _live_new_processes(before: set[int], grace_s: float = 20.0) -> list[str]:
-    """Processes started since `before` (this test's run: Ray daemons, workers, engines) still alive after grace."""
+    """Processes started since `before` (this test's run: Ray daemons, workers, engines) still alive after grace.
+
+    Kernel threads (children of kthreadd, pid 2) are not ours: on a VM they are visible and come and go on their own
+    (a new kworker once failed CI here)."""
     deadline = time.monotonic() + grace_s
     me = os.getpid()
     while True:
         left = []
-        for proc in psutil.process_iter(["pid", "cmdline", "status"]):
-            if proc.pid in before or proc.pid == me or proc.info["status"] == psutil.STATUS_ZOMBIE:
+        for proc in psutil.process_iter(["pid", "ppid", "name", "cmdline", "status"]):
+            if (proc.pid in before or proc.pid == me or proc.info["status"] == psutil.STATUS_ZOMBIE
+                    or proc.pid == KTHREADD or proc.info["ppid"] == KTHREADD):
                 continue
-            left.append(f"{proc.pid}: {' '.join(proc.info['cmdline'] or [])[:150]}")
+            left.append(f"{proc.pid} ({proc.info['name']}): {' '.join(proc.info['cmdline'] or [])[:150]}")
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(1)
