@@ -163,6 +163,12 @@ class EngineConfig:
                 # vLLM-CPU otherwise drops to 1 torch thread "for serving"; give the engine the CPUs it reserved.
                 OMP_NUM_THREADS=str(self.threads or self.cpus_per_engine),
             )
+            if self.engine_kwargs.get("enforce_eager", self.enforce_eager):
+                # Nothing of the model is compiled then, but vLLM's sampler still torch.compiles a helper
+                # (batched_count_greater_than: the rank of each sampled token, an integer count, so eager gives the
+                # same numbers) on the first request with log-probs: ~3 s of Dynamo tracing and a g++ build per
+                # engine (re)start on CPU. (compiled_random_sample serves unseeded requests only; ours are seeded.)
+                env["TORCHDYNAMO_DISABLE"] = "1"
         if device == "gpu" and self.return_routed_experts:
             env["VLLM_USE_V2_MODEL_RUNNER"] = "1"  # vLLM returns routed experts through Model Runner V2 only
         env.update(propagated_env())  # test-only fault injection (megatron_rl/faults.py), when set

@@ -17,6 +17,7 @@ def test_cpu_engine_settings():
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
     assert env["OMP_NUM_THREADS"] == "3"
+    assert env["TORCHDYNAMO_DISABLE"] == "1"  # eager model: only vLLM's sampler helper would compile (3 s per start)
 
 
 def test_gpu_engine_settings():
@@ -26,12 +27,15 @@ def test_gpu_engine_settings():
     assert kwargs["tensor_parallel_size"] == 2 and "enable_chunked_prefill" not in kwargs
     env = engine.process_env("gpu")
     assert "VLLM_CPU_KVCACHE_SPACE" not in env and env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert "TORCHDYNAMO_DISABLE" not in env
 
 
 def test_user_overrides_win():
     engine = EngineConfig(model="/m", env={"OMP_NUM_THREADS": "8"}, engine_kwargs={"enforce_eager": False})
     assert engine.process_env("cpu")["OMP_NUM_THREADS"] == "8"
     assert engine.llm_kwargs("cpu")["enforce_eager"] is False
+    assert "TORCHDYNAMO_DISABLE" not in engine.process_env("cpu")  # a compiled model keeps torch.compile
+    assert "TORCHDYNAMO_DISABLE" not in EngineConfig(model="/m", enforce_eager=False).process_env("cpu")
 
 
 @pytest.mark.parametrize(
