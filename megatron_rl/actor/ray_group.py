@@ -113,6 +113,12 @@ class _MegatronWorker:
             out.update(method=method, running_s=time.monotonic() - start, stack="".join(stack).rstrip())
         return out
 
+    def set_threads(self, threads: int) -> None:
+        """This rank's torch/OpenMP threads from now on (ActorGroup.set_threads)."""
+        import torch
+
+        torch.set_num_threads(threads)
+
     def rendezvous_address(self) -> tuple[str, int]:
         import ray
 
@@ -219,6 +225,7 @@ class ActorGroup:
         )
         worker_cls = ray.remote(concurrency_groups={"monitor": 1, "weights": 1})(_MegatronWorker)
         threads = threads_per_rank or cpus_per_rank
+        self.threads_per_rank = threads
         base_env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads), **propagated_env(),
                     **(env or {})}
         self.workers = [
@@ -311,6 +318,13 @@ class ActorGroup:
         old_from_forward also the forward's per-sequence log-probs under "log_probs")."""
         return self._call_all("train_step", batch, objective=objective, max_response_length=max_response_length,
                               lr=lr, old_from_forward=old_from_forward)[0]
+
+    def set_threads(self, threads: int) -> None:
+        """Every rank's torch threads from now on (threads_per_rank is what the group started with). Thread counts
+        are a speed setting here, like resources.actor_threads_per_rank, which a resumed run may change."""
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self._watch([w.set_threads.remote(threads) for w in self.workers], "set_threads")
 
     def reset_optimizer_state(self) -> None:
         """Forget the optimizer's moments and step count (after the supervised warm-up)."""

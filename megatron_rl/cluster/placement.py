@@ -69,3 +69,13 @@ class ColocatedPlacement:
     @classmethod
     def on(cls, placement_group: Any, num_bundles: int, num_engines: int, tensor_parallel_size: int):
         return cls(placement_group, colocated_engine_bundles(num_engines, tensor_parallel_size, num_bundles))
+
+
+def threads_beside_starting_engines(threads_per_rank: int, actor_ranks: int, num_engines: int, num_cpus: int) -> int:
+    """CPU device: torch threads per actor rank for work that overlaps the engines' start (the trainer's supervised
+    warm-up). An engine's start keeps one core busy (importing vLLM, loading the model: single-threaded Python), so
+    the ranks share the cores left, never more than their own setting and at least one each. Oversubscribed OpenMP
+    threads spin at every op's barrier waiting for a descheduled peer: on 2 cores the quickstart's 80 warm-up steps
+    took 12 s with 2 threads beside a starting engine and 6-7 s with 1 (tools/BENCHMARKS.md, "Start-up")."""
+    free = max(1, (num_cpus - num_engines) // actor_ranks)
+    return max(1, min(threads_per_rank, free))

@@ -84,6 +84,7 @@ class Trainer:
         self._restored_rollouts: dict[int, Rollouts] = {}  # generated, not yet trained batches of a resumed async run
         self._producer = None
         self._failed = False
+        self._local_cpus: int | None = None  # the CPUs of the local Ray cluster this trainer started
         self.group = self.pool = self.reward_pool = self.metrics = None
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -147,6 +148,7 @@ class Trainer:
             num_cpus = cfg.resources.num_cpus or max(required_cpus(cfg), os.cpu_count() or 1)
             start_local_ray_cluster(num_cpus=num_cpus, num_gpus=cfg.resources.num_gpus)
             self._owns_ray = True
+            self._local_cpus = num_cpus
         else:
             ray.init(address=cfg.resources.ray_address, log_to_driver=False)
             self._owns_ray = False
@@ -426,18 +428,37 @@ class Trainer:
         syn = self.cfg.data.synthetic
         pairs = sft_pairs(syn.task, cfg.steps * cfg.batch_size, seed=cfg.seed, difficulty=syn.difficulty)
         self.echo(f"[warmup] {cfg.steps} supervised steps of {cfg.batch_size} examples (lr {cfg.lr})")
-        for k in range(cfg.steps):
-            rendered = [render_sft_example(self.tokenizer, p.messages, p.response)
-                        for p in pairs[k * cfg.batch_size : (k + 1) * cfg.batch_size]]
-            batch = ActorBatch(prompt_ids=[r[0] for r in rendered], response_ids=[r[1] for r in rendered])
-            m = self.group.train_step(batch, objective="sft", lr=cfg.lr)
-            if (k + 1) % max(1, cfg.steps // 5) == 0 or k + 1 == cfg.steps:
-                self.echo(f"[warmup] step {k + 1}/{cfg.steps}: nll {m['nll']:.3f}")
+        threads = self._threads_beside_starting_engines()
+        if threads is not None:
+            self.group.set_threads(threads)
+        try:
+            for k in range(cfg.steps):
+                rendered = [render_sft_example(self.tokenizer, p.messages, p.response)
+                            for p in pairs[k * cfg.batch_size : (k + 1) * cfg.batch_size]]
+                batch = ActorBatch(prompt_ids=[r[0] for r in rendered], response_ids=[r[1] for r in rendered])
+                m = self.group.train_step(batch, objective="sft", lr=cfg.lr)
+                if (k + 1) % max(1, cfg.steps // 5) == 0 or k + 1 == cfg.steps:
+                    self.echo(f"[warmup] step {k + 1}/{cfg.steps}: nll {m['nll']:.3f}")
+        finally:
+            if threads is not None:
+                self.group.set_threads(self.group.threads_per_rank)
         self.group.reset_optimizer_state()
         if self.cfg.actor.loss.kl_coef > 0:
             self.group.reset_reference_to_policy()
             self.echo("[warmup] KL reference set to the warmed-up policy")
         return True
+
+    def _threads_beside_starting_engines(self) -> int | None:
+        """Fewer torch threads per rank for the warm-up when it shares a local machine's CPUs with engines that are
+        still starting (split pool, CPU device: placement.threads_beside_starting_engines); None: no change."""
+        from megatron_rl.cluster.placement import threads_beside_starting_engines
+
+        cpus = self._local_cpus
+        if cpus is None or self.cfg.resources.colocate or self.cfg.resources.resolved_device != "cpu":
+            return None
+        threads = threads_beside_starting_engines(self.group.threads_per_rank, self.cfg.resources.actor_ranks,
+                                                  self.cfg.rollout.num_engines, cpus)
+        return threads if threads != self.group.threads_per_rank else None
 
     def _sync_weights(self):
         """Stream the actor's weights to every engine as the next weights version (after each RL step, and before
