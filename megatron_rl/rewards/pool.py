@@ -79,13 +79,22 @@ class _Worker:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def stop(self, join_s: float = 2.0) -> None:
-        """Ask an idle worker to exit, kill it if it does not, and reap it."""
-        if self.alive() and self.task is None:
+    def ask_to_exit(self) -> bool:
+        """Ask an idle worker to exit (it finishes on its own); False when it is busy or gone."""
+        if not (self.alive() and self.task is None):
+            return False
+        try:
+            self.conn.send(None)
+        except OSError:
+            return False
+        return True
+
+    def stop(self, join_s: float = 2.0, asked: bool = False) -> None:
+        """Ask an idle worker to exit (unless `asked` already), kill it if it has not within join_s, and reap it."""
+        if asked or self.ask_to_exit():
             try:
-                self.conn.send(None)
                 self.process.wait(join_s)
-            except (OSError, subprocess.TimeoutExpired):
+            except subprocess.TimeoutExpired:
                 pass
         self.kill()
 
@@ -316,8 +325,9 @@ class RewardPool:
         if self._closed:
             return
         self._closed = True
-        for worker in self._workers:
-            worker.stop()
+        asked = [worker.ask_to_exit() for worker in self._workers]  # all at once: their exits overlap
+        for worker, was_asked in zip(self._workers, asked):
+            worker.stop(asked=was_asked)
         self._finalizer()
 
     def __enter__(self) -> RewardPool:
