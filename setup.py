@@ -44,6 +44,6 @@ setup(
     package_data={"megatron_rl": ["configs/*.yaml"]},
     install_requires=COMMON,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["megatron-rl=megatron_rl.cli:main"]},
+    entry_points={"console_scripts": ["megatron-rl=megatron_rl.cli:entry"]},
     license="Apache-2.0",
 )
