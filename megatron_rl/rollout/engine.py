@@ -123,12 +123,14 @@ class RolloutEngine:
         from vllm import LLM
         from vllm.config import WeightTransferConfig
 
+        from megatron_rl.rollout.logprob_tokens import build_logprobs_without_token_text
         from megatron_rl.rollout.weight_transfer_engines import register_backends
 
         if transport not in BACKENDS:
             raise ValueError(f"engine {engine_id}: no weight-transfer backend for transport {transport!r}; "
                              f"use one of {sorted(BACKENDS)}")
         register_backends()  # in this process (the in-process engine core's worker); worker_extension does it too
+        build_logprobs_without_token_text()  # the output processor runs here (logprob_tokens.py)
         self.engine_id = engine_id
         self.config = config
         self.transport = transport
