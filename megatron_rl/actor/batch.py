@@ -218,28 +218,28 @@ def build_microbatch(
 ) -> MicroBatch:
     """Model inputs and loss layout for `sample_ids` on CP rank `cp_rank` (empty ids -> a dummy micro-batch)."""
     per_seq_multiple, total_multiple = _layout_multiple(tp, cp)
-    seqs = [torch.cat([batch.prompt_ids[i], batch.response_ids[i]]) for i in sample_ids]
-    prompt_lens = [batch.prompt_ids[i].numel() for i in sample_ids]
-    if not seqs:  # dummy: one all-padding sequence, no labels, so ranks stay in lock-step
-        seqs, prompt_lens = [torch.full((total_multiple,), pad_id, dtype=torch.long)], [total_multiple]
-    width = max((batch.response_ids[i].numel() for i in sample_ids), default=0)
+    # whole-batch tensor ops, no per-sequence Python loop: a micro-batch holds hundreds of short RL sequences
+    prompt_lens = [len(batch.prompt_ids[i]) for i in sample_ids]
+    response_lens = [len(batch.response_ids[i]) for i in sample_ids]
+    seq_lens = [p + r for p, r in zip(prompt_lens, response_lens)]
+    flat = torch.cat([t for i in sample_ids for t in (batch.prompt_ids[i], batch.response_ids[i])]) \
+        if sample_ids else torch.full((total_multiple,), pad_id, dtype=torch.long)
+    if not sample_ids:  # dummy: one all-padding sequence, no labels, so ranks stay in lock-step
+        prompt_lens, seq_lens = [total_multiple], [total_multiple]
+    width = max(response_lens, default=0)
 
     if packing:
-        padded = [round_up(s.numel(), per_seq_multiple) for s in seqs]
+        padded = [round_up(n, per_seq_multiple) for n in seq_lens]
         padded[-1] += round_up(sum(padded), total_multiple) - sum(padded)
-        tokens, labels, rows, cols, token_rows = _flat_streams(seqs, prompt_lens, padded, pad_id)
-        positions = torch.cat([torch.arange(n) for n in padded])
+        tokens, labels, rows, cols, token_rows, positions = _flat_streams(flat, seq_lens, prompt_lens, padded, pad_id)
         local = thd_cp_local_index(padded, cp, cp_rank)
         tokens, labels, rows, cols, positions, token_rows = (
             x[local].unsqueeze(0) for x in (tokens, labels, rows, cols, positions, token_rows))
-        packed = _packed_seq_params(seqs, padded)
+        packed = _packed_seq_params(seq_lens, padded)
     else:
-        length = round_up(max(s.numel() for s in seqs), total_multiple)
-        parts = [_flat_streams([s], [p], [length], pad_id) for s, p in zip(seqs, prompt_lens)]
-        tokens, labels, rows, cols, token_rows = (torch.stack([p[k] for p in parts]) for k in range(5))
-        rows = torch.arange(len(seqs)).unsqueeze(1).expand_as(rows).clone().masked_fill_(cols < 0, -1)
-        token_rows = torch.arange(len(seqs)).unsqueeze(1).expand_as(token_rows).clone().masked_fill_(token_rows < 0, -1)
-        positions = torch.arange(length).unsqueeze(0).expand(len(seqs), length).contiguous()
+        length = round_up(max(seq_lens), total_multiple)
+        streams = _flat_streams(flat, seq_lens, prompt_lens, [length] * len(seq_lens), pad_id)
+        tokens, labels, rows, cols, token_rows, positions = (x.view(len(seq_lens), length) for x in streams)
         tokens, labels, rows, cols, positions, token_rows = (
             split_for_cp(x, cp, cp_rank, dim=1) for x in (tokens, labels, rows, cols, positions, token_rows))
         packed = None
@@ -248,20 +248,23 @@ def build_microbatch(
     label_index = torch.nonzero(flat_cols >= 0).reshape(-1)
     rows_sel, cols_sel = rows.reshape(-1)[label_index], flat_cols[label_index]
     n_rows = len(sample_ids)
-    kept = torch.zeros(n_rows, width, dtype=torch.bool)  # response tokens the loss mask keeps
-    for r, i in enumerate(sample_ids):
-        n = batch.response_ids[i].numel()
-        kept[r, :n] = True if batch.loss_mask is None else batch.loss_mask[i]
+    dense_at = _response_grid(response_lens)  # (row, column) of every response token of sample_ids, in order
+
+    def dense(values: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        out = torch.zeros(n_rows, width, dtype=dtype)
+        if sample_ids:
+            out[dense_at] = torch.cat([values[i] for i in sample_ids])
+        return out
+
+    if batch.loss_mask is not None:  # the response tokens the loss mask keeps
+        kept = dense(batch.loss_mask, torch.bool)
+    else:
+        kept = torch.zeros(n_rows, width, dtype=torch.bool)
+        kept[dense_at] = True
     mask = torch.zeros(n_rows, width, dtype=torch.bool)
     mask[rows_sel, cols_sel] = kept[rows_sel, cols_sel]
-    fields = {}
-    for name in TOKEN_FIELDS:
-        values = getattr(batch, name)
-        if values is not None:
-            dense = torch.zeros(n_rows, width)
-            for r, i in enumerate(sample_ids):
-                dense[r, : values[i].numel()] = values[i]
-            fields[name] = dense
+    fields = {name: dense(getattr(batch, name), torch.float32) for name in TOKEN_FIELDS
+              if getattr(batch, name) is not None}
     advantages = batch.advantages[sample_ids] if batch.advantages is not None else None
     return MicroBatch(
         sample_ids=list(sample_ids), tokens=tokens, positions=positions, labels=labels.clamp(min=0),
@@ -271,31 +274,37 @@ def build_microbatch(
     )
 
 
-def _flat_streams(seqs, prompt_lens, padded_lengths, pad_id):
-    """Concatenated tokens, labels, row ids and response columns (-1 = not a response label) of padded seqs, and each
-    token's row (-1 = padding)."""
-    tokens, labels, rows, cols, token_rows = [], [], [], [], []
-    for row, (s, p, n) in enumerate(zip(seqs, prompt_lens, padded_lengths)):
-        length = s.numel()
-        tok = torch.full((n,), pad_id, dtype=torch.long)
-        tok[:length] = s
-        lab = torch.full((n,), -1, dtype=torch.long)
-        lab[: length - 1] = s[1:]
-        col = torch.full((n,), -1, dtype=torch.long)
-        # position t predicts token t+1; it is a response label when p <= t+1 < length
-        col[p - 1 : length - 1] = torch.arange(length - p)
-        tokens.append(tok)
-        labels.append(lab)
-        rows.append(torch.where(col >= 0, row, -1))
-        cols.append(col)
-        token_rows.append(torch.where(torch.arange(n) < length, row, -1))
-    return torch.cat(tokens), torch.cat(labels), torch.cat(rows), torch.cat(cols), torch.cat(token_rows)
+def _flat_streams(flat, lengths, prompt_lens, padded_lengths, pad_id):
+    """One stream of the sequences in `flat` (concatenated, `lengths` tokens each), sequence k right-padded to
+    padded_lengths[k]: its tokens, labels (-1 = none), row ids and response columns (-1 = not a response label), each
+    token's row (-1 = padding) and its position within its sequence. Position t predicts token t+1; it is a
+    response label when prompt_len <= t+1 < length."""
+    padded = torch.tensor(padded_lengths, dtype=torch.long)
+    length, prompt = torch.tensor(lengths, dtype=torch.long), torch.tensor(prompt_lens, dtype=torch.long)
+    row = torch.repeat_interleave(torch.arange(len(padded_lengths)), padded)  # the sequence of each stream slot
+    position = torch.arange(row.numel()) - (padded.cumsum(0) - padded)[row]
+    source = (length.cumsum(0) - length)[row] + position  # index into flat where the slot holds a real token
+    real, labelled = position < length[row], position < length[row] - 1
+    tokens = torch.full_like(row, pad_id)
+    tokens[real] = flat[source[real]]
+    labels = torch.full_like(row, -1)
+    labels[labelled] = flat[source[labelled] + 1]
+    response = labelled & (position >= prompt[row] - 1)
+    cols = torch.where(response, position - (prompt[row] - 1), -1)
+    return tokens, labels, torch.where(response, row, -1), cols, torch.where(real, row, -1), position
 
 
-def _packed_seq_params(seqs, padded):
+def _response_grid(response_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) in the [B, R] response layout of every response token, sequence after sequence."""
+    lens = torch.tensor(response_lens, dtype=torch.long)
+    rows = torch.repeat_interleave(torch.arange(len(response_lens)), lens)
+    return rows, torch.arange(rows.numel()) - (lens.cumsum(0) - lens)[rows]
+
+
+def _packed_seq_params(lengths, padded):
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    real = torch.tensor([0] + [s.numel() for s in seqs]).cumsum(0).to(torch.int32)
+    real = torch.tensor([0] + list(lengths)).cumsum(0).to(torch.int32)
     pad = torch.tensor([0] + list(padded)).cumsum(0).to(torch.int32)
     if torch.cuda.is_available():
         real, pad = real.cuda(), pad.cuda()

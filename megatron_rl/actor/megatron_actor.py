@@ -259,19 +259,22 @@ class MegatronActor:
         dist.gather_object(pieces if holds else [], gathered, dst=0)
         if dist.get_rank() != 0:
             return None
-        logps = [torch.full((r.numel(),), float("nan")) for r in batch.response_ids]
-        ents = [torch.full((r.numel(),), float("nan")) for r in batch.response_ids] if with_entropy else None
+        # one flat response-token array for the whole batch (sequence i at starts[i]), filled by indexing
+        lengths = torch.tensor([len(r) for r in batch.response_ids], dtype=torch.long)
+        starts = lengths.cumsum(0) - lengths
+        logps = torch.full((int(lengths.sum()),), float("nan"))
+        ents = torch.full_like(logps, float("nan")) if with_entropy else None
         for rank_pieces in gathered:
             for ids, cols, logp, ent in rank_pieces:
-                for i in ids.unique().tolist():
-                    sel = ids == i
-                    logps[i][cols[sel]] = logp[sel]
-                    if with_entropy:
-                        ents[i][cols[sel]] = ent[sel]
-        missing = [i for i, lp in enumerate(logps) if torch.isnan(lp).any()]
+                at = starts[ids] + cols
+                logps[at] = logp
+                if with_entropy:
+                    ents[at] = ent
+        missing = torch.repeat_interleave(torch.arange(len(lengths)), lengths)[torch.isnan(logps)].unique().tolist()
         if missing:
             raise RuntimeError(f"log-probs missing for sequences {missing[:5]}: the micro-batch plan lost tokens")
-        return TensorList(logps), ents
+        split = lengths.tolist()
+        return TensorList(torch.split(logps, split)), list(torch.split(ents, split)) if with_entropy else None
 
     @staticmethod
     def _response_pieces(mb: MicroBatch, logp: torch.Tensor):
