@@ -217,10 +217,25 @@ def _quiet_dcp_deprecations():
         yield
 
 
+def _use_in_process_write_results() -> None:
+    """Megatron's torch_dist writer hands its write results to the caller through a multiprocessing Manager queue,
+    made on a process's first save (`filesystem_async._get_write_results_queue`: a spawned Python server process,
+    ~1.2 s of a 2-core machine on the first checkpoint of every rank), so that an asynchronous save's writer process
+    could report back. Every save here is synchronous: the results are put and taken in the saving process itself,
+    so a plain in-process queue carries them (the writer's forked workers report through their own queue)."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def _save_strategy(fully_parallel: bool):
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
+    _use_in_process_write_results()
     strategy = get_default_save_sharded_strategy("torch_dist")
     if fully_parallel and ps.get_data_parallel_world_size(with_context_parallel=True) > 1:
         from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
