@@ -8,6 +8,7 @@ versions and load average) and writes them as JSON. The logic lives in megatron_
   train    Megatron actor fwd+bwd tokens/s vs plain PyTorch; packed vs padded at several length spreads
   step     end-to-end RL step time: rollout / reward / train / sync / other (trains the CPU quickstart)
   floor    the quickstart's step vs a plain single-process PyTorch RL loop doing the same work, per part
+  startup  where `megatron-rl train` spends its time outside the RL steps: start-up, first calls, shutdown, exit
   cp       context-parallel reduction: bytes on the wire and gloo timing, ours vs all-gathering log-probs
   routing  MoE routing replay: the actor's log-probs vs the engine's with and without replaying its routed experts
   gpu      bf16 train step on a CUDA GPU: MFU against the measured matmul peak (refuses without CUDA)
@@ -19,6 +20,7 @@ Examples:
   python tools/benchmark.py train --size small --spreads 1,2,10 --profile 2
   python tools/benchmark.py step --steps 10
   python tools/benchmark.py floor --steps 12 algorithm.max_staleness=1
+  python tools/benchmark.py startup --steps 3
   python tools/benchmark.py cp --no-timing
   python tools/benchmark.py routing --prompts 16 --n 4
   python tools/benchmark.py gpu --seq-len 4096          # on a GPU node
@@ -162,6 +164,15 @@ def _variant(text: str) -> tuple[str, tuple[str, ...]]:
     return label.strip(), overrides
 
 
+def run_startup(args) -> dict:
+    from megatron_rl.benchmarks.startup import startup_rows
+
+    rows = startup_rows(args.workdir, steps=args.steps, config=args.config, overrides=args.overrides)
+    name = args.config or "the CPU quickstart"
+    return {"tables": {f"Where the wall clock goes outside the RL steps: `megatron-rl train` of {name}, {args.steps} "
+                       "RL steps, a checkpoint and an evaluation after each (seconds, from the CLI's own lines)": rows}}
+
+
 def run_floor(args) -> dict:
     from megatron_rl.benchmarks.floor import floor_rows
 
@@ -269,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare variants instead (repeat; each is trained in turn, ratios against the first)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the run")
     p.set_defaults(run=run_step)
+
+    p = sub.add_parser("startup", parents=[common], help="start-up, first calls and shutdown of `megatron-rl train`")
+    p.add_argument("--steps", type=int, default=3, help="RL steps (each followed by a checkpoint and an evaluation)")
+    p.add_argument("--config", help="YAML config (default: the CPU quickstart)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the run")
+    p.set_defaults(run=run_startup)
 
     p = sub.add_parser("floor", parents=[common], help="RL step vs a plain PyTorch loop at equal work")
     p.add_argument("--steps", type=int, default=12, help="RL steps of each (must exceed --skip)")

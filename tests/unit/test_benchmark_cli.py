@@ -255,3 +255,25 @@ def test_step_subcommand_end_to_end(bench, tmp_path):
     parts = sum(by_part[p]["mean_s"] for p in ("rollout", "reward", "train", "sync", "other"))
     assert parts == pytest.approx(by_part["step (total)"]["mean_s"], rel=0.01, abs=5e-4)  # each rounded to 1e-4
     assert 0 < by_part["  train: of which forward+backward"]["mean_s"] <= by_part["train"]["mean_s"]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.ray
+def test_startup_subcommand_end_to_end(bench, tmp_path):
+    """`startup` runs the real console command and finds every phase in its output; the phases add up to the total
+    and the first RL step is not counted among the fixed costs twice."""
+    path = tmp_path / "startup.json"
+    assert bench.main(["startup", "--steps", "2", "--workdir", str(tmp_path), "--json", str(path),
+                       "warmup.steps=3", "algorithm.prompts_per_step=4"]) == 0
+    (rows,) = json.loads(path.read_text())["tables"].values()
+    seconds = {r["phase"]: r["seconds"] for r in rows}
+    for phase in ("python start, imports, config load and check", "tiny model, data, reward workers, Ray start",
+                  "Megatron ranks start (engines start in the background)",
+                  "supervised warm-up (beside the starting engines)",
+                  "first weight sync (waits for the engines) + first evaluation", "first RL step",
+                  "  of which checkpoint at step 1 (as printed)", "shutdown (engines, ranks, reward workers, Ray)",
+                  "process exit"):
+        assert seconds[phase] >= 0, phase
+    parts = sum(s for p, s in seconds.items() if not p.startswith(("  of which", "total")))
+    assert parts == pytest.approx(seconds["total (wall clock of the command)"], abs=0.1)
