@@ -313,7 +313,13 @@ class RolloutEngine:
     def shutdown(self) -> None:
         """Stop the vLLM engine core and free its resources (call before killing the actor). On CPU the process exit
         that follows frees everything vLLM's teardown would (it undoes gc.freeze and runs two full gc.collect passes,
-        ~1 s, to make an in-process engine reusable), so only GPU engines run it (NCCL communicators, TP workers)."""
+        ~1 s, to make an in-process engine reusable), so a CPU engine only stops taking calls: its `LLM` is kept
+        referenced until the process is killed, since dropping it would run the same teardown through vLLM's
+        finalizer. GPU engines run the teardown (NCCL communicators, TP workers)."""
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None and getattr(self, "device", None) != "cpu":
+        if llm is None:
+            return
+        if getattr(self, "device", None) == "cpu":
+            self._stopped_llm = llm
+        else:
             llm.llm_engine.engine_core.shutdown()
