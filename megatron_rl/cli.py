@@ -4,12 +4,11 @@ so `megatron-rl --help` is instant."""
 from __future__ import annotations
 
 import argparse
-import atexit
 import importlib
-import os
 import sys
-import threading
 from typing import NoReturn
+
+from megatron_rl.process_exit import exit_process
 
 # subcommand name -> module under megatron_rl.commands
 COMMANDS = {
@@ -57,23 +56,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     return int(args.run(args) or 0)
-
-
-def exit_process(code: int) -> NoReturn:
-    """End the process with `code` once the command is done: the atexit handlers run (logging, Ray, multiprocessing)
-    and the standard streams are flushed, but the interpreter's teardown of every loaded module is skipped. A
-    command that ran torch, transformers and Ray spends ~1.5 s of a 2-core machine on that teardown, which frees
-    nothing the process exit does not (tools/BENCHMARKS.md, "Start-up and shutdown"). Falls back to a normal exit
-    while a non-daemon thread still runs (a normal exit waits for it)."""
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
-        sys.exit(code)
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe or stream: nothing left to flush to
-            pass
-    os._exit(code)
 
 
 def entry() -> NoReturn:

@@ -116,4 +116,7 @@ def worker_main(conn: Connection) -> None:
 
 
 if __name__ == "__main__":
+    from megatron_rl.process_exit import exit_process
+
     worker_main(Connection(int(sys.argv[1])))
+    exit_process(0)

@@ -12,7 +12,7 @@ def test_exit_code_atexit_handlers_and_unflushed_output_survive(tmp_path):
     log = tmp_path / "log.txt"
     out = _run(f"""
         import atexit, logging, sys
-        from megatron_rl.cli import exit_process
+        from megatron_rl.process_exit import exit_process
         logging.basicConfig(filename={str(log)!r}, level=logging.INFO)
         atexit.register(lambda: print("atexit ran", end=""))
         logging.getLogger("t").info("logged")
@@ -29,7 +29,7 @@ def test_exit_code_atexit_handlers_and_unflushed_output_survive(tmp_path):
 def test_a_running_non_daemon_thread_gets_a_normal_exit():
     out = _run("""
         import threading, time
-        from megatron_rl.cli import exit_process
+        from megatron_rl.process_exit import exit_process
         threading.Thread(target=lambda: (time.sleep(0.5), print("thread finished"))).start()
         exit_process(4)
     """)
