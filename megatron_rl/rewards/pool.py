@@ -12,7 +12,7 @@ is SIGKILLed and replaced. A worker that dies (segfault, OOM killer) is replaced
 retried once on another worker and is a reward error if it kills that one as well. Why processes and not threads: math-verify/sympy hold the GIL and cannot be
 interrupted from another thread, and math-verify's own signal timeouts raise ValueError outside a main thread.
 
-Workers are fresh interpreters (``python -m megatron_rl.rewards.worker``): not forked (forking a trainer that
+Workers are fresh interpreters (``python -c`` running ``megatron_rl.rewards.worker.run``): not forked (forking a trainer that
 holds torch/Ray threads can deadlock) and not multiprocessing "spawn" children (those re-import the caller's main
 script, torch and all, and fail in a script without an ``if __name__ == "__main__"`` guard). They get the parent's
 ``sys.path``, ask the kernel to kill them if the parent dies (PR_SET_PDEATHSIG), and are shut down by ``close()``
@@ -56,7 +56,8 @@ class _Worker:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(path or os.getcwd() for path in sys.path),
                    MEGATRON_RL_REWARD_WORKER_ID=str(worker_id))
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "megatron_rl.rewards.worker", str(child_end.fileno())],
+            [sys.executable, "-c", "import sys; from megatron_rl.rewards.worker import run; run(int(sys.argv[1]))",
+             str(child_end.fileno())],
             pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, env=env,
         )
         child_end.close()  # so that the worker's death reads as EOF here

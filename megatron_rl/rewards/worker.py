@@ -115,8 +115,14 @@ def worker_main(conn: Connection) -> None:
             return
 
 
-if __name__ == "__main__":
+def run(fd: int) -> None:
+    """The worker process's entry (`RewardPool` starts ``python -c`` calling this with its socket's descriptor; not
+    ``-m`` this module, which the package's own import of it makes runpy warn about)."""
     from megatron_rl.process_exit import exit_process
 
-    worker_main(Connection(int(sys.argv[1])))
+    worker_main(Connection(fd))
     exit_process(0)
+
+
+if __name__ == "__main__":
+    run(int(sys.argv[1]))
