@@ -3,7 +3,7 @@
     rows = startup_rows(workdir)                    # runs `megatron-rl train` (the CPU quickstart) for a few steps
     rows = phase_rows(timestamped_lines, exit_s)    # or the phases of any timestamped log of the CLI
 
-The run is the real console command in a subprocess, its stdout and stderr read line by line and stamped with the
+The run is the real command (`python -m megatron_rl.cli train`, what the console script runs) in a subprocess, its stdout and stderr read line by line and stamped with the
 seconds since the process was started; the phases are the gaps between the lines the trainer prints anyway:
 
     [train] run dir ...                  <- python start, imports, config load and check
@@ -107,11 +107,10 @@ def startup_rows(workdir: str, *, steps: int = 3, config: str | None = None,
     if os.path.exists(run_dir):
         raise FileExistsError(f"{run_dir} already holds a run; give the startup benchmark a fresh --workdir")
     os.makedirs(workdir, exist_ok=True)
-    cmd = [os.path.join(os.path.dirname(sys.executable), "megatron-rl"), "train"] + \
-        (["--config", config] if config else []) + [
+    # what the `megatron-rl` console script runs (cli.entry); the megatron_rl it imports follows PYTHONPATH, so a
+    # checkout of other code can be measured with this benchmark (tools/BENCHMARKS.md, "Start-up and shutdown")
+    cmd = [sys.executable, "-m", "megatron_rl.cli", "train"] + (["--config", config] if config else []) + [
         f"run.output_dir={os.path.abspath(workdir)}", "run.name=startup_run", f"run.steps={steps}",
         "checkpoint.every=1", "eval.every=1", "logging.progress_bars=false", *overrides]
-    if not os.path.exists(cmd[0]):  # not installed as a console script: the module entry point, the same code
-        cmd = [sys.executable, "-m", "megatron_rl.cli", *cmd[1:]]
     lines, exit_s = run_timestamped(cmd, os.path.join(os.path.abspath(workdir), "startup_run.log"))
     return phase_rows(lines, exit_s)
