@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 from typing import NoReturn
 
 from megatron_rl.process_exit import exit_process
