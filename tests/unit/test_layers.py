@@ -11,7 +11,7 @@ import megatron_rl
 
 # Lowest first. A "package" is the first name under megatron_rl (a sub-package or a top-level module).
 LAYERS: list[set[str]] = [
-    {"__init__", "_warnings", "errors", "faults", "config_loader"},
+    {"__init__", "_warnings", "errors", "faults", "config_loader", "process_exit"},
     {"algorithms", "tasks", "cluster"},
     {"parallel"},
     {"models"},
