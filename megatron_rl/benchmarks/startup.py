@@ -57,18 +57,18 @@ def phase_rows(lines: Sequence[tuple[float, str]], exit_s: float) -> list[dict[s
                     break
     steps = [(at, int(m.group(1))) for at, line in lines if (m := _STEP.match(line))]
     done = next((at for at, line in lines if _DONE.match(line)), None)
-    if len(steps) > 1:
-        first_at, last_at = steps[0][0], steps[-1][0]
+    if len(steps) > 1:  # up to the last line before shutdown: the last step's own checkpoint belongs here
+        first_at = steps[0][0]
+        end = max((at for at, _ in lines if done is None or at < done), default=steps[-1][0])
         rows.append({"phase": f"RL steps 2..{steps[-1][1]} (evaluations and checkpoints included)",
-                     "seconds": round(last_at - first_at, 2), "ends_at_s": round(last_at, 2)})
-        last = last_at
+                     "seconds": round(end - first_at, 2), "ends_at_s": round(end, 2)})
+        last = end
     for at, line in lines:
         if (m := _CHECKPOINT.match(line)):
             rows.append({"phase": f"  of which checkpoint at step {m.group(1)} (as printed)",
                          "seconds": float(m.group(2)), "ends_at_s": round(at, 2)})
     if done is not None:
-        before = max((at for at, _ in lines if at < done), default=last)
-        rows.append({"phase": "shutdown (engines, ranks, reward workers, Ray)", "seconds": round(done - before, 2),
+        rows.append({"phase": "shutdown (engines, ranks, reward workers, Ray)", "seconds": round(done - last, 2),
                      "ends_at_s": round(done, 2)})
         last = done
     rows.append({"phase": "process exit", "seconds": round(exit_s - last, 2), "ends_at_s": round(exit_s, 2)})

@@ -28,10 +28,12 @@ def test_phases_are_the_gaps_between_the_trainers_lines():
     assert rows["supervised warm-up (beside the starting engines)"] == 5.5  # "step 16/80" does not end it
     assert rows["first weight sync (waits for the engines) + first evaluation"] == 3.5
     assert rows["first RL step"] == 0.7
-    assert rows["RL steps 2..3 (evaluations and checkpoints included)"] == 1.9
+    assert rows["RL steps 2..3 (evaluations and checkpoints included)"] == 2.1  # to the last checkpoint
     assert rows["  of which checkpoint at step 1 (as printed)"] == 0.3
     assert rows["shutdown (engines, ranks, reward workers, Ray)"] == 1.7
     assert rows["process exit"] == 0.4 and rows["total (wall clock of the command)"] == 25.4
+    parts = sum(s for p, s in rows.items() if not p.startswith(("  of which", "total")))
+    assert abs(parts - 25.4) < 1e-6  # the phases tile the run
 
 
 def test_a_missing_line_merges_its_phase_into_the_next():
