@@ -24,6 +24,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Sequence
 
@@ -78,20 +79,24 @@ def phase_rows(lines: Sequence[tuple[float, str]], exit_s: float) -> list[dict[s
 
 def run_timestamped(cmd: Sequence[str], log_path: str, timeout_s: float = 3600) -> tuple[list[tuple[float, str]], float]:
     """Run cmd; every line of its output with the seconds since the start (also written to log_path), and the second
-    it exited. Raises with the log's tail when it fails."""
+    it exited. Raises with the log's tail when it fails, TimeoutError when it runs past timeout_s (silent or not)."""
     start = time.perf_counter()
     lines: list[tuple[float, str]] = []
     with open(log_path, "w", encoding="utf-8") as log, subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
-        for line in proc.stdout:
-            at = time.perf_counter() - start
-            lines.append((at, line.rstrip("\n")))
-            log.write(f"{at:9.3f} {line}")
-            if at > timeout_s:
-                proc.kill()
-                raise TimeoutError(f"{cmd} ran past {timeout_s}s; log {log_path}")
-        code = proc.wait()
+        watchdog = threading.Timer(timeout_s, proc.kill)  # a hung command prints nothing: kill it from outside
+        watchdog.start()
+        try:
+            for line in proc.stdout:
+                at = time.perf_counter() - start
+                lines.append((at, line.rstrip("\n")))
+                log.write(f"{at:9.3f} {line}")
+            code = proc.wait()
+        finally:
+            watchdog.cancel()
     exit_s = time.perf_counter() - start
+    if exit_s >= timeout_s and code != 0:
+        raise TimeoutError(f"{' '.join(cmd)} ran past {timeout_s}s and was killed; log {log_path}")
     if code != 0:
         tail = "\n".join(line for _, line in lines[-30:])
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {code}); log {log_path}:\n{tail}")

@@ -41,3 +41,19 @@ def test_a_missing_line_merges_its_phase_into_the_next():
     phases = [r["phase"] for r in phase_rows(no_warmup, exit_s=25.4)]
     assert ("Megatron ranks start (engines start in the background) + supervised warm-up (beside the starting "
             "engines) + first weight sync (waits for the engines) + first evaluation") in phases
+
+
+def test_a_silent_hung_command_is_killed_at_the_timeout(tmp_path):
+    import sys
+    import time
+
+    import pytest
+
+    from megatron_rl.benchmarks.startup import run_timestamped
+
+    start = time.perf_counter()
+    with pytest.raises(TimeoutError, match="ran past 1"):
+        run_timestamped([sys.executable, "-c", "import time; time.sleep(60)"], str(tmp_path / "log"), timeout_s=1)
+    assert time.perf_counter() - start < 30
+    lines, _ = run_timestamped([sys.executable, "-c", "print('a'); print('b')"], str(tmp_path / "log2"))
+    assert [line for _, line in lines] == ["a", "b"]
