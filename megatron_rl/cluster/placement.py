@@ -76,6 +76,7 @@ def threads_beside_starting_engines(threads_per_rank: int, actor_ranks: int, num
     warm-up). An engine's start keeps one core busy (importing vLLM, loading the model: single-threaded Python), so
     the ranks share the cores left, never more than their own setting and at least one each. Oversubscribed OpenMP
     threads spin at every op's barrier waiting for a descheduled peer: on 2 cores the quickstart's 80 warm-up steps
-    took 12 s with 2 threads beside a starting engine and 6-7 s with 1 (tools/BENCHMARKS.md, "Start-up and shutdown")."""
+    took 12 s with 2 threads beside a starting engine and 5.4-6.4 s with 1 (tools/BENCHMARKS.md, "Start-up and
+    shutdown")."""
     free = max(1, (num_cpus - num_engines) // actor_ranks)
     return max(1, min(threads_per_rank, free))
