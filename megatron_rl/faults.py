@@ -11,7 +11,8 @@ the OOM killer or a failed node would), "stall" sleeps (as a process stuck in a 
 
 Points marked in the code (rank: the Megatron rank, the engine id, or the reward worker's start number):
 actor.train_step, actor.compute_log_probs, actor.collective (inside train_step, just before the loss all-reduce, so a
-stall there holds the other ranks in a collective), actor.export_weights, engine.generate, engine.load_bucket,
+stall there holds the other ranks in a collective), actor.export_weights, actor.prepare_weights (an owner send's
+one-time set-up, `ActorGroup.weight_owners`), engine.generate, engine.load_bucket,
 reward.score, trainer.step (the driver, before each RL step).
 
 The variable is read once per process (the Ray actors get it through the environment the trainer gives them, see

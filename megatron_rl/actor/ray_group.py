@@ -42,7 +42,7 @@ import ray
 
 from megatron_rl.actor.batch import ActorBatch
 from megatron_rl.actor.config import ActorConfig
-from megatron_rl.faults import propagated_env
+from megatron_rl.faults import inject, propagated_env
 from megatron_rl.rollout.weight_transport import GlooSender, WeightOwners
 
 
@@ -171,6 +171,14 @@ class _MegatronWorker:
         with self._doing("send_weights"):
             return self._sender(timeout_s).send(self.actor.owned_weight_buckets(bucket_bytes=bucket_bytes), engines)
 
+    def prepare_weights(self, bucket_bytes: int, timeout_s: float) -> None:
+        """An owner send's one-time set-up, done ahead of the first update (`ActorGroup.weight_owners`): the weight
+        source's plan (collective) and the sender, with their imports of vLLM's weight-transfer API."""
+        with self._doing("prepare_weights"):
+            inject("actor.prepare_weights", rank=self.rank)
+            self.actor.weight_source(bucket_bytes=bucket_bytes)
+            self._sender(timeout_s).load_backend()
+
     @ray.method(concurrency_group="weights")
     def conclude_weights(self, committed: bool) -> None:
         if self.owner_sender is not None:
@@ -217,6 +225,8 @@ class ActorGroup:
         self.timeout_s = timeout_s
         self.poll_s = poll_s
         self.workers = []
+        self._weights_prepared_for: tuple[int, float] | None = None  # weight_owners' preparation: started for
+        self._weights_preparing: list = []  # its refs, until a send has checked them
         self.log_paths = [os.path.join(log_dir, f"actor_rank{r}.log") if log_dir else None for r in range(world_size)]
         bundle = {"CPU": cpus_per_rank} if device == "cpu" else {"GPU": 1, "CPU": cpus_per_rank}
         self._pg = reserve_placement_group(
@@ -372,7 +382,15 @@ class ActorGroup:
     def weight_owners(self, bucket_bytes: int = 256 * 1024**2, timeout_s: float = 600.0) -> "ActorWeightOwners":
         """This group's ranks as the senders of a weight update (`RolloutPool.sync_weights(group.weight_owners())`):
         each owner rank sends its own buckets straight to the engines. timeout_s: one engine's part of one bucket
-        (rollout.weight_sync_timeout_s)."""
+        (rollout.weight_sync_timeout_s).
+
+        The first call (and a call with a new bucket size) also starts each rank's one-time preparation at once,
+        without waiting for it (`_MegatronWorker.prepare_weights`): the pool then waits for engines that are still
+        starting (the first sync of a run) while the ranks prepare, and the ranks' send runs after it (a Ray actor
+        runs one caller's calls in order; `send` reports a failed preparation)."""
+        if self._weights_prepared_for != (bucket_bytes, timeout_s):
+            self._weights_preparing = [w.prepare_weights.remote(bucket_bytes, timeout_s) for w in self.workers]
+            self._weights_prepared_for = (bucket_bytes, timeout_s)
         return ActorWeightOwners(self, bucket_bytes, timeout_s)
 
     def weights(self, sender: str, bucket_bytes: int = 256 * 1024**2, timeout_s: float = 600.0):
@@ -415,6 +433,13 @@ class ActorWeightOwners(WeightOwners):
     def send(self, engines: list) -> dict:
         """Every owner's share of one update to `engines`; the owners' reports merged: {"failed": {engine index:
         (kind, message)} (the first report per engine), "buckets", "tensors", "bytes"} summed over owners."""
+        preparing, self.group._weights_preparing = self.group._weights_preparing, []
+        if preparing:
+            try:
+                self.group._watch(preparing, "prepare_weights")
+            except BaseException:
+                self.group._weights_prepared_for = None  # the next weight_owners() prepares again
+                raise
         engines_ref = ray.put(list(engines))
         reports = self.group._watch([w.send_weights.remote(engines_ref, self.bucket_bytes, self.timeout_s)
                                      for w in self.group.workers], "send_weights")

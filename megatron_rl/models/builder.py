@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from megatron_rl.models.qwen_arch import QwenArch
 from megatron_rl.parallel.cpu_compat import apply_cpu_compat
 from megatron_rl.parallel.layout import ParallelLayout
+from megatron_rl.parallel.thd_rope import use_packed_rope_positions
 
 
 def transformer_engine_available() -> bool:
@@ -143,6 +144,7 @@ def build_model_chunks(arch: QwenArch, config, *, use_transformer_engine: bool |
     from megatron.core.models.gpt import GPTModel
 
     apply_cpu_compat()
+    use_packed_rope_positions()  # THD RoPE without a per-sequence loop (parallel/thd_rope.py), same numbers
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
     chunks = []
     for vp_stage in range(vpp):

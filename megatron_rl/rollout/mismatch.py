@@ -85,14 +85,16 @@ def rollout_mismatch(
 
 
 def pad_logprobs(
-    sequences: Sequence[Sequence[float]], *, dtype: torch.dtype = torch.float32
+    sequences: Sequence[Sequence[float] | torch.Tensor], *, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ragged per-sequence log-probs (e.g. `Completion.logprobs`) -> right-padded [batch, max_len] values and mask."""
-    max_len = max((len(s) for s in sequences), default=0)
-    values = torch.zeros(len(sequences), max_len, dtype=dtype)
-    mask = torch.zeros(len(sequences), max_len, dtype=torch.float32)
-    for i, seq in enumerate(sequences):
-        if len(seq):
-            values[i, : len(seq)] = torch.as_tensor(list(seq), dtype=dtype)
-            mask[i, : len(seq)] = 1.0
-    return values, mask
+    """Ragged per-sequence log-probs (`Completion.logprobs` lists, or the actor's 1-D tensors) -> right-padded
+    [batch, max_len] values and mask. The values are scattered in one assignment (the mask's row-major order is the
+    concatenation's), not two slice assignments per sequence."""
+    rows = [torch.as_tensor(seq, dtype=dtype) for seq in sequences]
+    lengths = torch.tensor([row.numel() for row in rows], dtype=torch.long)
+    max_len = int(lengths.max()) if rows else 0
+    valid = torch.arange(max_len) < lengths[:, None]
+    values = torch.zeros(len(rows), max_len, dtype=dtype)
+    if rows:
+        values[valid] = torch.cat([row.reshape(-1) for row in rows])
+    return values, valid.to(torch.float32)

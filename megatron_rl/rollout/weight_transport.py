@@ -143,6 +143,9 @@ class BucketSender(ABC):
         """Deliver one prepared bucket to one engine; returns the Ray ref of its `load_bucket` call. Raises when the
         transfer itself fails (the engine is gone, did not receive, or raised before receiving)."""
 
+    def load_backend(self) -> None:
+        """Import what sending needs (nothing by default), so that a caller can do it ahead of the first update."""
+
     def _start_all(self, engines: dict[int, Any], item: Any) -> dict[int, Any]:
         """`_start` on every engine: {index: ref, or the exception it raised}."""
         return {i: _outcome(self._start, engine, item) for i, engine in engines.items()}
@@ -262,19 +265,28 @@ class GlooSender(BucketSender):
             sender = self._senders.get(key)
         if sender is None:
             import ray
-            from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-            from megatron_rl.rollout.weight_transfer_engines import GlooTrainerInitInfo, register_backends
+            from megatron_rl.rollout.weight_transfer_engines import GlooTrainerInitInfo
 
-            register_backends()
+            factory = self.load_backend()
             workers = ray.get(engine.num_workers.remote(), timeout=self.timeout_s)
-            sender = WeightTransferTrainerFactory.trainer_init(
+            sender = factory.trainer_init(
                 GlooTrainerInitInfo(master_address=ray.util.get_node_ip_address(), num_workers=workers,
                                     timeout_s=self.timeout_s, sender=self.sender_id, rank=0),
                 client=_EngineClient(engine, self.timeout_s))
             with self._lock:
                 self._senders[key] = sender
         return sender
+
+    def load_backend(self):
+        """vLLM's trainer-side factory with our backend registered (importing vLLM's weight-transfer API takes ~2.5
+        CPU-seconds on CPU: `ActorGroup.weight_owners` has the ranks do it while the engines still start)."""
+        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+        from megatron_rl.rollout.weight_transfer_engines import register_backends
+
+        register_backends()
+        return WeightTransferTrainerFactory
 
     def _start(self, engine: Any, item: Any) -> Any:
         """The engine's `load_bucket(info)` while we broadcast the buffer (it receives inside that call)."""

@@ -53,8 +53,8 @@ def mismatch_metrics(actor_log_probs, rollout_log_probs) -> dict:
     """mismatch/* metrics: the actor's log-probs (before its update) vs the engines' rollout log-probs."""
     from megatron_rl.rollout.mismatch import pad_logprobs, rollout_mismatch
 
-    actor, mask = pad_logprobs([lp.tolist() for lp in actor_log_probs])
-    rollout, _ = pad_logprobs([lp.tolist() for lp in rollout_log_probs])
+    actor, mask = pad_logprobs(actor_log_probs)
+    rollout, _ = pad_logprobs(rollout_log_probs)
     return rollout_mismatch(actor, rollout, mask).as_dict(prefix="mismatch/")
 
 

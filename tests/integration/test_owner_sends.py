@@ -114,3 +114,36 @@ def test_owners_send_their_shares_and_replay_them_to_a_killed_engine(ray_cluster
     finally:
         pool.shutdown()
         group.shutdown()
+
+
+def _prepared(worker) -> tuple[bool, bool]:
+    """On a rank (through Ray's __ray_call__): whether its weight source is built and vLLM's weight-transfer API is
+    imported there."""
+    import sys
+
+    return worker.actor._weight_source is not None, "vllm.distributed.weight_transfer.base" in sys.modules
+
+
+def test_the_ranks_prepare_an_owner_send_at_once_and_a_failed_preparation_is_reported(ray_cluster, tiny_model,
+                                                                                        monkeypatch):
+    """The first `weight_owners()` starts every rank's one-time preparation (the weight source's plan, vLLM's
+    weight-transfer imports: ~2.5 CPU-seconds) without waiting for it, so that a pool still starting its engines waits
+    beside it (the trainer's first sync); the ranks' next calls run after it. A preparation that fails (injected on
+    rank 1) is reported by the send, and the next weight_owners() prepares again."""
+    import ray
+
+    monkeypatch.setenv("MEGATRON_RL_FAULTS", json.dumps(
+        [{"point": "actor.prepare_weights", "action": "raise", "rank": 1, "call": 1}]))
+    group = _actor(tiny_model("qwen3", head_dim=32), {"pp": 2})
+    try:
+        owners = group.weight_owners(BUCKET_BYTES, timeout_s=60)
+        with pytest.raises(RankFailure, match=r"rank 1 .*raised during prepare_weights: .*injected fault"):
+            owners.send([])
+        owners = group.weight_owners(BUCKET_BYTES, timeout_s=60)  # prepares again
+        assert ray.get([w.__ray_call__.remote(_prepared) for w in group.workers], timeout=120) == [(True, True)] * 2
+        report = owners.send([])  # no engine: every owner builds its buckets, nothing to deliver
+        assert report["failed"] == {} and report["buckets"] > 2 and report["tensors"] > 0
+        assert group.weight_owners(BUCKET_BYTES, timeout_s=60).send([])["buckets"] == report["buckets"]
+        assert group._weights_preparing == []  # prepared once: later owners start nothing
+    finally:
+        group.shutdown()

@@ -73,3 +73,16 @@ def test_pad_logprobs_matches_rollout_mismatch_on_ragged_input():
     assert rollout_mismatch(values, other, mask).mean_abs_diff == pytest.approx(1.0 / 3)
     empty_values, empty_mask = pad_logprobs([])
     assert empty_values.shape == empty_mask.shape == (0, 0)
+
+
+def test_pad_logprobs_takes_the_actors_tensors_with_the_same_values_as_lists():
+    """The actor returns 1-D tensors (float32, or float64 elsewhere): padded as they are, the same values as the
+    lists of their floats (float64 rounds to float32 once either way)."""
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randn(n, generator=generator, dtype=torch.float64) for n in (3, 0, 7, 1)]
+    for dtype in (torch.float32, torch.float64):
+        tensors = [r.to(dtype) for r in rows]
+        from_tensors, mask = pad_logprobs(tensors)
+        from_lists, list_mask = pad_logprobs([t.tolist() for t in tensors])
+        assert from_tensors.dtype == torch.float32 and torch.equal(from_tensors, from_lists)
+        assert torch.equal(mask, list_mask) and mask.sum(dim=1).tolist() == [3, 0, 7, 1]
