@@ -165,11 +165,12 @@ class _MegatronWorker:
                 if self.rank == 0:
                     yield bucket
 
-    def send_weights(self, engines: list, bucket_bytes: int, timeout_s: float) -> dict:
+    def send_weights(self, engines: list, bucket_bytes: int, timeout_s: float, update_ids: list[int]) -> dict:
         """Owner sends (docs/rollout.md): every rank takes part in the collective export of the owned buckets; each
         owner sends its own to every engine. This rank's report (BucketSender.send; empty for a non-owner)."""
         with self._doing("send_weights"):
-            return self._sender(timeout_s).send(self.actor.owned_weight_buckets(bucket_bytes=bucket_bytes), engines)
+            return self._sender(timeout_s).send(self.actor.owned_weight_buckets(bucket_bytes=bucket_bytes), engines,
+                                                update_ids)
 
     def prepare_weights(self, bucket_bytes: int, timeout_s: float) -> None:
         """An owner send's one-time set-up, done ahead of the first update (`ActorGroup.weight_owners`): the weight
@@ -185,10 +186,10 @@ class _MegatronWorker:
             self.owner_sender.conclude(committed)
 
     @ray.method(concurrency_group="weights")
-    def replay_weights(self, engine) -> int:
+    def replay_weights(self, engine, update_id: int) -> int:
         """This owner's share of the last committed update to a restarted engine (on its own thread: the rank may be
         training meanwhile; the buckets are the ones kept at commit, not the live weights)."""
-        return self.owner_sender.replay(engine) if self.owner_sender is not None else 0
+        return self.owner_sender.replay(engine, update_id) if self.owner_sender is not None else 0
 
     def _sender(self, timeout_s: float):
         if self.owner_sender is None:
@@ -430,7 +431,7 @@ class ActorWeightOwners(WeightOwners):
     def __init__(self, group: ActorGroup, bucket_bytes: int, timeout_s: float):
         self.group, self.bucket_bytes, self.timeout_s = group, bucket_bytes, timeout_s
 
-    def send(self, engines: list) -> dict:
+    def send(self, engines: list, update_ids: list[int]) -> dict:
         """Every owner's share of one update to `engines`; the owners' reports merged: {"failed": {engine index:
         (kind, message)} (the first report per engine), "buckets", "tensors", "bytes"} summed over owners."""
         preparing, self.group._weights_preparing = self.group._weights_preparing, []
@@ -441,7 +442,7 @@ class ActorWeightOwners(WeightOwners):
                 self.group._weights_prepared_for = None  # the next weight_owners() prepares again
                 raise
         engines_ref = ray.put(list(engines))
-        reports = self.group._watch([w.send_weights.remote(engines_ref, self.bucket_bytes, self.timeout_s)
+        reports = self.group._watch([w.send_weights.remote(engines_ref, self.bucket_bytes, self.timeout_s, list(update_ids))
                                      for w in self.group.workers], "send_weights")
         merged = {"failed": {}, "buckets": 0, "tensors": 0, "bytes": 0}
         for report in reports:
@@ -454,5 +455,5 @@ class ActorWeightOwners(WeightOwners):
     def conclude(self, committed: bool) -> None:
         self.group._watch([w.conclude_weights.remote(committed) for w in self.group.workers], "conclude_weights")
 
-    def replay(self, engine) -> None:
-        self.group._watch([w.replay_weights.remote(engine) for w in self.group.workers], "replay_weights")
+    def replay(self, engine, update_id: int) -> None:
+        self.group._watch([w.replay_weights.remote(engine, update_id) for w in self.group.workers], "replay_weights")

@@ -151,6 +151,7 @@ class RolloutEngine:
         self.weights_version = 0  # 0: the checkpoint the engine started from
         self.weights_valid = True
         self._update: dict[str, Any] | None = None
+        self._updates_begun = 0  # update ids (begin_weight_update)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -235,7 +236,9 @@ class RolloutEngine:
         """Join a sender's transfer group (gloo: the rendezvous; blocks until the sender is in it too)."""
         self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": init_info})
 
-    def begin_weight_update(self, version: int) -> None:
+    def begin_weight_update(self, version: int) -> int:
+        """Open weight update `version` (the weights version it installs). Returns the update's id, new for every
+        begin (a retried version too): every `load_bucket` of this update must name it."""
         if self._update is not None:
             open_version = self._update["version"]
             self.abort_weight_update()
@@ -245,13 +248,22 @@ class RolloutEngine:
             )
         self.weights_valid = False
         self.llm.collective_rpc("start_weight_update")
-        self._update = {"version": version, "names": set(), "start": time.perf_counter()}
+        self._updates_begun += 1
+        self._update = {"version": version, "id": self._updates_begun, "names": set(), "start": time.perf_counter()}
+        return self._updates_begun
 
-    def load_bucket(self, transport: str, payload: Any) -> int:
-        """One bucket through vLLM's `update_weights`: object_store's payload is the PackedBucket itself, gloo's the
-        bucket's names, dtypes and shapes (the tensors arrive by broadcast while this runs)."""
+    def load_bucket(self, transport: str, payload: Any, update_id: int) -> int:
+        """One bucket of the open update (`update_id`: what its begin returned) through vLLM's `update_weights`:
+        object_store's payload is the PackedBucket itself, gloo's the bucket's names, dtypes and shapes (the tensors
+        arrive by broadcast while this runs). A bucket of another update is refused and leaves the open one as it
+        was: it comes from a sender that was still sending an abandoned update (another owner failed) when the next
+        one began (that sender's gloo broadcast then fails on its side, which drops the connection)."""
         if self._update is None:
             raise WeightUpdateError(f"engine {self.engine_id}: load_bucket without begin_weight_update")
+        if update_id != self._update["id"]:
+            raise WeightUpdateError(f"engine {self.engine_id}: a bucket of update id {update_id} while update id "
+                                    f"{self._update['id']} (weights version {self._update['version']}) is open: a "
+                                    "late bucket of an abandoned update, refused")
         if transport != self.transport:
             raise WeightUpdateError(f"engine {self.engine_id}: a {transport!r} bucket, but this engine's workers run "
                                     f"the {self.transport!r} backend")

@@ -398,17 +398,18 @@ class RolloutPool:
                                f"{self.config.transport!r} backend (rollout.transport)")
         begun = {i: slot.actor.begin_weight_update.remote(version) for i, slot in enumerate(self._slots)}
         failed: dict[int, tuple[str, str]] = {}
+        update_ids: dict[int, int] = {}  # what each engine's begin returned; every bucket to it names it
         deadline = time.monotonic() + self.config.weight_sync_timeout_s
         for i, ref in begun.items():
             try:
-                ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+                update_ids[i] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
             except Exception as error:  # noqa: BLE001 - this engine cannot take the update
                 gone = is_engine_failure(error) or isinstance(error, ray.exceptions.GetTimeoutError)
                 failed[i] = (LOST if gone else RAISED, f"begin_weight_update: {type(error).__name__}: {error}")
         live = [slot.actor for i, slot in enumerate(self._slots) if i not in failed]
         index = [i for i in range(len(self._slots)) if i not in failed]
         try:
-            report = owners.send(live)
+            report = owners.send(live, [update_ids[i] for i in index])
         except BaseException:
             try:
                 owners.conclude(False)
@@ -536,8 +537,9 @@ class RolloutPool:
         try:
             ray.get(new.actor.info.remote(), timeout=self.config.startup_timeout_s)
             if replay and self._owners is not None:  # the senders of the current weights replay them
-                ray.get(new.actor.begin_weight_update.remote(self._version), timeout=self.config.weight_sync_timeout_s)
-                self._owners.replay(new.actor)
+                update_id = ray.get(new.actor.begin_weight_update.remote(self._version),
+                                    timeout=self.config.weight_sync_timeout_s)
+                self._owners.replay(new.actor, update_id)
                 ray.get(new.actor.finish_weight_update.remote(), timeout=self.config.weight_sync_timeout_s)
         except Exception as error:  # noqa: BLE001 - the pool cannot go on without this engine
             raise RolloutError(f"engine {slot.engine_id} could not be restarted ({reason}): {error}") from error

@@ -109,17 +109,19 @@ class WeightOwners(ABC):
     transport: str = "gloo"
 
     @abstractmethod
-    def send(self, engines: Sequence[Any]) -> dict[str, Any]:
+    def send(self, engines: Sequence[Any], update_ids: Sequence[int]) -> dict[str, Any]:
         """Every owner's share of one update to every engine (their calls between the pool's begin and finish);
-        {"failed": {engine index: (LOST | RAISED, message)}, "buckets", "tensors", "bytes"}."""
+        update_ids[i]: what engines[i]'s begin returned, which every bucket to it names, so that the engine refuses a
+        late bucket of an abandoned update instead of counting it into the next one; {"failed": {engine index: (LOST
+        | RAISED, message)}, "buckets", "tensors", "bytes"}."""
 
     @abstractmethod
     def conclude(self, committed: bool) -> None:
         """The update the last `send` started was committed (it is what `replay` sends from now on) or abandoned."""
 
     @abstractmethod
-    def replay(self, engine: Any) -> None:
-        """The last committed update's buckets to one restarted engine, whose update the pool has opened."""
+    def replay(self, engine: Any, update_id: int) -> None:
+        """The last committed update's buckets to one restarted engine, whose update (`update_id`) the pool opened."""
 
 
 class BucketSender(ABC):
@@ -139,19 +141,21 @@ class BucketSender(ABC):
         """The bucket (CPU tensors) in the form this transport sends, and keeps for replays."""
 
     @abstractmethod
-    def _start(self, engine: Any, item: Any) -> Any:
-        """Deliver one prepared bucket to one engine; returns the Ray ref of its `load_bucket` call. Raises when the
-        transfer itself fails (the engine is gone, did not receive, or raised before receiving)."""
+    def _start(self, engine: Any, item: Any, update_id: int) -> Any:
+        """Deliver one prepared bucket of the engine's update `update_id`; returns the Ray ref of its `load_bucket`
+        call. Raises when the transfer itself fails (the engine is gone, did not receive, or raised before
+        receiving)."""
 
     def load_backend(self) -> None:
         """Import what sending needs (nothing by default), so that a caller can do it ahead of the first update."""
 
-    def _start_all(self, engines: dict[int, Any], item: Any) -> dict[int, Any]:
+    def _start_all(self, engines: dict[int, Any], item: Any, update_ids: Sequence[int]) -> dict[int, Any]:
         """`_start` on every engine: {index: ref, or the exception it raised}."""
-        return {i: _outcome(self._start, engine, item) for i, engine in engines.items()}
+        return {i: _outcome(self._start, engine, item, update_ids[i]) for i, engine in engines.items()}
 
-    def send(self, buckets: Iterable[Bucket], engines: Sequence[Any]) -> dict[str, Any]:
-        """This sender's part of one update (between the pool's begin and finish on every engine): every non-empty
+    def send(self, buckets: Iterable[Bucket], engines: Sequence[Any], update_ids: Sequence[int]) -> dict[str, Any]:
+        """This sender's part of one update (between the pool's begin and finish on every engine; update_ids as in
+        `WeightOwners.send`): every non-empty
         bucket to every engine; an engine that fails one gets no more. Returns {"failed": {engine index: (LOST |
         RAISED, message)}, "buckets", "tensors", "bytes"} (this sender's counts)."""
         import ray
@@ -170,7 +174,7 @@ class BucketSender(ABC):
             counts["tensors"] += len(bucket)
             counts["bytes"] += sum(t.numel() * t.element_size() for _, t in bucket)
             live = {i: engine for i, engine in enumerate(engines) if i not in failed}
-            for i, outcome in self._start_all(live, item).items():
+            for i, outcome in self._start_all(live, item, update_ids).items():
                 if isinstance(outcome, BaseException):
                     failed[i] = self._failure(engines[i], i, outcome)
                 else:
@@ -200,12 +204,12 @@ class BucketSender(ABC):
             self._current = self._pending
         self._pending = []
 
-    def replay(self, engine: Any) -> int:
-        """The last committed update's buckets to one restarted engine, whose update the pool has opened. Raises on
-        failure; returns the number of buckets."""
+    def replay(self, engine: Any, update_id: int) -> int:
+        """The last committed update's buckets to one restarted engine, whose update (`update_id`) the pool opened.
+        Raises on failure; returns the number of buckets."""
         import ray
 
-        ray.get([self._start(engine, item) for item in self._current], timeout=self.timeout_s)
+        ray.get([self._start(engine, item, update_id) for item in self._current], timeout=self.timeout_s)
         return len(self._current)
 
     def forget(self, engine: Any) -> None:
@@ -234,8 +238,8 @@ class ObjectStoreSender(BucketSender):
 
         return ray.put(pack_bucket(bucket))
 
-    def _start(self, engine: Any, item: Any) -> Any:
-        return engine.load_bucket.remote(self.name, item)
+    def _start(self, engine: Any, item: Any, update_id: int) -> Any:
+        return engine.load_bucket.remote(self.name, item, update_id)
 
 
 class GlooSender(BucketSender):
@@ -288,14 +292,14 @@ class GlooSender(BucketSender):
         register_backends()
         return WeightTransferTrainerFactory
 
-    def _start(self, engine: Any, item: Any) -> Any:
+    def _start(self, engine: Any, item: Any, update_id: int) -> Any:
         """The engine's `load_bucket(info)` while we broadcast the buffer (it receives inside that call)."""
         import ray
 
         info, buffer = item
         try:
             sender = self._connected(engine)
-            ref = engine.load_bucket.remote(self.name, info)
+            ref = engine.load_bucket.remote(self.name, info, update_id)
             try:
                 sender.send_packed(buffer, partial(_finished, ref))
             except BaseException:
@@ -307,13 +311,14 @@ class GlooSender(BucketSender):
             self.forget(engine)
             raise
 
-    def _start_all(self, engines: dict[int, Any], item: Any) -> dict[int, Any]:
+    def _start_all(self, engines: dict[int, Any], item: Any, update_ids: Sequence[int]) -> dict[int, Any]:
         """In parallel: a slow or hung engine delays no other."""
-        futures = {i: self._threads.submit(_outcome, self._start, engine, item) for i, engine in engines.items()}
+        futures = {i: self._threads.submit(_outcome, self._start, engine, item, update_ids[i])
+                   for i, engine in engines.items()}
         return {i: future.result() for i, future in futures.items()}
 
-    def send(self, buckets: Iterable[Bucket], engines: Sequence[Any]) -> dict[str, Any]:
-        report = super().send(buckets, engines)
+    def send(self, buckets: Iterable[Bucket], engines: Sequence[Any], update_ids: Sequence[int]) -> dict[str, Any]:
+        report = super().send(buckets, engines, update_ids)
         keep = {engine._actor_id for engine in engines}
         with self._lock:  # forget the connections of engines that are no longer in the pool
             stale = [self._senders.pop(key) for key in list(self._senders) if key not in keep]
@@ -343,15 +348,15 @@ class BucketStream(WeightOwners):
         self.buckets, self.sender = buckets, sender
         self.transport = sender.name
 
-    def send(self, engines: Sequence[Any]) -> dict[str, Any]:
+    def send(self, engines: Sequence[Any], update_ids: Sequence[int]) -> dict[str, Any]:
         buckets, self.buckets = self.buckets, ()  # sent once; the sender keeps what a replay needs
-        return self.sender.send(buckets, engines)
+        return self.sender.send(buckets, engines, update_ids)
 
     def conclude(self, committed: bool) -> None:
         self.sender.conclude(committed)
 
-    def replay(self, engine: Any) -> None:
-        self.sender.replay(engine)
+    def replay(self, engine: Any, update_id: int) -> None:
+        self.sender.replay(engine, update_id)
 
 
 def _finished(ref) -> bool:
@@ -400,10 +405,10 @@ class _EngineClient:
         self._get(self.engine.init_weight_transfer.remote(init_info))
 
     def start_weight_update(self) -> None:
-        self._get(self.engine.begin_weight_update.remote(self.version))
+        self.update_id = self._get(self.engine.begin_weight_update.remote(self.version))
 
     def update_weights(self, update_info: dict) -> None:
-        self._get(self.engine.load_bucket.remote(GlooSender.name, update_info))
+        self._get(self.engine.load_bucket.remote(GlooSender.name, update_info, self.update_id))
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         self._get(self.engine.finish_weight_update.remote())

@@ -8,7 +8,8 @@ no weights.
   it meanwhile) is restarted and given the new weights by every owner's replay of its share; the update completes on
   the other engine without waiting for a timeout, and both engines then sample from the new weights;
 - an owner rank that raises during an update (injected) abandons it: the pool refuses to sample until the next
-  complete update, which is accepted.
+  complete update, which is accepted, although the other owner's buckets of the abandoned update (held back,
+  injected) reach the engines while it is open: every bucket names its update and the engines refuse stale ones.
 The actor is loaded from a perturbed copy of the checkpoint the engines start from, so an update that sent nothing
 (or only one owner's share) fails the log-prob check (checked by the gap to the old weights).
 """
@@ -71,10 +72,13 @@ def test_owners_send_their_shares_and_replay_them_to_a_killed_engine(ray_cluster
     new = _perturbed_checkpoint(model_dir, str(tmp_path / "actor_weights"), seed=21)
     reference = Reference(model_dir, str(tmp_path / "ref"))
     # engine 0's second load_bucket call is held for a while (in every process of engine 0, restarted ones too)
-    # ... and actor rank 1 raises when its share of the second update is asked for
+    # ... actor rank 1 raises when its share of the second update is asked for, and rank 0 starts sending its share
+    # of that update only 4 s later: its buckets arrive while the next update is open (the race a loaded machine
+    # hits by itself), where the engines must refuse them
     monkeypatch.setenv("MEGATRON_RL_FAULTS", json.dumps(
         [{"point": "engine.load_bucket", "action": "delay", "seconds": 6, "rank": 0, "call": 2},
-         {"point": "actor.export_weights", "action": "raise", "rank": 1, "call": 2}]))
+         {"point": "actor.export_weights", "action": "raise", "rank": 1, "call": 2},
+         {"point": "actor.export_weights", "action": "delay", "seconds": 4, "rank": 0, "call": 2}]))
     engine = EngineConfig(model=model_dir, dtype="float32", max_model_len=512)
     group = _actor(str(tmp_path / "actor_weights"), layout)
     pool = RolloutPool(RolloutPoolConfig(engine, num_engines=2, weight_sync_timeout_s=120))
@@ -103,7 +107,8 @@ def test_owners_send_their_shares_and_replay_them_to_a_killed_engine(ray_cluster
         assert gap_to_old > MIN_OLD_NEW_GAP, f"engines still (partly) on the old weights: gap {gap_to_old}"
 
         # an owner failing during an update: the update is abandoned, the pool refuses to sample from the half-loaded
-        # engines, and the next complete update is accepted
+        # engines, and the next complete update is accepted although the other owner's late buckets of the abandoned
+        # update reach the engines during it (each bucket names its update; the engines refuse the stale ones)
         with pytest.raises(RankFailure, match="injected fault at actor.export_weights"):
             pool.sync_weights(owners)
         with pytest.raises(RolloutError, match="interrupted"):
@@ -138,12 +143,12 @@ def test_the_ranks_prepare_an_owner_send_at_once_and_a_failed_preparation_is_rep
     try:
         owners = group.weight_owners(BUCKET_BYTES, timeout_s=60)
         with pytest.raises(RankFailure, match=r"rank 1 .*raised during prepare_weights: .*injected fault"):
-            owners.send([])
+            owners.send([], [])
         owners = group.weight_owners(BUCKET_BYTES, timeout_s=60)  # prepares again
         assert ray.get([w.__ray_call__.remote(_prepared) for w in group.workers], timeout=120) == [(True, True)] * 2
-        report = owners.send([])  # no engine: every owner builds its buckets, nothing to deliver
+        report = owners.send([], [])  # no engine: every owner builds its buckets, nothing to deliver
         assert report["failed"] == {} and report["buckets"] > 2 and report["tensors"] > 0
-        assert group.weight_owners(BUCKET_BYTES, timeout_s=60).send([])["buckets"] == report["buckets"]
+        assert group.weight_owners(BUCKET_BYTES, timeout_s=60).send([], [])["buckets"] == report["buckets"]
         assert group._weights_preparing == []  # prepared once: later owners start nothing
     finally:
         group.shutdown()
