@@ -395,6 +395,7 @@ class _EngineClient:
 
     def __init__(self, engine: Any, timeout_s: float, version: int = 0):
         self.engine, self.timeout_s, self.version = engine, timeout_s, version
+        self.update_id: int | None = None  # the open update's id (what start_weight_update's begin returned)
 
     def _get(self, ref):
         import ray
