@@ -442,7 +442,8 @@ class ActorWeightOwners(WeightOwners):
                 self.group._weights_prepared_for = None  # the next weight_owners() prepares again
                 raise
         engines_ref = ray.put(list(engines))
-        reports = self.group._watch([w.send_weights.remote(engines_ref, self.bucket_bytes, self.timeout_s, list(update_ids))
+        ids = list(update_ids)
+        reports = self.group._watch([w.send_weights.remote(engines_ref, self.bucket_bytes, self.timeout_s, ids)
                                      for w in self.group.workers], "send_weights")
         merged = {"failed": {}, "buckets": 0, "tensors": 0, "bytes": 0}
         for report in reports:

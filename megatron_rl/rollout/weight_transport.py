@@ -155,9 +155,8 @@ class BucketSender(ABC):
 
     def send(self, buckets: Iterable[Bucket], engines: Sequence[Any], update_ids: Sequence[int]) -> dict[str, Any]:
         """This sender's part of one update (between the pool's begin and finish on every engine; update_ids as in
-        `WeightOwners.send`): every non-empty
-        bucket to every engine; an engine that fails one gets no more. Returns {"failed": {engine index: (LOST |
-        RAISED, message)}, "buckets", "tensors", "bytes"} (this sender's counts)."""
+        `WeightOwners.send`): every non-empty bucket to every engine; an engine that fails one gets no more. Returns
+        {"failed": {engine index: (LOST | RAISED, message)}, "buckets", "tensors", "bytes"} (this sender's counts)."""
         import ray
 
         self._pending = []
