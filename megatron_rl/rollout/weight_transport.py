@@ -16,10 +16,11 @@ each sends its own share, see docs/rollout.md "Owner sends"), or a stream of buc
 Each sender process runs a `BucketSender` of the pool's transport:
 - "gloo" (`GlooSender`, default): per engine a gloo group with this sender; per bucket the engine is told names,
   dtypes and shapes and the sender broadcasts one packed buffer (vLLM's dense-NCCL choreography on gloo);
+- "nccl" (`NcclSender`, GPU): the same with NCCL groups, GPU to GPU (weight_transfer_engines.py; not yet run);
 - "object_store" (`ObjectStoreSender`, driver only): each bucket as numpy arrays in Ray's object store (one
   `ray.put`, read zero-copy by the engines of a node); needs no network path from the sender to the workers.
 A sender keeps the last committed update's buckets (packed) to `replay` them to a restarted engine.
-"nccl", "cuda_ipc": vLLM's own backends "nccl" / "ipc" on GPU; not wired here (no GPU to run them): refused.
+"cuda_ipc" (vLLM's "ipc", for colocated engines) is not wired: refused.
 """
 from __future__ import annotations
 
@@ -57,21 +58,21 @@ class PackedBucket:
         return sum(a.nbytes for a in self.arrays)
 
 
-def _checked_cpu_bucket(bucket: Bucket) -> list[tuple[str, torch.Tensor]]:
-    """The bucket's (hf_name, tensor) pairs with the tensors on the CPU; a TypeError for anything else."""
+def _checked_bucket(bucket: Bucket, device: torch.device | str = "cpu") -> list[tuple[str, torch.Tensor]]:
+    """The bucket's (hf_name, tensor) pairs with the tensors on `device`; a TypeError for anything else."""
     out = []
     for name, tensor in bucket:
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             raise TypeError(f"a bucket holds (hf_name: str, tensor) pairs, got ({type(name).__name__}, "
                             f"{type(tensor).__name__})")
-        out.append((name, tensor.detach().to("cpu")))
+        out.append((name, tensor.detach().to(device)))
     return out
 
 
 def pack_bucket(bucket: Bucket) -> PackedBucket:
     """(hf_name, tensor) pairs -> PackedBucket. Shares memory with CPU tensors (no copy); GPU tensors are copied."""
     names, dtypes, arrays = [], [], []
-    for name, tensor in _checked_cpu_bucket(bucket):
+    for name, tensor in _checked_bucket(bucket):
         t = tensor.contiguous()
         dtype = t.dtype
         if dtype in _VIEW_AS:
@@ -130,6 +131,7 @@ class BucketSender(ABC):
     "actor<rank>"); timeout_s: how long one engine's part of a transfer may take (`rollout.weight_sync_timeout_s`)."""
 
     name: ClassVar[str]
+    device: torch.device | str = "cpu"  # where this sender's buckets are prepared
 
     def __init__(self, sender_id: str = "driver", timeout_s: float = 600.0):
         self.sender_id, self.timeout_s = sender_id, timeout_s
@@ -138,7 +140,11 @@ class BucketSender(ABC):
 
     @abstractmethod
     def _prepare(self, bucket: Bucket) -> Any:
-        """The bucket (CPU tensors) in the form this transport sends, and keeps for replays."""
+        """The bucket (tensors on `self.device`) in the form this transport sends."""
+
+    def _kept(self, item: Any) -> Any:
+        """A prepared bucket as this sender keeps it once committed, for replays (itself by default)."""
+        return item
 
     @abstractmethod
     def _start(self, engine: Any, item: Any, update_id: int) -> Any:
@@ -166,7 +172,7 @@ class BucketSender(ABC):
         for bucket in buckets:
             if not bucket:  # owners and export_hf_weights(dst=0) yield empty buckets on the other ranks
                 continue
-            bucket = _checked_cpu_bucket(bucket)
+            bucket = _checked_bucket(bucket, self.device)
             item = self._prepare(bucket)
             self._pending.append(item)
             counts["buckets"] += 1
@@ -200,7 +206,7 @@ class BucketSender(ABC):
     def conclude(self, committed: bool) -> None:
         """The open update was committed (its buckets are what `replay` sends from now on) or abandoned."""
         if committed:
-            self._current = self._pending
+            self._current = [self._kept(item) for item in self._pending]
         self._pending = []
 
     def replay(self, engine: Any, update_id: int) -> int:
@@ -248,6 +254,7 @@ class GlooSender(BucketSender):
     connection builds a new one)."""
 
     name = "gloo"
+    backend = "megatron_rl_gloo"  # weight_transfer_engines.GLOO_BACKEND (not imported here: vLLM's import is slow)
 
     def __init__(self, sender_id: str = "driver", timeout_s: float = 600.0):
         super().__init__(sender_id, timeout_s)
@@ -258,7 +265,7 @@ class GlooSender(BucketSender):
     def _prepare(self, bucket: Bucket) -> Any:
         from megatron_rl.rollout.weight_transfer_engines import pack_into_buffer, update_info
 
-        return update_info(bucket, self.sender_id), pack_into_buffer([t for _, t in bucket])
+        return update_info(bucket, self.sender_id), pack_into_buffer([t for _, t in bucket], self.device)
 
     def _connected(self, engine: Any):
         """This engine's trainer engine, connected on first use (the group's TCP store on this node's Ray address:
@@ -269,14 +276,15 @@ class GlooSender(BucketSender):
         if sender is None:
             import ray
 
-            from megatron_rl.rollout.weight_transfer_engines import GlooTrainerInitInfo
+            from megatron_rl.rollout.weight_transfer_engines import GlooTrainerInitInfo, NcclTrainerInitInfo
 
             factory = self.load_backend()
             workers = ray.get(engine.num_workers.remote(), timeout=self.timeout_s)
+            info_cls = {cls.backend: cls for cls in (GlooTrainerInitInfo, NcclTrainerInitInfo)}[self.backend]
             sender = factory.trainer_init(
-                GlooTrainerInitInfo(master_address=ray.util.get_node_ip_address(), num_workers=workers,
-                                    timeout_s=self.timeout_s, sender=self.sender_id, rank=0),
-                client=_EngineClient(engine, self.timeout_s))
+                info_cls(master_address=ray.util.get_node_ip_address(), num_workers=workers,
+                         timeout_s=self.timeout_s, sender=self.sender_id, rank=0),
+                client=_EngineClient(engine, self.timeout_s, transport=self.name))
             with self._lock:
                 self._senders[key] = sender
         return sender
@@ -340,6 +348,27 @@ class GlooSender(BucketSender):
         super().close()
 
 
+class NcclSender(GlooSender):
+    """The "megatron_rl_nccl" backend's sender (GPU): `GlooSender` with NCCL groups, so each bucket is packed on this
+    process's GPU and broadcast GPU to GPU. The committed buckets are kept in host memory (a replay copies each back
+    to the GPU): keeping them on the GPU would hold a second copy of the owner's share there between updates.
+    Written against vLLM's `PyNcclCommunicator` and not yet run (no GPU here; the GPU tests are marked `gpu`)."""
+
+    name = "nccl"
+    backend = "megatron_rl_nccl"  # weight_transfer_engines.NCCL_BACKEND
+
+    def __init__(self, sender_id: str = "driver", timeout_s: float = 600.0):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"rollout.transport 'nccl': the sender {sender_id!r} has no CUDA GPU (NCCL sends GPU "
+                               "to GPU); use transport 'gloo' on CPU")
+        super().__init__(sender_id, timeout_s)
+        self.device = torch.device("cuda", torch.cuda.current_device())
+
+    def _kept(self, item: Any) -> Any:
+        info, buffer = item
+        return info, buffer.to("cpu")
+
+
 class BucketStream(WeightOwners):
     """One update as a stream of buckets from this process, sent by `sender` (the pool's own, the driver)."""
 
@@ -390,10 +419,11 @@ def first_error(refs: Sequence[Any]) -> BaseException | None:
 
 class _EngineClient:
     """vLLM's `VLLMWeightSyncClient` protocol over one `RolloutEngine` Ray actor (blocking calls, each bounded by
-    the timeout). `version` is the weights version a whole `send_weights` update installs."""
+    the timeout). `version` is the weights version a whole `send_weights` update installs; `transport` the sender's
+    (`GlooSender.name` or `NcclSender.name`)."""
 
-    def __init__(self, engine: Any, timeout_s: float, version: int = 0):
-        self.engine, self.timeout_s, self.version = engine, timeout_s, version
+    def __init__(self, engine: Any, timeout_s: float, version: int = 0, transport: str = "gloo"):
+        self.engine, self.timeout_s, self.version, self.transport = engine, timeout_s, version, transport
         self.update_id: int | None = None  # the open update's id (what start_weight_update's begin returned)
 
     def _get(self, ref):
@@ -408,36 +438,27 @@ class _EngineClient:
         self.update_id = self._get(self.engine.begin_weight_update.remote(self.version))
 
     def update_weights(self, update_info: dict) -> None:
-        self._get(self.engine.load_bucket.remote(GlooSender.name, update_info, self.update_id))
+        self._get(self.engine.load_bucket.remote(self.transport, update_info, self.update_id))
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         self._get(self.engine.finish_weight_update.remote())
 
 
-def _not_wired(name: str, backend: str) -> Callable[..., BucketSender]:
-    def refuse(**_options) -> BucketSender:
-        raise NotImplementedError(
-            f"rollout.transport={name!r}: vLLM's {backend!r} weight-transfer backend needs CUDA GPUs and is not wired "
-            "into the pool yet (no GPU to run it here); use 'gloo' (the same choreography over TCP) or 'object_store'"
-        )
-
-    return refuse
-
-
 # name -> the sender class of a transport; the worker halves are in weight_transfer_engines.py.
 TRANSPORTS: dict[str, Callable[..., BucketSender]] = {
     GlooSender.name: GlooSender,
+    NcclSender.name: NcclSender,
     ObjectStoreSender.name: ObjectStoreSender,
-    "nccl": _not_wired("nccl", "nccl"),
-    "cuda_ipc": _not_wired("cuda_ipc", "ipc"),
 }
 
 # transport -> the vLLM weight-transfer backend its engines run
-BACKENDS = {"gloo": "megatron_rl_gloo", "object_store": "megatron_rl_object_store"}
+BACKENDS = {GlooSender.name: GlooSender.backend, NcclSender.name: NcclSender.backend,
+            ObjectStoreSender.name: "megatron_rl_object_store"}
 
 
 def make_sender(name: str, *, sender_id: str = "driver", timeout_s: float = 600.0) -> BucketSender:
-    """A sender of transport `name` (raises before any engine starts for unknown/unwired ones)."""
+    """A sender of transport `name` (raises before any engine starts for an unknown one, or one this process
+    cannot send with: nccl without a GPU)."""
     if name not in TRANSPORTS:
         raise ValueError(f"rollout.transport: unknown transport {name!r}; use one of {sorted(TRANSPORTS)}")
     return TRANSPORTS[name](sender_id=sender_id, timeout_s=timeout_s)

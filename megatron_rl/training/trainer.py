@@ -473,7 +473,7 @@ class Trainer:
         shares to the engines, or rank 0's stream of buckets, which the pool's transport sends."""
         config = self.pool.config
         return self.group.weights(config.resolved_weight_sender, int(config.weight_bucket_mb * 1024**2),
-                                  timeout_s=config.weight_sync_timeout_s)
+                                  timeout_s=config.weight_sync_timeout_s, transport=config.transport)
 
     # ----------------------------------------------------------------------------------- checkpoints
     def _save(self) -> None:

@@ -68,9 +68,44 @@ def test_transport_registry():
     gloo.close()
     with pytest.raises(ValueError, match="rollout.transport: unknown transport 'tcp'"):
         make_sender("tcp")
-    for name, backend in (("nccl", "nccl"), ("cuda_ipc", "ipc")):
-        with pytest.raises(NotImplementedError, match=f"rollout.transport='{name}': vLLM's '{backend}'"):
-            make_sender(name)
+    with pytest.raises(ValueError, match="unknown transport 'cuda_ipc'"):
+        make_sender("cuda_ipc")
+    if not torch.cuda.is_available():  # refused in the sender's own process, before any engine is contacted
+        with pytest.raises(RuntimeError, match="rollout.transport 'nccl': the sender 'actor1' has no CUDA GPU"):
+            make_sender("nccl", sender_id="actor1")
+
+
+def test_the_config_and_the_registry_name_the_same_transports():
+    from megatron_rl.rollout import config
+    from megatron_rl.rollout.weight_transport import BACKENDS, TRANSPORTS
+
+    assert sorted(TRANSPORTS) == sorted(BACKENDS) == sorted(config.TRANSPORTS)
+    assert set(config.OWNER_TRANSPORTS) == {name for name, cls in TRANSPORTS.items() if hasattr(cls, "backend")}
+
+
+def test_every_backend_is_registered_with_vllms_factories():
+    """The engines build the worker half by name (`WeightTransferConfig(backend=...)`), the senders the trainer half
+    from their init info's `backend`: both must resolve for every transport."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
+
+    from megatron_rl.rollout.weight_transfer_engines import (
+        GlooTrainerInitInfo,
+        NcclTrainerInitInfo,
+        NcclTrainerWeightTransferEngine,
+        NcclWeightTransferEngine,
+        register_backends,
+    )
+    from megatron_rl.rollout.weight_transport import BACKENDS, TRANSPORTS
+
+    register_backends()
+    for backend in BACKENDS.values():
+        assert backend in WeightTransferEngineFactory._registry
+    for name, cls in TRANSPORTS.items():
+        if hasattr(cls, "backend"):
+            assert cls.backend == BACKENDS[name] in WeightTransferTrainerFactory._registry
+    assert {GlooTrainerInitInfo.backend, NcclTrainerInitInfo.backend} == {BACKENDS["gloo"], BACKENDS["nccl"]}
+    assert WeightTransferEngineFactory._registry[BACKENDS["nccl"]]() is NcclWeightTransferEngine
+    assert WeightTransferTrainerFactory._registry[BACKENDS["nccl"]]() is NcclTrainerWeightTransferEngine
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -108,8 +143,13 @@ def test_weight_sender_setting_is_checked_and_resolved():
     assert RolloutPoolConfig(engine).resolved_weight_sender == "owners"  # auto with gloo
     assert RolloutPoolConfig(engine, transport="object_store").resolved_weight_sender == "driver"
     assert RolloutPoolConfig(engine, weight_sender="driver").resolved_weight_sender == "driver"
-    with pytest.raises(ValueError, match="rollout.weight_sender.*'gloo'"):
+    with pytest.raises(ValueError, match="rollout.weight_sender.*'gloo' or 'nccl'"):
         RolloutPoolConfig(engine, transport="object_store", weight_sender="owners")
+    assert RolloutPoolConfig(engine, device="gpu", transport="nccl").resolved_weight_sender == "owners"
+    with pytest.raises(ValueError, match="rollout.transport: is 'nccl' on device 'cpu'.*use transport 'gloo' on CPU"):
+        RolloutPoolConfig(engine, transport="nccl")
+    with pytest.raises(ValueError, match="rollout.transport: is 'cuda_ipc': vLLM's IPC weight-transfer backend"):
+        RolloutPoolConfig(engine, device="gpu", transport="cuda_ipc")
     with pytest.raises(ValueError, match="rollout.weight_sender.*'ranks'"):
         RolloutPoolConfig(engine, weight_sender="ranks")
     with pytest.raises(ValueError, match="rollout.weight_bucket_mb: must be > 0"):
