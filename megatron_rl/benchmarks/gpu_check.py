@@ -14,6 +14,10 @@ Checks, in order (each one's result, numbers and any error go into the report; a
 4. `train_step_mfu`: bf16 train steps of the Megatron actor on a stack of Qwen2.5-7B-shaped layers (hidden 3584, 28
    heads of 128, 4 KV heads, MLP 18944; `benchmarks/models.py` "qwen7b_slice") and the MFU against the measured
    matmul peak (`benchmarks/gpu.py`).
+5. `nccl_transport`: the nccl weight transport's data plane between two processes on two GPUs (our `NcclGroup` and
+   trainer engine: a bucket bit-exact, a receiver that dies or idles releases the sender): the `gpu`-marked tests of
+   tests/unit/rollout/test_broadcast_transfer.py. Needs two GPUs (NCCL refuses two ranks on one) and vLLM (its
+   `PyNcclCommunicator`); skipped, with the reason, without them.
 
 Dry run (`--dry-run`, or no CUDA): every check is listed with what it would run and marked skipped, with the
 reason; exit 0. CI runs the dry run (tests/unit/test_gpu_check.py), so the script at least imports and plans.
@@ -25,6 +29,7 @@ import argparse
 import datetime
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +41,10 @@ import torch
 
 BF16_LOGIT_TOLERANCE = 5e-2
 IPC_BYTES = 256 << 20
+
+
+class CheckSkipped(Exception):
+    """A check this machine cannot run (the message, the reason, goes into the report)."""
 
 
 @dataclass
@@ -120,6 +129,25 @@ def _train_step_mfu(workdir: str) -> dict[str, Any]:
     return {**out["peak"][0], **{k: run[k] for k in run if k.startswith(("MFU", "step_s", "model_TFLOP"))}}
 
 
+def _nccl_transport(workdir: str) -> dict[str, Any]:
+    if torch.cuda.device_count() < 2:
+        raise CheckSkipped(f"needs two GPUs, this machine has {torch.cuda.device_count()} (NCCL refuses two ranks "
+                           "on one GPU)")
+    try:
+        import vllm.distributed.device_communicators.pynccl  # noqa: F401 - what NcclGroup builds on
+    except ImportError as error:
+        raise CheckSkipped(f"vLLM is not importable here ({error})") from None
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    test = os.path.join(repo, "tests", "unit", "rollout", "test_broadcast_transfer.py")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", test], cwd=repo, capture_output=True,
+                         text=True, timeout=540, check=False)
+    summary = (run.stdout.strip().splitlines() or ["(no output)"])[-1]
+    if run.returncode != 0 or "passed" not in summary:
+        raise AssertionError(f"pytest -m gpu {os.path.relpath(test, repo)}: {summary}\n{run.stdout[-3000:]}"
+                             f"{run.stderr[-2000:]}")
+    return {"pytest": summary}
+
+
 CHECKS: list[tuple[str, str, Callable[[str], dict[str, Any]]]] = [
     ("cuda", "CUDA device and build", _cuda),
     ("bf16_logits", "Megatron bf16 logits on one GPU vs transformers (fp32 on bf16-rounded weights), tiny Qwen3",
@@ -127,6 +155,8 @@ CHECKS: list[tuple[str, str, Callable[[str], dict[str, Any]]]] = [
     ("cuda_ipc", f"a {IPC_BYTES >> 20} MiB CUDA tensor read by a second process through CUDA IPC", _cuda_ipc),
     ("train_step_mfu", "bf16 Megatron train steps on Qwen2.5-7B-shaped layers, MFU vs the measured matmul peak",
      _train_step_mfu),
+    ("nccl_transport", "the nccl weight transport between two processes on two GPUs (bucket bit-exact, dead and "
+     "idle receivers)", _nccl_transport),
 ]
 
 
@@ -144,6 +174,8 @@ def run_checks(workdir: str, dry_run: bool) -> list[CheckResult]:
             try:
                 result.numbers = check(workdir)
                 result.status = "ok"
+            except CheckSkipped as why:
+                result.detail = str(why)
             except Exception as error:  # noqa: BLE001 - reported, and the next check runs
                 result.status = "FAILED"
                 result.detail = "".join(traceback.format_exception_only(error)).strip()

@@ -229,6 +229,10 @@ class RolloutPoolConfig:
         if self.transport == "nccl" and self.device != "gpu":
             _fail_in("transport", f"is 'nccl' on device {self.device!r}",
                      "NCCL sends GPU to GPU: use transport 'gloo' on CPU, or device 'gpu'")
+        if self.transport == "nccl" and self.colocate:
+            _fail_in("transport", "is 'nccl' with colocated engines",
+                     "NCCL refuses two ranks on one GPU, and a colocated engine shares its GPU with an actor rank: "
+                     "use transport 'gloo'")
         if self.weight_sender not in WEIGHT_SENDERS:
             _fail_in("weight_sender", f"is {self.weight_sender!r}", f"use one of {WEIGHT_SENDERS}")
         if self.weight_sender == "owners" and self.transport not in OWNER_TRANSPORTS:

@@ -254,10 +254,10 @@ class RolloutEngine:
 
     def load_bucket(self, transport: str, payload: Any, update_id: int) -> int:
         """One bucket of the open update (`update_id`: what its begin returned) through vLLM's `update_weights`:
-        object_store's payload is the PackedBucket itself, gloo's the bucket's names, dtypes and shapes (the tensors
-        arrive by broadcast while this runs). A bucket of another update is refused and leaves the open one as it
-        was: it comes from a sender that was still sending an abandoned update (another owner failed) when the next
-        one began (that sender's gloo broadcast then fails on its side, which drops the connection)."""
+        object_store's payload is the PackedBucket itself, gloo's and nccl's the bucket's names, dtypes and shapes
+        (the tensors arrive by broadcast while this runs). A bucket of another update is refused and leaves the open
+        one as it was: it comes from a sender that was still sending an abandoned update (another owner failed) when
+        the next one began (that sender's broadcast then fails on its side, which drops the connection)."""
         if self._update is None:
             raise WeightUpdateError(f"engine {self.engine_id}: load_bucket without begin_weight_update")
         if update_id != self._update["id"]:

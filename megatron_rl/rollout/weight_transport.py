@@ -24,6 +24,7 @@ A sender keeps the last committed update's buckets (packed) to `replay` them to 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -299,8 +300,16 @@ class GlooSender(BucketSender):
         register_backends()
         return WeightTransferTrainerFactory
 
+    def _on_device(self):
+        """The context the per-engine threads send in (none needed for gloo)."""
+        return contextlib.nullcontext()
+
     def _start(self, engine: Any, item: Any, update_id: int) -> Any:
         """The engine's `load_bucket(info)` while we broadcast the buffer (it receives inside that call)."""
+        with self._on_device():
+            return self._start_on_device(engine, item, update_id)
+
+    def _start_on_device(self, engine: Any, item: Any, update_id: int) -> Any:
         import ray
 
         info, buffer = item
@@ -367,6 +376,10 @@ class NcclSender(GlooSender):
     def _kept(self, item: Any) -> Any:
         info, buffer = item
         return info, buffer.to("cpu")
+
+    def _on_device(self):
+        """This sender's GPU as the current device of the per-engine threads (a new thread starts on device 0)."""
+        return torch.cuda.device(self.device)
 
 
 class BucketStream(WeightOwners):

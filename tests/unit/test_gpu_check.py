@@ -35,3 +35,12 @@ def test_a_failing_check_is_reported_and_the_rest_still_run(tmp_path, monkeypatc
     assert "RuntimeError: boom" in results[0].detail and results[1].numbers["x"] == 1
     assert "| a | fails | FAILED | RuntimeError: boom |" in gpu_check.report(results, dry_run=False)
     assert gpu_check.main(["--report", str(tmp_path / "r.md"), "--dry-run"]) == 0
+
+
+def test_a_check_this_machine_cannot_run_is_skipped_with_its_reason(tmp_path, monkeypatch):
+    """The nccl transport check needs two GPUs: on fewer it is skipped (not failed) and says why."""
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_check.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(gpu_check, "CHECKS", [c for c in gpu_check.CHECKS if c[0] == "nccl_transport"])
+    (result,) = gpu_check.run_checks(str(tmp_path), dry_run=False)
+    assert result.status == "skipped" and result.detail.startswith("needs two GPUs, this machine has 1")

@@ -148,6 +148,8 @@ def test_weight_sender_setting_is_checked_and_resolved():
     assert RolloutPoolConfig(engine, device="gpu", transport="nccl").resolved_weight_sender == "owners"
     with pytest.raises(ValueError, match="rollout.transport: is 'nccl' on device 'cpu'.*use transport 'gloo' on CPU"):
         RolloutPoolConfig(engine, transport="nccl")
+    with pytest.raises(ValueError, match="rollout.transport: is 'nccl' with colocated engines.*use transport 'gloo'"):
+        RolloutPoolConfig(engine, device="gpu", transport="nccl", colocate=True)
     with pytest.raises(ValueError, match="rollout.transport: is 'cuda_ipc': vLLM's IPC weight-transfer backend"):
         RolloutPoolConfig(engine, device="gpu", transport="cuda_ipc")
     with pytest.raises(ValueError, match="rollout.weight_sender.*'ranks'"):
