@@ -92,7 +92,7 @@ class _MegatronWorker:
         self.rank, self.world_size = rank, world_size
         self.threads = threads
         self.actor = None
-        self.owner_sender = None  # its BucketSender (rollout/weight_transport.py), built at the first owner-sends update
+        self.owner_sender = None  # its BucketSender (rollout/weight_transport.py), made at the first owner-sends update
         self._running: tuple[str, float, int] | None = None  # (method, start, thread id) of the call in progress
         self.log_path = log_path
         if log_path:  # everything this rank prints also goes to its own file, which the driver tails on failure
@@ -453,8 +453,9 @@ class ActorWeightOwners(WeightOwners):
                 raise
         engines_ref = ray.put(list(engines))
         ids = list(update_ids)
-        reports = self.group._watch([w.send_weights.remote(engines_ref, self.bucket_bytes, self.timeout_s, ids, self.transport)
-                                     for w in self.group.workers], "send_weights")
+        sends = [w.send_weights.remote(engines_ref, self.bucket_bytes, self.timeout_s, ids, self.transport)
+                 for w in self.group.workers]
+        reports = self.group._watch(sends, "send_weights")
         merged = {"failed": {}, "buckets": 0, "tensors": 0, "bytes": 0}
         for report in reports:
             for index, failure in report["failed"].items():

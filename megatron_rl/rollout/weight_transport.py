@@ -277,14 +277,11 @@ class GlooSender(BucketSender):
         if sender is None:
             import ray
 
-            from megatron_rl.rollout.weight_transfer_engines import GlooTrainerInitInfo, NcclTrainerInitInfo
-
             factory = self.load_backend()
             workers = ray.get(engine.num_workers.remote(), timeout=self.timeout_s)
-            info_cls = {cls.backend: cls for cls in (GlooTrainerInitInfo, NcclTrainerInitInfo)}[self.backend]
             sender = factory.trainer_init(
-                info_cls(master_address=ray.util.get_node_ip_address(), num_workers=workers,
-                         timeout_s=self.timeout_s, sender=self.sender_id, rank=0),
+                self._init_info_cls()(master_address=ray.util.get_node_ip_address(), num_workers=workers,
+                                      timeout_s=self.timeout_s, sender=self.sender_id, rank=0),
                 client=_EngineClient(engine, self.timeout_s, transport=self.name))
             with self._lock:
                 self._senders[key] = sender
@@ -299,6 +296,12 @@ class GlooSender(BucketSender):
 
         register_backends()
         return WeightTransferTrainerFactory
+
+    def _init_info_cls(self):
+        """The trainer init info of this sender's backend (its `backend` is the factory's key)."""
+        from megatron_rl.rollout.weight_transfer_engines import GlooTrainerInitInfo
+
+        return GlooTrainerInitInfo
 
     def _on_device(self):
         """The context the per-engine threads send in (none needed for gloo)."""
@@ -372,6 +375,11 @@ class NcclSender(GlooSender):
                                "to GPU); use transport 'gloo' on CPU")
         super().__init__(sender_id, timeout_s)
         self.device = torch.device("cuda", torch.cuda.current_device())
+
+    def _init_info_cls(self):
+        from megatron_rl.rollout.weight_transfer_engines import NcclTrainerInitInfo
+
+        return NcclTrainerInitInfo
 
     def _kept(self, item: Any) -> Any:
         info, buffer = item

@@ -103,7 +103,9 @@ def test_every_backend_is_registered_with_vllms_factories():
     for name, cls in TRANSPORTS.items():
         if hasattr(cls, "backend"):
             assert cls.backend == BACKENDS[name] in WeightTransferTrainerFactory._registry
-    assert {GlooTrainerInitInfo.backend, NcclTrainerInitInfo.backend} == {BACKENDS["gloo"], BACKENDS["nccl"]}
+    assert GlooTrainerInitInfo.backend == BACKENDS["gloo"] and NcclTrainerInitInfo.backend == BACKENDS["nccl"]
+    for name in ("gloo", "nccl"):  # each sender's init info names its own backend (no CUDA needed to ask)
+        assert TRANSPORTS[name]._init_info_cls(None).backend == BACKENDS[name]
     assert WeightTransferEngineFactory._registry[BACKENDS["nccl"]]() is NcclWeightTransferEngine
     assert WeightTransferTrainerFactory._registry[BACKENDS["nccl"]]() is NcclTrainerWeightTransferEngine
 
