@@ -188,7 +188,7 @@ class ObjectStoreWeightTransferEngine(_LayerwiseReloadEngine):
 
 
 @dataclass
-class GlooInitInfo(WeightTransferInitInfo):
+class BroadcastInitInfo(WeightTransferInitInfo):
     """The worker's init info of both broadcast backends (gloo, nccl): where the sender's TCP store listens, this
     engine's first rank in the group (the sender is rank 0), the group's size (1 + the engine's workers), the timeout
     of every wait in seconds and the sender's name (an engine keeps one group per sender: the pool's driver, or each
@@ -203,7 +203,7 @@ class GlooInitInfo(WeightTransferInitInfo):
 
 
 @dataclass
-class GlooUpdateInfo(WeightTransferUpdateInfo):
+class BroadcastUpdateInfo(WeightTransferUpdateInfo):
     """One bucket of either broadcast backend: HF names, torch dtype names and shapes, in the packed buffer's order,
     and which sender's group broadcasts it."""
 
@@ -328,24 +328,24 @@ class _BroadcastWeightTransferEngine(_LayerwiseReloadEngine):
     broadcast (bounded by the group's timeout; a failed or timed-out receive drops that group), loaded as views.
     Subclasses say which group they build (`_join`)."""
 
-    init_info_cls = GlooInitInfo
-    update_info_cls = GlooUpdateInfo
+    init_info_cls = BroadcastInitInfo
+    update_info_cls = BroadcastUpdateInfo
 
     def __init__(self, config, vllm_config, device, model) -> None:
         super().__init__(config, vllm_config, device, model)
         self.groups: dict[str, Any] = {}  # sender name -> its group
 
     @abstractmethod
-    def _join(self, init_info: GlooInitInfo, rank: int):
+    def _join(self, init_info: BroadcastInitInfo, rank: int):
         """This worker's group with the sender of `init_info` (blocks in the rendezvous until the sender joins)."""
 
-    def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
+    def init_transfer_engine(self, init_info: BroadcastInitInfo) -> None:
         self._drop(init_info.sender)  # a sender that reconnects (new group) replaces its old group
         parallel = self.parallel_config
         rank = parallel.data_parallel_index * parallel.world_size + parallel.rank + init_info.rank_offset
         self.groups[init_info.sender] = self._join(init_info, rank)
 
-    def receive_weights(self, update_info: GlooUpdateInfo) -> None:
+    def receive_weights(self, update_info: BroadcastUpdateInfo) -> None:
         group = self.groups.get(update_info.sender)
         if group is None:
             raise RuntimeError(f"weight transfer from sender {update_info.sender!r} not initialized: "
@@ -373,7 +373,7 @@ class _BroadcastWeightTransferEngine(_LayerwiseReloadEngine):
 class GlooWeightTransferEngine(_BroadcastWeightTransferEngine):
     """Worker engine of "megatron_rl_gloo": gloo groups, buffers in host memory."""
 
-    def _join(self, init_info: GlooInitInfo, rank: int) -> GlooGroup:
+    def _join(self, init_info: BroadcastInitInfo, rank: int) -> GlooGroup:
         return GlooGroup(init_info.master_address, init_info.master_port, rank, init_info.world_size,
                          init_info.timeout_s)
 
@@ -381,7 +381,7 @@ class GlooWeightTransferEngine(_BroadcastWeightTransferEngine):
 class NcclWeightTransferEngine(_BroadcastWeightTransferEngine):
     """Worker engine of "megatron_rl_nccl" (GPU): NCCL groups on this worker's GPU, so a bucket goes GPU to GPU."""
 
-    def _join(self, init_info: GlooInitInfo, rank: int) -> NcclGroup:
+    def _join(self, init_info: BroadcastInitInfo, rank: int) -> NcclGroup:
         return NcclGroup(init_info.master_address, init_info.master_port, rank, init_info.world_size,
                          init_info.timeout_s, self.device)
 
@@ -390,7 +390,7 @@ class NcclWeightTransferEngine(_BroadcastWeightTransferEngine):
 @dataclass
 class GlooTrainerInitInfo(TrainerInitInfo):
     """The sender's side of one engine's group: the address its TCP store binds to (0 = a free port), the number
-    of the engine's workers, the timeout of every wait in seconds and the sender's name (GlooInitInfo)."""
+    of the engine's workers, the timeout of every wait in seconds and the sender's name (BroadcastInitInfo)."""
 
     backend: ClassVar[str] = GLOO_BACKEND
 
@@ -438,7 +438,7 @@ class _BroadcastTrainerEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
         listen.bind((init_info.master_address, init_info.master_port))  # only this address, not every interface
         listen.listen()
         port = listen.getsockname()[1]
-        worker_info = GlooInitInfo(master_address=init_info.master_address, master_port=port,
+        worker_info = BroadcastInitInfo(master_address=init_info.master_address, master_port=port,
                                    world_size=1 + init_info.num_workers, timeout_s=init_info.timeout_s,
                                    sender=init_info.sender)
         # The workers block in the rendezvous inside init_weight_transfer_engine: run it beside our side of it.
@@ -533,4 +533,4 @@ def update_info(bucket: Iterable[tuple[str, torch.Tensor]], sender: str = "drive
         names.append(name)
         dtypes.append(str(tensor.dtype).removeprefix("torch."))
         shapes.append(list(tensor.shape))
-    return asdict(GlooUpdateInfo(names=names, dtype_names=dtypes, shapes=shapes, sender=sender))
+    return asdict(BroadcastUpdateInfo(names=names, dtype_names=dtypes, shapes=shapes, sender=sender))

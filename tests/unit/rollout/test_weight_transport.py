@@ -14,7 +14,7 @@ from megatron_rl.rollout.weight_transport import (
 )
 from megatron_rl.rollout.weight_transfer_engines import (
     ALIGN_BYTES,
-    GlooUpdateInfo,
+    BroadcastUpdateInfo,
     bucket_layout,
     pack_into_buffer,
     update_info,
@@ -133,7 +133,7 @@ def test_update_info_describes_the_bucket_and_refuses_ragged_lists():
                     "sender": "driver"}
     assert update_info([("a", torch.zeros(1))], "actor3")["sender"] == "actor3"
     with pytest.raises(ValueError, match="differ in length"):
-        GlooUpdateInfo(names=["a"], dtype_names=[], shapes=[[1]])
+        BroadcastUpdateInfo(names=["a"], dtype_names=[], shapes=[[1]])
     with pytest.raises(ValueError, match="layout needs"):
         views_of_buffer(torch.zeros(3, dtype=torch.uint8), [[4]], [torch.float32])
 
