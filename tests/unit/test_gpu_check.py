@@ -1,5 +1,6 @@
 """The GPU check script's dry run (what CI can run): it imports every check, plans them all, skips them with the
 reason, writes the report and exits 0. The checks themselves need a CUDA GPU (run tools/gpu_check.sh there)."""
+import os
 import subprocess
 
 from megatron_rl.benchmarks import gpu_check
@@ -44,3 +45,37 @@ def test_a_check_this_machine_cannot_run_is_skipped_with_its_reason(tmp_path, mo
     monkeypatch.setattr(gpu_check, "CHECKS", [c for c in gpu_check.CHECKS if c[0] == "nccl_transport"])
     (result,) = gpu_check.run_checks(str(tmp_path), dry_run=False)
     assert result.status == "skipped" and result.detail.startswith("needs two GPUs, this machine has 1")
+
+
+def _wheel(folder, name: str, tag: str) -> None:
+    """A minimal wheel of one module `name` (what pip needs: the module, METADATA, WHEEL, RECORD)."""
+    import zipfile
+
+    info = f"{name}-1.0.dist-info"
+    files = {f"{name}.py": "VALUE = 1\n", f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
+             f"{info}/WHEEL": f"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: {tag}\n"}
+    files[f"{info}/RECORD"] = "".join(f"{path},,\n" for path in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(folder / f"{name}-1.0-{tag}.whl", "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+
+
+def test_carried_wheels_for_this_python_are_installed_before_the_check(tmp_path):
+    """gpu_check.sh installs the wheels of GPU_CHECK_WHEELS (tools/gpu_wheels.sh fills .whl/) that fit this Python
+    into a private folder on PYTHONPATH, and leaves those built for another Python alone (two builds of one package
+    would stop pip)."""
+    import sys
+
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    _wheel(wheels, "carried_anywhere", "py3-none-any")
+    _wheel(wheels, "carried_here", f"cp{sys.version_info[0]}{sys.version_info[1]}-none-any")
+    _wheel(wheels, "carried_elsewhere", "cp27-none-any")
+    env = {**os.environ, "GPU_CHECK_WHEELS": str(wheels), "TMPDIR": str(tmp_path), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", "tools/gpu_check.sh", "--dry-run", "--report", str(tmp_path / "plan.md")],
+                            capture_output=True, text=True, timeout=300, check=False, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "installing 2 carried wheel(s)" in result.stderr
+    site = tmp_path / "megatron_rl_gpu_site"
+    assert (site / "carried_anywhere.py").exists() and (site / "carried_here.py").exists()
+    assert not (site / "carried_elsewhere.py").exists()
