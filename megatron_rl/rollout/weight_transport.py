@@ -144,7 +144,8 @@ class BucketSender(ABC):
         """The bucket (tensors on `self.device`) in the form this transport sends."""
 
     def _kept(self, item: Any) -> Any:
-        """A prepared bucket as this sender keeps it once committed, for replays (itself by default)."""
+        """A prepared bucket as this sender keeps it for replays, once `_start` has returned on every engine
+        (itself by default; the nccl sender moves it off the GPU)."""
         return item
 
     @abstractmethod
@@ -175,7 +176,6 @@ class BucketSender(ABC):
                 continue
             bucket = _checked_bucket(bucket, self.device)
             item = self._prepare(bucket)
-            self._pending.append(item)
             counts["buckets"] += 1
             counts["tensors"] += len(bucket)
             counts["bytes"] += sum(t.numel() * t.element_size() for _, t in bucket)
@@ -185,6 +185,7 @@ class BucketSender(ABC):
                     failed[i] = self._failure(engines[i], i, outcome)
                 else:
                     loads[i].append(outcome)
+            self._pending.append(self._kept(item))  # at once: one bucket in the sending form at a time
         deadline = time.monotonic() + self.timeout_s
         for i, refs in loads.items():  # every engine's loads, bounded by one timeout in all
             if i in failed or not refs:
@@ -207,7 +208,7 @@ class BucketSender(ABC):
     def conclude(self, committed: bool) -> None:
         """The open update was committed (its buckets are what `replay` sends from now on) or abandoned."""
         if committed:
-            self._current = [self._kept(item) for item in self._pending]
+            self._current = self._pending
         self._pending = []
 
     def replay(self, engine: Any, update_id: int) -> int:
@@ -362,8 +363,9 @@ class GlooSender(BucketSender):
 
 class NcclSender(GlooSender):
     """The "megatron_rl_nccl" backend's sender (GPU): `GlooSender` with NCCL groups, so each bucket is packed on this
-    process's GPU and broadcast GPU to GPU. The committed buckets are kept in host memory (a replay copies each back
-    to the GPU): keeping them on the GPU would hold a second copy of the owner's share there between updates.
+    process's GPU and broadcast GPU to GPU. Each bucket, once broadcast to every engine, is kept for replays in host
+    memory (a replay copies it back to the GPU): so the GPU holds one packed bucket at a time, never a second copy of
+    the owner's share.
     Written against vLLM's `PyNcclCommunicator` and not yet run (no GPU here; the GPU tests are marked `gpu`)."""
 
     name = "nccl"
