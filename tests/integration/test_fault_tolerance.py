@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 
 import psutil
 import pytest
@@ -33,9 +34,14 @@ TWO_RANKS = {"run.steps": STEPS, "resources.actor_ranks": 2, "resources.num_cpus
              "logging.save_rollouts": True}
 
 
+RUN_MARKER = "MEGATRON_RL_TEST_RUN"  # set for one run only: every process it starts inherits it (Ray's daemons too)
+
+
 def _fault(point, action, rank, call, seconds=0.0):
-    return {**os.environ, "MEGATRON_RL_FAULTS": json.dumps([{"point": point, "action": action, "rank": rank,
-                                                             "call": call, "seconds": seconds}])}
+    """The environment of a run with this fault injected, marked as this run's (`_live_processes_of`)."""
+    return {**os.environ, RUN_MARKER: uuid.uuid4().hex,
+            "MEGATRON_RL_FAULTS": json.dumps([{"point": point, "action": action, "rank": rank, "call": call,
+                                               "seconds": seconds}])}
 
 
 def _fault_time(run_dir, rank):
@@ -45,23 +51,23 @@ def _fault_time(run_dir, rank):
     return float(match.group(1))
 
 
-KTHREADD = 2  # Linux's kernel-thread parent
-
-
-def _live_new_processes(before: set[int], grace_s: float = 20.0) -> list[str]:
-    """Processes started since `before` (this test's run: Ray daemons, workers, engines) still alive after grace.
-
-    Kernel threads (children of kthreadd, pid 2) are not ours: on a VM they are visible and come and go on their own
-    (a new kworker once failed CI here)."""
+def _live_processes_of(env: dict, grace_s: float = 20.0) -> list[str]:
+    """The processes of the run started with `env` (its RUN_MARKER is in their environment: the trainer, Ray's
+    daemons and workers, the engines, the reward workers) still alive after the grace period. Found by the marker,
+    not by "new since": other processes on the machine come and go meanwhile (a kernel worker once failed CI here, a
+    developer's shell another time)."""
+    marker = f"{RUN_MARKER}={env[RUN_MARKER]}".encode()
     deadline = time.monotonic() + grace_s
-    me = os.getpid()
     while True:
         left = []
-        for proc in psutil.process_iter(["pid", "ppid", "name", "cmdline", "status"]):
-            if (proc.pid in before or proc.pid == me or proc.info["status"] == psutil.STATUS_ZOMBIE
-                    or proc.pid == KTHREADD or proc.info["ppid"] == KTHREADD):
+        for proc in psutil.process_iter(["pid", "name", "cmdline", "status"]):
+            try:
+                with open(f"/proc/{proc.pid}/environ", "rb") as f:
+                    ours = marker in f.read().split(b"\0")
+            except OSError:  # gone meanwhile
                 continue
-            left.append(f"{proc.pid} ({proc.info['name']}): {' '.join(proc.info['cmdline'] or [])[:150]}")
+            if ours and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                left.append(f"{proc.pid} ({proc.info['name']}): {' '.join(proc.info['cmdline'] or [])[:150]}")
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(1)
@@ -80,8 +86,8 @@ def reference(tmp_path_factory):
 def test_a_killed_rank_stops_the_run_fast_and_the_run_resumes(tmp_path, reference):
     config, ref_dir = reference
     out = tmp_path / "runs"
-    before = {p.pid for p in psutil.process_iter()}
-    killed = _train(config, f"run.output_dir={out}", env=_fault("actor.train_step", "kill", 1, WARMUP + 3))
+    env = _fault("actor.train_step", "kill", 1, WARMUP + 3)
+    killed = _train(config, f"run.output_dir={out}", env=env)
     ended = time.time()
     run_dir = out / "t"
     assert killed.returncode == 1, killed.stdout[-2000:] + killed.stderr[-3000:]
@@ -89,7 +95,7 @@ def test_a_killed_rank_stops_the_run_fast_and_the_run_resumes(tmp_path, referenc
     err = killed.stderr
     assert "error: Megatron rank 1 (node " in err and "died during train_step" in err, err[-3000:]
     assert "last lines of its log" in err and "every process it started was shut down" in err
-    assert not _live_new_processes(before), "processes left behind"
+    assert not _live_processes_of(env), "processes left behind"
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_000001", "step_000002"]  # the last one intact
     resumed = _train(config, f"run.output_dir={out}", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -100,9 +106,8 @@ def test_a_killed_rank_stops_the_run_fast_and_the_run_resumes(tmp_path, referenc
 def test_a_rank_stalled_in_a_collective_is_reported_with_the_stacks(tmp_path, reference):
     config, _ = reference
     out = tmp_path / "runs"
-    before = {p.pid for p in psutil.process_iter()}
-    stalled = _train(config, f"run.output_dir={out}", "resources.actor_call_timeout_s=20",
-                     env=_fault("actor.collective", "stall", 1, WARMUP + 3, seconds=900))
+    env = _fault("actor.collective", "stall", 1, WARMUP + 3, seconds=900)
+    stalled = _train(config, f"run.output_dir={out}", "resources.actor_call_timeout_s=20", env=env)
     ended = time.time()
     assert stalled.returncode == 1, stalled.stdout[-2000:] + stalled.stderr[-3000:]
     assert ended - _fault_time(out / "t", 1) < 20 + 60
@@ -112,7 +117,7 @@ def test_a_rank_stalled_in_a_collective_is_reported_with_the_stacks(tmp_path, re
     assert "faults.py" in rank1 and "inject" in rank1  # the stalled rank is outside any collective
     rank0 = err[err.index("  rank 0 (node"):err.index("  rank 1 (node")]
     assert "all_reduce" in rank0  # its peer waits inside the collective
-    assert not _live_new_processes(before), "processes left behind"
+    assert not _live_processes_of(env), "processes left behind"
 
 
 def test_resume_refuses_a_changed_learning_rate(reference):
