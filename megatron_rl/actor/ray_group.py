@@ -167,14 +167,14 @@ class _MegatronWorker:
                     yield bucket
 
     def send_weights(self, engines: list, bucket_bytes: int, timeout_s: float, update_ids: list[int],
-                     transport: str = "gloo") -> dict:
+                     transport: str) -> dict:
         """Owner sends (docs/rollout.md): every rank takes part in the collective export of the owned buckets; each
         owner sends its own to every engine. This rank's report (BucketSender.send; empty for a non-owner)."""
         with self._doing("send_weights"):
             return self._sender(timeout_s, transport).send(
                 self.actor.owned_weight_buckets(bucket_bytes=bucket_bytes), engines, update_ids)
 
-    def prepare_weights(self, bucket_bytes: int, timeout_s: float, transport: str = "gloo") -> None:
+    def prepare_weights(self, bucket_bytes: int, timeout_s: float, transport: str) -> None:
         """An owner send's one-time set-up, done ahead of the first update (`ActorGroup.weight_owners`): the weight
         source's plan (collective) and the sender, with their imports of vLLM's weight-transfer API."""
         with self._doing("prepare_weights"):
@@ -437,7 +437,7 @@ class ActorWeightOwners(WeightOwners):
     """The pool's `WeightOwners` (rollout/weight_transport.py) over an ActorGroup: the calls go to every rank and are
     watched like the group's other calls (a rank that dies or stalls is a RankFailure)."""
 
-    def __init__(self, group: ActorGroup, bucket_bytes: int, timeout_s: float, transport: str = "gloo"):
+    def __init__(self, group: ActorGroup, bucket_bytes: int, timeout_s: float, transport: str):
         self.group, self.bucket_bytes, self.timeout_s = group, bucket_bytes, timeout_s
         self.transport = transport  # the ranks' senders: make_sender(transport)
 

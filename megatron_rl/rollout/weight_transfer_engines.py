@@ -439,8 +439,8 @@ class _BroadcastTrainerEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
         listen.listen()
         port = listen.getsockname()[1]
         worker_info = BroadcastInitInfo(master_address=init_info.master_address, master_port=port,
-                                   world_size=1 + init_info.num_workers, timeout_s=init_info.timeout_s,
-                                   sender=init_info.sender)
+                                        world_size=1 + init_info.num_workers, timeout_s=init_info.timeout_s,
+                                        sender=init_info.sender)
         # The workers block in the rendezvous inside init_weight_transfer_engine: run it beside our side of it.
         with ThreadPoolExecutor(max_workers=1) as pool:
             joined = pool.submit(client.init_weight_transfer_engine, asdict(worker_info))
