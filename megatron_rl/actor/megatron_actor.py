@@ -56,6 +56,7 @@ class MegatronActor:
         self.optimizer = None
         self.scheduler = None
         self.steps_done = 0
+        self.weights_revision = 0  # +1 whenever the policy's weights change (a step, a checkpoint load)
         self.reference = None
         self.reference_is_reset = False  # True once the reference is a copy of a trained policy (saved with it)
 
@@ -349,6 +350,7 @@ class MegatronActor:
                 replay.clear()
         fwd_bwd_seconds = time.perf_counter() - fwd_bwd_start
         update_ok, grad_norm, _ = self.optimizer.step()
+        self.weights_revision += 1
         step_lr = float(self.optimizer.param_groups[0]["lr"])
         if lr is not None:
             self._set_lr(saved_lr)
@@ -579,6 +581,7 @@ class MegatronActor:
         from megatron_rl.checkpoint.optimizer_ckpt import load_optimizer_state
 
         load_model_checkpoint(self.model, ckpt_dir)
+        self.weights_revision += 1
         if state is not None and state.get("reference_saved") and self.reference is not None:
             load_model_checkpoint(self.reference, os.path.join(ckpt_dir, REFERENCE_DIR))
             self.reference_is_reset = True

@@ -93,6 +93,7 @@ class _MegatronWorker:
         self.threads = threads
         self.actor = None
         self.owner_sender = None  # its BucketSender (rollout/weight_transport.py), made at the first owner-sends update
+        self._sent = self._committed = None  # (bucket bytes, actor weights revision) of the last sent / committed
         self._running: tuple[str, float, int] | None = None  # (method, start, thread id) of the call in progress
         self.log_path = log_path
         if log_path:  # everything this rank prints also goes to its own file, which the driver tails on failure
@@ -168,30 +169,68 @@ class _MegatronWorker:
 
     def send_weights(self, engines: list, bucket_bytes: int, timeout_s: float, update_ids: list[int],
                      transport: str) -> dict:
-        """Owner sends (docs/rollout.md): every rank takes part in the collective export of the owned buckets; each
-        owner sends its own to every engine. This rank's report (BucketSender.send; empty for a non-owner)."""
+        """Owner sends (docs/rollout.md): every rank takes part in the collective export; each sender sends its
+        buckets to the engines: its own share (gloo, nccl), or every whole bucket to the engine colocated with it
+        (ipc). This rank's report (BucketSender.send; empty for a rank that sends nothing)."""
         with self._doing("send_weights"):
-            return self._sender(timeout_s, transport).send(
-                self.actor.owned_weight_buckets(bucket_bytes=bucket_bytes), engines, update_ids)
+            sender = self._sender(timeout_s, transport)
+            report = sender.send(self._weight_buckets_for(sender, bucket_bytes), engines, update_ids)
+            self._sent = (bucket_bytes, self.actor.weights_revision)
+            return report
+
+    def _weight_buckets_for(self, sender, bucket_bytes: int):
+        """The buckets `sender` sends (collective): every whole bucket on every rank, or this rank's own share."""
+        if sender.whole_buckets_on_every_rank:
+            return self.actor.export_hf_weights(bucket_bytes=bucket_bytes, dst=None)
+        return self.actor.owned_weight_buckets(bucket_bytes=bucket_bytes)
 
     def prepare_weights(self, bucket_bytes: int, timeout_s: float, transport: str) -> None:
         """An owner send's one-time set-up, done ahead of the first update (`ActorGroup.weight_owners`): the weight
-        source's plan (collective) and the sender, with their imports of vLLM's weight-transfer API."""
+        source's plan (collective; not for ipc, whose ranks export every bucket) and the sender, with their imports
+        of vLLM's weight-transfer API."""
         with self._doing("prepare_weights"):
             inject("actor.prepare_weights", rank=self.rank)
-            self.actor.weight_source(bucket_bytes=bucket_bytes)
-            self._sender(timeout_s, transport).load_backend()
+            sender = self._sender(timeout_s, transport)
+            if not sender.whole_buckets_on_every_rank:
+                self.actor.weight_source(bucket_bytes=bucket_bytes)
+            sender.load_backend()
 
     @ray.method(concurrency_group="weights")
     def conclude_weights(self, committed: bool) -> None:
+        if committed:
+            self._committed = self._sent  # what a replay that exports again must find unchanged (ipc)
         if self.owner_sender is not None:
             self.owner_sender.conclude(committed)
 
     @ray.method(concurrency_group="weights")
     def replay_weights(self, engine, update_id: int) -> int:
         """This owner's share of the last committed update to a restarted engine (on its own thread: the rank may be
-        training meanwhile; the buckets are the ones kept at commit, not the live weights)."""
-        return self.owner_sender.replay(engine, update_id) if self.owner_sender is not None else 0
+        training meanwhile; the buckets are the ones kept at commit, not the live weights). ipc keeps none: see
+        `_replay_exported`."""
+        if self.owner_sender is None:
+            return 0
+        if self.owner_sender.whole_buckets_on_every_rank:
+            return self._replay_exported(engine, update_id)
+        return self.owner_sender.replay(engine, update_id)
+
+    def _replay_exported(self, engine, update_id: int) -> int:
+        """The committed update exported again and sent to a restarted engine (ipc: collective over the ranks, on
+        this thread). Refused unless the live weights are still the committed ones and the rank runs nothing else
+        (in the colocated synchronous loop, the only mode ipc serves, an engine is restarted while the ranks wait)."""
+        if self._committed is None:
+            raise RuntimeError(f"rank {self.rank}: no committed weight update to replay to a restarted engine")
+        bucket_bytes, revision = self._committed
+        if self.actor.weights_revision != revision:
+            raise RuntimeError(
+                f"rank {self.rank}: cannot bring a restarted engine to the committed weights over ipc: the actor's "
+                f"weights changed since they were sent (revision {revision} -> {self.actor.weights_revision}) and ipc "
+                "keeps no copy; send a new update (pool.update_weights) instead")
+        if self._running is not None:
+            raise RuntimeError(f"rank {self.rank}: cannot replay over ipc while {self._running[0]} runs: the export "
+                               "is collective over the ranks")
+        with self._doing("replay_weights"):
+            return self.owner_sender.replay(engine, update_id,
+                                            self.actor.export_hf_weights(bucket_bytes=bucket_bytes, dst=None))
 
     def _sender(self, timeout_s: float, transport: str):
         """This rank's sender of `transport` (a new one if the transport changed: the old one's kept buckets go)."""
@@ -390,7 +429,8 @@ class ActorGroup:
                       transport: str = "gloo") -> "ActorWeightOwners":
         """This group's ranks as the senders of a weight update (`RolloutPool.sync_weights(group.weight_owners())`):
         each owner rank sends its own buckets straight to the engines. timeout_s: one engine's part of one bucket
-        (rollout.weight_sync_timeout_s); transport: the pool's (rollout.transport: gloo, or nccl on GPUs).
+        (rollout.weight_sync_timeout_s); transport: the pool's (rollout.transport: gloo, nccl on GPUs, or ipc with
+        colocated engines).
 
         The first call (and a call with a new bucket size) also starts each rank's one-time preparation at once,
         without waiting for it (`_MegatronWorker.prepare_weights`): the pool then waits for engines that are still

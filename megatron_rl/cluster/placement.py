@@ -55,8 +55,13 @@ def colocated_engine_bundles(num_engines: int, tensor_parallel_size: int, num_bu
             f"{needed} engine ranks, but colocation places one engine rank per actor rank and there are "
             f"resources.actor_ranks={num_bundles}: lower num_engines / tensor_parallel_size or add actor ranks"
         )
+    return [engine_bundle_indices(e, tensor_parallel_size) for e in range(num_engines)]
+
+
+def engine_bundle_indices(engine_id: int, tensor_parallel_size: int) -> list[int]:
+    """Colocated: the bundles (= actor ranks) of engine `engine_id`'s TP ranks, e*tp .. e*tp+tp-1, in TP order."""
     tp = tensor_parallel_size
-    return [list(range(e * tp, (e + 1) * tp)) for e in range(num_engines)]
+    return list(range(engine_id * tp, (engine_id + 1) * tp))
 
 
 @dataclass(frozen=True)

@@ -179,8 +179,8 @@ class EngineConfig:
 WEIGHT_SENDERS = ("auto", "owners", "driver")
 # rollout.transport values (weight_transport.TRANSPORTS; not imported here: that module imports torch and numpy) and
 # those whose senders can be the actor's owner ranks (weight_transport.OWNER_TRANSPORTS)
-TRANSPORTS = ("gloo", "nccl", "object_store")
-OWNER_TRANSPORTS = ("gloo", "nccl")
+TRANSPORTS = ("gloo", "nccl", "ipc", "object_store")
+OWNER_TRANSPORTS = ("gloo", "nccl", "ipc")
 
 
 @dataclass(frozen=True)
@@ -193,11 +193,13 @@ class RolloutPoolConfig:
     startup_timeout_s: an engine (re)start, including the replay of the current weights, must finish within this.
     weight_sync_timeout_s: one engine's part of an `update_weights` call must finish within this.
     transport: how weights travel to the engines: "gloo" (default, any device), "nccl" (device 'gpu': GPU to GPU;
-        written, not yet run) or "object_store" (docs/rollout.md "Transports"; `weight_transport.TRANSPORTS`).
+        written, not yet run), "ipc" (colocated engines: each actor rank hands the buckets to the engine worker beside
+        it through shared memory, CUDA IPC on GPU) or "object_store" (docs/rollout.md "Transports";
+        `weight_transport.TRANSPORTS`).
     weight_sender: who sends them: "owners" (each owner rank of the actor sends its own share straight to the
         engines, docs/rollout.md "Owner sends"; needs transport 'gloo' or 'nccl'), "driver" (actor rank 0 gathers the
         model bucket by bucket and streams it to the trainer process, whose transport sends it) or "auto" (default:
-        owners with gloo and nccl, driver with object_store); `resolved_weight_sender` says which.
+        owners with gloo, nccl and ipc, driver with object_store); `resolved_weight_sender` says which.
     weight_bucket_mb: the size bound of one weight bucket in MiB (a larger single tensor goes alone).
     colocate: the engines run on the actor ranks' resources (megatron_rl/cluster/placement.py) and hand the memory
         back while the actors train (`RolloutPool.sleep` / `wake_up`); the trainer sets it from resources.colocate.
@@ -223,9 +225,9 @@ class RolloutPoolConfig:
             if not (is_finite_number(getattr(self, name)) and getattr(self, name) > 0):
                 _fail_in(name, f"must be > 0, got {getattr(self, name)}", "give seconds")
         if self.transport not in TRANSPORTS:
-            _fail_in("transport", f"is {self.transport!r}" + (
-                ": vLLM's IPC weight-transfer backend (colocated GPU engines) is not wired into the pool yet"
-                if self.transport == "cuda_ipc" else ""), "use 'gloo' (default), 'nccl' (GPU) or 'object_store'")
+            _fail_in("transport", f"is {self.transport!r}",
+                     "use 'ipc' for CUDA IPC with colocated engines" if self.transport == "cuda_ipc" else
+                     "use 'gloo' (default), 'nccl' (GPU), 'ipc' (colocated engines) or 'object_store'")
         if self.transport == "nccl" and self.device != "gpu":
             _fail_in("transport", f"is 'nccl' on device {self.device!r}",
                      "NCCL sends GPU to GPU: use transport 'gloo' on CPU, or device 'gpu'")
@@ -233,8 +235,16 @@ class RolloutPoolConfig:
             _fail_in("transport", "is 'nccl' with colocated engines",
                      "NCCL refuses two ranks on one GPU, and a colocated engine shares its GPU with an actor rank: "
                      "use transport 'gloo'")
+        if self.transport == "ipc" and not self.colocate:
+            _fail_in("transport", "is 'ipc' with split engines",
+                     "ipc hands each bucket to the engine worker on the same GPU (CPU: the same machine) as an actor "
+                     "rank: set resources.colocate=true, or use transport 'gloo' or 'nccl'")
         if self.weight_sender not in WEIGHT_SENDERS:
             _fail_in("weight_sender", f"is {self.weight_sender!r}", f"use one of {WEIGHT_SENDERS}")
+        if self.transport == "ipc" and self.weight_sender == "driver":
+            _fail_in("weight_sender", "is 'driver' with transport 'ipc'",
+                     "ipc buffers are shared by the actor ranks colocated with the engines, not by the trainer "
+                     "process: use weight_sender 'owners' (or 'auto')")
         if self.weight_sender == "owners" and self.transport not in OWNER_TRANSPORTS:
             _fail_in("weight_sender", f"is 'owners' with transport {self.transport!r}",
                      "owner sends broadcast from the owner ranks: use transport "

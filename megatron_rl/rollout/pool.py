@@ -552,6 +552,10 @@ class RolloutPool:
                 self._owners.replay(new.actor, update_id)
                 ray.get(new.actor.finish_weight_update.remote(), timeout=self.config.weight_sync_timeout_s)
         except Exception as error:  # noqa: BLE001 - the pool cannot go on without this engine
+            # the new engine holds the weights it started from (or half a replay): it must not serve until a complete
+            # update, which must find no update of the replay still open there
+            self._invalid_reason = f"engine {slot.engine_id} was restarted without the current weights"
+            self._abort_open_updates([index])
             raise RolloutError(f"engine {slot.engine_id} could not be restarted ({reason}): {error}") from error
 
     def _abort_open_updates(self, indices: Sequence[int] | None = None) -> None:

@@ -20,6 +20,13 @@ every worker build a `WeightTransferEngine` from `WeightTransferEngineFactory`, 
   buffer on the sender's and the workers' GPUs. Ours rather than vLLM's `NCCLWeightTransferEngine` because that one
   holds a single group per worker (owner sends need one per sender) and waits for a dead peer forever (ours polls an
   event with the timeout and aborts the communicator). Written, not yet run: there is no GPU here (docs/rollout.md).
+- "megatron_rl_ipc" (`rollout.transport: ipc`, colocated engines): no group and no copy on a wire. Per bucket every
+  actor rank that hosts one of the engine's workers (same GPU, or same machine on CPU) packs the bucket into a shared
+  buffer (`shared_buffers.py`: CUDA IPC on GPU as in vLLM's `ipc` backend, a /dev/shm mapping on CPU) and the
+  update info carries each worker's handle, filed under its device (`device_key`); the worker maps its buffer and
+  loads the tensors from it. Ours rather than vLLM's `IPCWeightTransferEngine` for the same lifecycle as our other
+  backends (layerwise reload bookkeeping, abort, CPU MoE re-prepack) and the CPU twin; the GPU handles are opened
+  with vLLM's `PackedBufferImporter`.
 - "megatron_rl_object_store" (`rollout.transport: object_store`): the bucket itself travels in the update info
   (numpy arrays through Ray's object store, read zero-copy by the workers of one node).
 
@@ -55,6 +62,7 @@ from megatron_rl.parallel.packing import round_up
 
 GLOO_BACKEND = "megatron_rl_gloo"
 NCCL_BACKEND = "megatron_rl_nccl"
+IPC_BACKEND = "megatron_rl_ipc"
 OBJECT_STORE_BACKEND = "megatron_rl_object_store"
 ALIGN_BYTES = 64  # every tensor starts at a multiple of this in a packed bucket (any dtype can view it)
 
@@ -68,6 +76,7 @@ def register_backends() -> None:
 
     with _register_lock:
         for name, worker_cls in ((GLOO_BACKEND, GlooWeightTransferEngine), (NCCL_BACKEND, NcclWeightTransferEngine),
+                                 (IPC_BACKEND, IpcWeightTransferEngine),
                                  (OBJECT_STORE_BACKEND, ObjectStoreWeightTransferEngine)):
             if name not in WeightTransferEngineFactory._registry:
                 WeightTransferEngineFactory.register_engine(name, worker_cls)
@@ -87,10 +96,14 @@ def bucket_layout(shapes: Sequence[Sequence[int]], dtypes: Sequence[torch.dtype]
     return offsets, end
 
 
-def pack_into_buffer(tensors: Sequence[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
-    """One flat uint8 buffer on `device` holding `tensors` at `bucket_layout`'s offsets."""
+def pack_into_buffer(tensors: Sequence[torch.Tensor], device: torch.device | str = "cpu",
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """One flat uint8 buffer on `device` holding `tensors` at `bucket_layout`'s offsets (written into `out` when
+    given: a uint8 buffer of exactly the layout's size)."""
     offsets, size = bucket_layout([t.shape for t in tensors], [t.dtype for t in tensors])
-    buffer = torch.empty(size, dtype=torch.uint8, device=device)
+    if out is not None and (out.dtype != torch.uint8 or out.numel() != size):
+        raise ValueError(f"pack_into_buffer: out must be {size} uint8 bytes, got {out.numel()} {out.dtype}")
+    buffer = torch.empty(size, dtype=torch.uint8, device=device) if out is None else out
     for tensor, offset in zip(tensors, offsets):
         flat = tensor.detach().reshape(-1)
         nbytes = flat.numel() * flat.element_size()
@@ -185,6 +198,81 @@ class ObjectStoreWeightTransferEngine(_LayerwiseReloadEngine):
 
     def shutdown(self) -> None:
         pass
+
+
+@dataclass
+class IpcInitInfo(WeightTransferInitInfo):
+    """Nothing to set up: every bucket's update info carries its buffers' handles."""
+
+
+@dataclass
+class IpcUpdateInfo(WeightTransferUpdateInfo):
+    """One bucket of the ipc backend: HF names, torch dtype names and shapes in the packed buffer's order
+    (`bucket_layout`), and per device (`shared_buffers.device_key`) the handle of the buffer packed there by the
+    actor rank colocated with the worker on that device."""
+
+    names: list[str]
+    dtype_names: list[str]
+    shapes: list[list[int]]
+    handles: dict[str, tuple]
+
+    def __post_init__(self) -> None:
+        if not len(self.names) == len(self.dtype_names) == len(self.shapes):
+            raise ValueError(f"names, dtype_names and shapes differ in length: {len(self.names)}, "
+                             f"{len(self.dtype_names)}, {len(self.shapes)}")
+
+
+class IpcWeightTransferEngine(_LayerwiseReloadEngine):
+    """Worker engine of "megatron_rl_ipc": maps the buffer filed under its own device and loads the bucket's tensors
+    from it. On GPU they are cloned (the sender frees its buffer once the bucket is loaded, and the layerwise reload
+    may hold a tensor until its layer is complete; vLLM's `packed_ipc_consumer` clones for the same reason); on CPU
+    the views keep the mapping, which outlives the file."""
+
+    init_info_cls = IpcInitInfo
+    update_info_cls = IpcUpdateInfo
+
+    def __init__(self, config, vllm_config, device, model) -> None:
+        super().__init__(config, vllm_config, device, model)
+        self._importer = None  # vLLM's PackedBufferImporter (GPU), made on the first CUDA handle
+
+    def init_transfer_engine(self, init_info: IpcInitInfo) -> None:
+        pass
+
+    def receive_weights(self, update_info: IpcUpdateInfo) -> None:
+        from megatron_rl.rollout.shared_buffers import device_key, open_shared
+
+        key = device_key(self.device)
+        handle = update_info.handles.get(key)
+        if handle is None:
+            raise RuntimeError(f"ipc weight transfer: no buffer for this worker's device {key!r} (buffers came for "
+                               f"{sorted(update_info.handles)}); the ipc transport needs each engine worker "
+                               "colocated with an actor rank (resources.colocate)")
+        if self.device.type == "cuda" and self._importer is None:
+            from vllm.distributed.weight_transfer.packed_tensor import PackedBufferImporter
+
+            self._importer = PackedBufferImporter()
+        dtypes = [getattr(torch, name) for name in update_info.dtype_names]
+        buffer = open_shared(handle, self.device, self._importer)
+        tensors = views_of_buffer(buffer, update_info.shapes, dtypes)
+        if self.device.type == "cuda":
+            tensors = [t.clone() for t in tensors]
+        self.load(list(zip(update_info.names, tensors)))
+
+    def finish_weight_update(self) -> None:
+        super().finish_weight_update()
+        self._release_import()
+
+    def abort_weight_update(self) -> None:
+        super().abort_weight_update()
+        self._release_import()
+
+    def _release_import(self) -> None:
+        """Release the last mapped GPU buffer (one refcount decrement, what vLLM's ipc engine does at finish)."""
+        if self._importer is not None:
+            self._importer.close()
+
+    def shutdown(self) -> None:
+        self._release_import()
 
 
 @dataclass
@@ -525,12 +613,24 @@ class NcclTrainerWeightTransferEngine(_BroadcastTrainerEngine):
         return NcclGroup(address, port, 0, world_size, timeout_s, torch.cuda.current_device(), listen_socket=listen)
 
 
-def update_info(bucket: Iterable[tuple[str, torch.Tensor]], sender: str = "driver") -> dict[str, Any]:
-    """The gloo update info of a bucket (what the worker allocates and splits the broadcast buffer by), broadcast by
-    the group of `sender`."""
+def bucket_metadata(bucket: Iterable[tuple[str, torch.Tensor]]) -> dict[str, list]:
+    """The names, torch dtype names and shapes of a bucket's tensors, in order: what a worker needs to view each tensor
+    in the packed buffer (`views_of_buffer`)."""
     names, dtypes, shapes = [], [], []
     for name, tensor in bucket:
         names.append(name)
         dtypes.append(str(tensor.dtype).removeprefix("torch."))
         shapes.append(list(tensor.shape))
-    return asdict(BroadcastUpdateInfo(names=names, dtype_names=dtypes, shapes=shapes, sender=sender))
+    return {"names": names, "dtype_names": dtypes, "shapes": shapes}
+
+
+def update_info(bucket: Iterable[tuple[str, torch.Tensor]], sender: str = "driver") -> dict[str, Any]:
+    """The broadcast update info of a bucket (what the worker allocates and splits the broadcast buffer by), broadcast
+    by the group of `sender`."""
+    return asdict(BroadcastUpdateInfo(**bucket_metadata(bucket), sender=sender))
+
+
+def ipc_update_info(metadata: dict[str, list], handles: dict[str, tuple]) -> dict[str, Any]:
+    """The ipc update info of a bucket (`bucket_metadata`) packed into the shared buffers of `handles` (device key ->
+    handle, one per worker of the engine)."""
+    return asdict(IpcUpdateInfo(**metadata, handles=handles))

