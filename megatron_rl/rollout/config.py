@@ -234,7 +234,7 @@ class RolloutPoolConfig:
         if self.transport == "nccl" and self.colocate:
             _fail_in("transport", "is 'nccl' with colocated engines",
                      "NCCL refuses two ranks on one GPU, and a colocated engine shares its GPU with an actor rank: "
-                     "use transport 'gloo'")
+                     "use transport 'ipc' (CUDA IPC, no copy over a wire) or 'gloo'")
         if self.transport == "ipc" and not self.colocate:
             _fail_in("transport", "is 'ipc' with split engines",
                      "ipc hands each bucket to the engine worker on the same GPU (CPU: the same machine) as an actor "

@@ -76,7 +76,8 @@ REFUSED = [
     ("rollout.engine.gpu_memory_utilization=1.5", "rollout.engine.gpu_memory_utilization:", "(0, 1]"),
     ("rollout.engine.tensor_parallel_size=2", "rollout.engine.tensor_parallel_size:", "tensor_parallel_size=1"),
     ("rollout.transport=nccl", "rollout.transport: is 'nccl' on device 'cpu'", "use transport 'gloo' on CPU"),
-    ("rollout.transport=cuda_ipc", "rollout.transport: is 'cuda_ipc'", "use 'gloo' (default), 'nccl' (GPU)"),
+    ("rollout.transport=cuda_ipc", "rollout.transport: is 'cuda_ipc'", "use 'ipc' for CUDA IPC with colocated engines"),
+    ("rollout.transport=ipc", "rollout.transport: is 'ipc' with split engines", "set resources.colocate=true"),
     # reward, data, eval, warm-up, checkpoint, run, model, resources
     ("reward.num_workers=0", "reward.num_workers:", ">= 1"),
     ("reward.timeout_s=0", "reward.timeout_s:", "> 0"),

@@ -73,6 +73,8 @@ def test_transport_registry():
     if not torch.cuda.is_available():  # refused in the sender's own process, before any engine is contacted
         with pytest.raises(RuntimeError, match="rollout.transport 'nccl': the sender 'actor1' has no CUDA GPU"):
             make_sender("nccl", sender_id="actor1")
+    with pytest.raises(RuntimeError, match="rollout.transport 'ipc': the sender 'driver' is not an actor rank"):
+        make_sender("ipc")  # outside torch.distributed: the trainer process
 
 
 def test_the_config_and_the_registry_name_the_same_transports():
@@ -101,8 +103,10 @@ def test_every_backend_is_registered_with_vllms_factories():
     for backend in BACKENDS.values():
         assert backend in WeightTransferEngineFactory._registry
     for name, cls in TRANSPORTS.items():
-        if hasattr(cls, "backend"):
+        if hasattr(cls, "_init_info_cls"):  # the broadcast senders connect through a registered trainer engine
             assert cls.backend == BACKENDS[name] in WeightTransferTrainerFactory._registry
+        elif hasattr(cls, "backend"):  # ipc: the actor ranks' collective send, no trainer engine of vLLM's kind
+            assert cls.backend == BACKENDS[name] and name == "ipc"
     assert GlooTrainerInitInfo.backend == BACKENDS["gloo"] and NcclTrainerInitInfo.backend == BACKENDS["nccl"]
     for name in ("gloo", "nccl"):  # each sender's init info names its own backend (no CUDA needed to ask)
         assert TRANSPORTS[name]._init_info_cls(None).backend == BACKENDS[name]
@@ -125,6 +129,23 @@ def test_packed_buffer_roundtrip_is_bit_exact_and_aligned(dtype):
         assert got.dtype == want.dtype and got.shape == want.shape
         assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8))
         assert got.data_ptr() % ALIGN_BYTES == buffer.data_ptr() % ALIGN_BYTES  # views, not copies
+    out = torch.full((size,), 255, dtype=torch.uint8)  # into a given buffer (the ipc sender's shared one)
+    assert pack_into_buffer(tensors, out=out) is out
+    for want, got in zip(tensors, views_of_buffer(out, [list(t.shape) for t in tensors], [t.dtype for t in tensors])):
+        assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8))
+    with pytest.raises(ValueError, match=f"out must be {size} uint8 bytes"):
+        pack_into_buffer(tensors, out=torch.empty(size + 1, dtype=torch.uint8))
+
+
+def test_ipc_update_info_carries_the_layout_and_a_handle_per_device():
+    from megatron_rl.rollout.weight_transfer_engines import IpcUpdateInfo, bucket_metadata, ipc_update_info
+
+    metadata = bucket_metadata([("a", torch.zeros(2, 3, dtype=torch.bfloat16)), ("b", torch.zeros(4))])
+    info = ipc_update_info(metadata, {"cpu": ("shm", "/dev/shm/megatron_rl_ipc_1_0", 128)})
+    assert info == {"names": ["a", "b"], "dtype_names": ["bfloat16", "float32"], "shapes": [[2, 3], [4]],
+                    "handles": {"cpu": ("shm", "/dev/shm/megatron_rl_ipc_1_0", 128)}}
+    with pytest.raises(ValueError, match="differ in length"):
+        IpcUpdateInfo(names=["a"], dtype_names=[], shapes=[[1]], handles={})
 
 
 def test_update_info_describes_the_bucket_and_refuses_ragged_lists():
@@ -145,15 +166,23 @@ def test_weight_sender_setting_is_checked_and_resolved():
     assert RolloutPoolConfig(engine).resolved_weight_sender == "owners"  # auto with gloo
     assert RolloutPoolConfig(engine, transport="object_store").resolved_weight_sender == "driver"
     assert RolloutPoolConfig(engine, weight_sender="driver").resolved_weight_sender == "driver"
-    with pytest.raises(ValueError, match="rollout.weight_sender.*'gloo' or 'nccl'"):
+    with pytest.raises(ValueError, match="rollout.weight_sender.*'gloo' or 'nccl' or 'ipc'"):
         RolloutPoolConfig(engine, transport="object_store", weight_sender="owners")
     assert RolloutPoolConfig(engine, device="gpu", transport="nccl").resolved_weight_sender == "owners"
     with pytest.raises(ValueError, match="rollout.transport: is 'nccl' on device 'cpu'.*use transport 'gloo' on CPU"):
         RolloutPoolConfig(engine, transport="nccl")
-    with pytest.raises(ValueError, match="rollout.transport: is 'nccl' with colocated engines.*use transport 'gloo'"):
+    with pytest.raises(ValueError, match="rollout.transport: is 'nccl' with colocated engines.*use transport 'ipc'"):
         RolloutPoolConfig(engine, device="gpu", transport="nccl", colocate=True)
-    with pytest.raises(ValueError, match="rollout.transport: is 'cuda_ipc': vLLM's IPC weight-transfer backend"):
+    with pytest.raises(ValueError, match="rollout.transport: is 'cuda_ipc'; use 'ipc' for CUDA IPC"):
         RolloutPoolConfig(engine, device="gpu", transport="cuda_ipc")
+    # ipc: colocated engines only, sent by the actor ranks; on CPU too (the /dev/shm twin)
+    for device in ("cpu", "gpu"):
+        assert RolloutPoolConfig(engine, device=device, transport="ipc", colocate=True).resolved_weight_sender == \
+            "owners"
+    with pytest.raises(ValueError, match="rollout.transport: is 'ipc' with split engines.*resources.colocate=true"):
+        RolloutPoolConfig(engine, transport="ipc")
+    with pytest.raises(ValueError, match="rollout.weight_sender: is 'driver' with transport 'ipc'.*'owners'"):
+        RolloutPoolConfig(engine, transport="ipc", colocate=True, weight_sender="driver")
     with pytest.raises(ValueError, match="rollout.weight_sender.*'ranks'"):
         RolloutPoolConfig(engine, weight_sender="ranks")
     with pytest.raises(ValueError, match="rollout.weight_bucket_mb: must be > 0"):
