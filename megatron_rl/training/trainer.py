@@ -154,7 +154,8 @@ class Trainer:
             self._owns_ray = False
         source = cfg.actor.megatron_checkpoint or cfg.actor.model_path
         colocate = cfg.resources.colocate
-        engines = f"[setup] starting {cfg.rollout.num_engines} vLLM engine(s) on {device}"
+        engines = (f"[setup] starting {cfg.rollout.num_engines} vLLM engine(s) on {device} (weights over "
+                   f"{cfg.rollout.transport}, sent by the {cfg.rollout.resolved_weight_sender})")
         if not colocate:  # split engines start in the background while the actors set up (and warm up)
             self.echo(engines)
             self.pool = RolloutPool(cfg.rollout, wait=False)

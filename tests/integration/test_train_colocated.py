@@ -6,7 +6,9 @@
   weights, sync, wake the KV cache), logged as colocate/handoff; on CPU no call reaches vLLM (no sleep mode);
 - colocation does not change the math: rewards, losses, grad norms, prompts and responses equal those of a split run
   with the same seed (tolerance 1e-5 relative, as in test_train_e2e.py: same weights, data and per-request seeds,
-  one machine, so the same computation; only the placement differs).
+  one machine, so the same computation; only the placement differs). The colocated run syncs its weights over
+  rollout.transport 'ipc' (each bucket handed to the engine through /dev/shm), the split run over 'gloo': the
+  engines' sampling then shows that both delivered the same weights.
 """
 import json
 import math
@@ -55,8 +57,9 @@ def _records(run_dir):
 
 def test_colocated_run_matches_split_run(tmp_path):
     out = tmp_path / "runs"
-    colocated = _train(_config(tmp_path, "colocated", **{"resources.colocate": True, "resources.num_cpus": 1}), out)
-    assert "colocated with the actor ranks" in colocated.stdout
+    colocated = _train(_config(tmp_path, "colocated", **{"resources.colocate": True, "resources.num_cpus": 1,
+                                                         "rollout.transport": "ipc"}), out)
+    assert "(weights over ipc, sent by the owners) colocated with the actor ranks" in colocated.stdout
     split = _train(_config(tmp_path, "split"), out)
     assert "colocated with the actor ranks" not in split.stdout
 

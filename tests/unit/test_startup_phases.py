@@ -4,7 +4,7 @@ from megatron_rl.benchmarks.startup import phase_rows
 LOG = [
     (3.0, "[train] run dir: /x/quickstart  (resolved config: /x/quickstart/config.yaml)"),
     (3.4, "[setup] making a random tiny qwen3 model in /x/tiny_model"),
-    (7.0, "[setup] starting 1 vLLM engine(s) on cpu"),
+    (7.0, "[setup] starting 1 vLLM engine(s) on cpu (weights over gloo, sent by the owners)"),
     (7.1, "[setup] starting 1 Megatron rank(s) (TP=1 x PP=1 x CP=1 x DP=1) from /x/tiny_model"),
     (11.5, "[warmup] 80 supervised steps of 32 examples (lr 0.003)"),
     (13.0, "[warmup] step 16/80: nll 0.721"),
