@@ -4,7 +4,8 @@ versions and load average) and writes them as JSON. The logic lives in megatron_
 
   rollout  vLLM pool tokens/s vs a bare vllm.LLM.generate and vs transformers generate, at several batch sizes
   sync     weight-sync seconds vs model bytes; ratios to a memcpy of the same bytes and to vLLM's own reload
-  refit    weight refit from the live Megatron actor: owner sends vs the driver's stream (1 rank and PP2)
+  refit    weight refit from the live Megatron actor: owner sends vs the driver's stream (1 rank and PP2);
+           --colocate: to engines colocated with the ranks, gloo vs ipc
   train    Megatron actor fwd+bwd tokens/s vs plain PyTorch; packed vs padded at several length spreads
   step     end-to-end RL step time: rollout / reward / train / sync / other (trains the CPU quickstart)
   floor    the quickstart's step vs a plain single-process PyTorch RL loop doing the same work, per part
@@ -111,10 +112,17 @@ def run_refit(args) -> dict:
     from megatron_rl.cluster.ray_cluster import local_ray_cluster
 
     ranks = 2 if "pp2" in args.layouts else 1
+    models = [bench_model(s, args.workdir) for s in args.sizes]
+    if args.colocate:
+        from megatron_rl.benchmarks.refit import colocated_refit_rows
+
+        with local_ray_cluster(num_cpus=ranks):  # colocated engines take no CPU of their own
+            rows = colocated_refit_rows(models, layouts=args.layouts, bucket_bytes=int(args.bucket_mib * 2**20),
+                                        repeats=args.repeats)
+        return {"tables": {f"Weight refit to colocated engines, gloo vs ipc, median of {args.repeats}": rows}}
     with local_ray_cluster(num_cpus=ranks + max(args.engines)):
-        rows = refit_rows([bench_model(s, args.workdir) for s in args.sizes], layouts=args.layouts,
-                          engine_counts=args.engines, bucket_bytes=int(args.bucket_mib * 2**20),
-                          repeats=args.repeats)
+        rows = refit_rows(models, layouts=args.layouts, engine_counts=args.engines,
+                          bucket_bytes=int(args.bucket_mib * 2**20), repeats=args.repeats)
     return {"tables": {f"Weight refit from the Megatron actor, owners vs driver, median of {args.repeats}": rows}}
 
 
@@ -257,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engines", type=_ints, default=(1, 2), help="pool engine counts")
     p.add_argument("--bucket-mib", type=float, default=64.0, help="bucket size, MiB")
     p.add_argument("--repeats", type=int, default=3, help="measured refits per setting and sender (median)")
+    p.add_argument("--colocate", action="store_true",
+                   help="engines colocated with the actor ranks (one per rank; --engines ignored): owner sends over "
+                        "gloo vs ipc")
     p.set_defaults(run=run_refit)
 
     p = sub.add_parser("train", parents=[common], help="actor vs plain PyTorch; packed vs padded")

@@ -237,6 +237,15 @@ def test_rollout_and_sync_subcommands_end_to_end(bench, tmp_path, capsys):
         assert r["sync_s"] > 0 and r["slowest_engine_s"] > 0 and r["driver/this"] > 0
     assert rows[0]["driver/this"] == 1.0
 
+    path = tmp_path / "refit_colocated.json"
+    assert bench.main(["refit", "--colocate", "--sizes", "tiny", "--layouts", "pp2", "--bucket-mib", "0.25",
+                       "--repeats", "1", "--workdir", str(tmp_path), "--json", str(path)]) == 0
+    (rows,) = json.loads(path.read_text())["tables"].values()
+    assert [(r["actor"], r["engines"], r["transport"]) for r in rows] == [("pp2", 2, "gloo"), ("pp2", 2, "ipc")]
+    for r in rows:
+        assert r["sync_s"] > 0 and r["slowest_engine_s"] > 0 and r["gloo/this"] > 0
+    assert rows[0]["gloo/this"] == 1.0
+
 
 @pytest.mark.slow
 @pytest.mark.vllm
