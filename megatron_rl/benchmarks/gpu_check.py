@@ -8,9 +8,10 @@ Checks, in order (each one's result, numbers and any error go into the report; a
 2. `bf16_logits`: a tiny Qwen3 built by the Megatron actor's model builder in bf16 on one GPU (one nccl rank), its
    logits against transformers' fp32 forward of the same bf16-rounded weights (`models/verify.py`). bf16 keeps ~3
    significant digits, so the bar is a max |logit diff| of 5e-2 on logits of magnitude ~1-10 (fp32 on CPU: 1e-4).
-3. `cuda_ipc`: a 256 MiB CUDA tensor shared with a second process through CUDA IPC (torch's `reduce_tensor`, the
-   mechanism of vLLM's `ipc` weight-transfer backend and of colocated refit): the child reads it in place and checks
-   its bytes; the report gives the time to open the handle and copy the tensor on the GPU.
+3. `cuda_ipc`: a 256 MiB buffer shared with a second process through CUDA IPC by the ipc weight transport's own
+   code (`rollout/shared_buffers.py`: torch's `reduce_tensor`, the mechanism of vLLM's `ipc` backend): the child
+   opens it as the transport's worker does, reads it in place, checks its bytes and that it files the GPU under the
+   sender's device key (UUID); the report gives the time to open the handle and copy the buffer on the GPU.
 4. `train_step_mfu`: bf16 train steps of the Megatron actor on a stack of Qwen2.5-7B-shaped layers (hidden 3584, 28
    heads of 128, 4 KV heads, MLP 18944; `benchmarks/models.py` "qwen7b_slice") and the MFU against the measured
    matmul peak (`benchmarks/gpu.py`).
@@ -90,33 +91,45 @@ def _bf16_logits(workdir: str) -> dict[str, Any]:
     return numbers
 
 
-def _ipc_child(queue, handle, expected_sum: float) -> None:
-    func, args = handle
+def _ipc_child(queue, handle, key: str) -> None:
+    """The receiving side, as the ipc weight transport's worker opens a bucket (`shared_buffers.open_shared`)."""
+    from megatron_rl.rollout.shared_buffers import device_key, open_shared
+
+    device = torch.device("cuda", 0)
     start = time.perf_counter()
-    shared = func(*args)  # opens the CUDA IPC handle: the parent's memory, no copy
+    shared = open_shared(handle, device)  # opens the CUDA IPC handle: the parent's memory, no copy
     torch.cuda.synchronize()
     opened = time.perf_counter() - start
     start = time.perf_counter()
     local = shared.clone()
     torch.cuda.synchronize()
     copied = time.perf_counter() - start
-    queue.put((float(local.double().sum()), opened, copied))
+    queue.put((float(local.double().sum()), opened, copied, device_key(device) == key))
 
 
 def _cuda_ipc(workdir: str) -> dict[str, Any]:
     import torch.multiprocessing as mp
-    from torch.multiprocessing.reductions import reduce_tensor
 
-    tensor = torch.randint(0, 255, (IPC_BYTES,), dtype=torch.uint8, device="cuda")
-    expected = float(tensor.double().sum())
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    child = ctx.Process(target=_ipc_child, args=(queue, reduce_tensor(tensor), expected))
-    child.start()
-    got, opened, copied = queue.get(timeout=120)
-    child.join(timeout=60)
+    from megatron_rl.rollout.shared_buffers import device_key, share
+
+    device = torch.device("cuda", 0)
+    shared = share(IPC_BYTES, device)  # what the ipc transport's sender packs each bucket into
+    try:
+        shared.tensor.copy_(torch.randint(0, 255, (IPC_BYTES,), dtype=torch.uint8, device=device))
+        torch.cuda.synchronize()
+        expected = float(shared.tensor.double().sum())
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_ipc_child, args=(queue, shared.handle, device_key(device)))
+        child.start()
+        got, opened, copied, same_key = queue.get(timeout=120)
+        child.join(timeout=60)
+    finally:
+        shared.release()
     if got != expected:
         raise AssertionError(f"the child read a different tensor through CUDA IPC (sum {got} != {expected})")
+    if not same_key:
+        raise AssertionError("the child files the GPU under another device key (UUID) than the sender")
     return {"MiB": IPC_BYTES >> 20, "open_handle_s": round(opened, 4), "device_copy_s": round(copied, 4),
             "device_copy_GiB_s": round(IPC_BYTES / 2**30 / copied, 1)}
 
@@ -152,7 +165,8 @@ CHECKS: list[tuple[str, str, Callable[[str], dict[str, Any]]]] = [
     ("cuda", "CUDA device and build", _cuda),
     ("bf16_logits", "Megatron bf16 logits on one GPU vs transformers (fp32 on bf16-rounded weights), tiny Qwen3",
      _bf16_logits),
-    ("cuda_ipc", f"a {IPC_BYTES >> 20} MiB CUDA tensor read by a second process through CUDA IPC", _cuda_ipc),
+    ("cuda_ipc", f"a {IPC_BYTES >> 20} MiB buffer of the ipc transport (shared_buffers.py) read by a second process "
+     "through CUDA IPC", _cuda_ipc),
     ("train_step_mfu", "bf16 Megatron train steps on Qwen2.5-7B-shaped layers, MFU vs the measured matmul peak",
      _train_step_mfu),
     ("nccl_transport", "the nccl weight transport between two processes on two GPUs (bucket bit-exact, dead and "

@@ -405,9 +405,10 @@ class IpcSender(BucketSender):
     1. each rank that hosts an engine's worker (engine e's worker k runs in actor rank e*tp+k's bundle, on its GPU:
        `placement.engine_bundle_indices`) packs the bucket into a buffer shared with that worker (`shared_buffers`);
     2. the ranks gather the handles (`all_gather_object` over the actor's torch.distributed group);
-    3. each engine's first host rank has its engine load the bucket from its workers' buffers, and waits (bounded by
-       the timeout; a failed engine gets no more buckets, as in every transport);
-    4. a barrier, then every rank frees its buffer: a host rank holds one packed bucket at a time.
+    3. each engine's first host rank has its engine load the bucket from its workers' buffers;
+    4. while the engines load it, the ranks export and pack the next bucket (steps 1-3), then wait for this bucket's
+       loads (bounded by the timeout; a failed engine gets no more buckets, as in every transport), pass a barrier
+       and free its buffers: a host rank holds at most two packed buckets at a time.
     Nothing is kept for replays (that would hold a second copy of the model beside the actor's): `replay` sends
     buckets exported again, which the actor rank allows only while its weights are the committed ones
     (`_MegatronWorker.replay_weights`). The counts are reported by rank 0 (every rank sees every bucket)."""
@@ -494,7 +495,6 @@ class IpcSender(BucketSender):
         """This rank's part of one update (collective over the actor's ranks; see the class docstring). Returns
         {"failed": {engine index: (LOST | RAISED, message)} of the engines this rank leads (rank 0: also those that
         did not say where they run), "buckets", "tensors", "bytes"} (counted on rank 0 only)."""
-        import ray
         import torch.distributed as dist
 
         from megatron_rl.rollout.shared_buffers import device_key
@@ -505,38 +505,65 @@ class IpcSender(BucketSender):
         self._hosting = any(ranks is not None and self.rank in ranks for ranks in hosts)
         key = device_key(self.device)
         counts = {"buckets": 0, "tensors": 0, "bytes": 0}
-        for bucket in buckets:
-            bucket = _checked_bucket(bucket, None)  # every rank holds the same whole bucket, where the export left it
-            if not bucket:
-                continue
-            shared = self._prepare(bucket)
-            try:
-                handles: list[Any] = [None] * self.world_size
-                dist.all_gather_object(handles, None if shared is None else (key, shared.handle))
-                metadata = bucket_metadata(bucket)
-                loads = {}
-                for i in (i for i in led if i not in failed):
-                    info = ipc_update_info(metadata, dict(handles[rank] for rank in hosts[i]))
-                    outcome = _outcome(self._start, engines[i], info, update_ids[i])
-                    if isinstance(outcome, BaseException):
-                        failed[i] = self._failure(engines[i], i, outcome)
-                    else:
-                        loads[i] = outcome
-                deadline = time.monotonic() + self.timeout_s
-                for i, ref in loads.items():
-                    try:
-                        ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
-                    except Exception as error:  # noqa: BLE001 - sorted by _failure
-                        failed[i] = self._failure(engines[i], i, error)
-                dist.barrier()  # every engine has loaded this bucket (or failed): the buffers may go
-            finally:
-                if shared is not None:
-                    shared.release()
-            if self.rank == 0:
-                counts["buckets"] += 1
-                counts["tensors"] += len(bucket)
-                counts["bytes"] += sum(t.numel() * t.element_size() for _, t in bucket)
+        in_flight: tuple[Any, dict[int, Any]] | None = None  # the previous bucket: its buffer and its engines' loads
+        try:
+            for bucket in buckets:
+                bucket = _checked_bucket(bucket, None)  # every rank: the same whole bucket, where the export put it
+                if not bucket:
+                    continue
+                shared = self._prepare(bucket)  # while the engines still load the previous bucket
+                try:
+                    handles: list[Any] = [None] * self.world_size
+                    dist.all_gather_object(handles, None if shared is None else (key, shared.handle))
+                    metadata = bucket_metadata(bucket)
+                    loads = {}
+                    for i in (i for i in led if i not in failed):
+                        info = ipc_update_info(metadata, dict(handles[rank] for rank in hosts[i]))
+                        outcome = _outcome(self._start, engines[i], info, update_ids[i])
+                        if isinstance(outcome, BaseException):
+                            failed[i] = self._failure(engines[i], i, outcome)
+                        else:
+                            loads[i] = outcome
+                except BaseException:
+                    if shared is not None:
+                        shared.release()
+                    raise
+                previous, in_flight = in_flight, (shared, loads)
+                if previous is not None:
+                    self._settle(*previous, engines, failed)
+                if self.rank == 0:
+                    counts["buckets"] += 1
+                    counts["tensors"] += len(bucket)
+                    counts["bytes"] += sum(t.numel() * t.element_size() for _, t in bucket)
+            if in_flight is not None:
+                last, in_flight = in_flight, None
+                self._settle(*last, engines, failed)
+        finally:
+            if in_flight is not None and in_flight[0] is not None:  # an error: free the buffer (the update fails)
+                in_flight[0].release()
         return {"failed": failed, **counts}
+
+    def _settle(self, shared: Any, loads: dict[int, Any], engines: Sequence[Any],
+                failed: dict[int, tuple[str, str]]) -> None:
+        """One bucket's end: wait for the loads this rank started (one timeout for all; a failed engine is recorded
+        in `failed`), then a barrier (every engine has loaded the bucket, or failed), then free this rank's buffer.
+        Collective."""
+        import ray
+        import torch.distributed as dist
+
+        try:
+            deadline = time.monotonic() + self.timeout_s
+            for i, ref in loads.items():
+                if i in failed:  # it failed on a later bucket's start: its loads no longer matter
+                    continue
+                try:
+                    ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+                except Exception as error:  # noqa: BLE001 - sorted by _failure
+                    failed[i] = self._failure(engines[i], i, error)
+            dist.barrier()
+        finally:
+            if shared is not None:
+                shared.release()
 
     def replay(self, engine: Any, update_id: int, buckets: Iterable[Bucket] | None = None) -> int:
         """`buckets` (the committed weights, exported again on every rank) to one restarted engine; collective over
