@@ -92,8 +92,11 @@ class _MegatronWorker:
         self.rank, self.world_size = rank, world_size
         self.threads = threads
         self.actor = None
-        self.owner_sender = None  # its BucketSender (rollout/weight_transport.py), made at the first owner-sends update
-        self._sent = self._committed = None  # (bucket bytes, actor weights revision) of the last sent / committed
+        # transport -> this rank's BucketSender of it (rollout/weight_transport.py), made at its first owner send
+        self.owner_senders: dict[str, Any] = {}
+        # transport -> (bucket bytes, actor weights revision) of its last sent / committed update
+        self._sent: dict[str, tuple[int, int]] = {}
+        self._committed: dict[str, tuple[int, int]] = {}
         self._running: tuple[str, float, int] | None = None  # (method, start, thread id) of the call in progress
         self.log_path = log_path
         if log_path:  # everything this rank prints also goes to its own file, which the driver tails on failure
@@ -175,7 +178,7 @@ class _MegatronWorker:
         with self._doing("send_weights"):
             sender = self._sender(timeout_s, transport)
             report = sender.send(self._weight_buckets_for(sender, bucket_bytes), engines, update_ids)
-            self._sent = (bucket_bytes, self.actor.weights_revision)
+            self._sent[transport] = (bucket_bytes, self.actor.weights_revision)
             return report
 
     def _weight_buckets_for(self, sender, bucket_bytes: int):
@@ -196,30 +199,32 @@ class _MegatronWorker:
             sender.load_backend()
 
     @ray.method(concurrency_group="weights")
-    def conclude_weights(self, committed: bool) -> None:
-        if committed:
-            self._committed = self._sent  # what a replay that exports again must find unchanged (ipc)
-        if self.owner_sender is not None:
-            self.owner_sender.conclude(committed)
+    def conclude_weights(self, committed: bool, transport: str) -> None:
+        sender = self.owner_senders.get(transport)
+        if committed and transport in self._sent:
+            self._committed[transport] = self._sent[transport]  # what a replay that exports again must find (ipc)
+        if sender is not None:
+            sender.conclude(committed)
 
     @ray.method(concurrency_group="weights")
-    def replay_weights(self, engine, update_id: int) -> int:
-        """This owner's share of the last committed update to a restarted engine (on its own thread: the rank may be
-        training meanwhile; the buckets are the ones kept at commit, not the live weights). ipc keeps none: see
-        `_replay_exported`."""
-        if self.owner_sender is None:
+    def replay_weights(self, engine, update_id: int, transport: str) -> int:
+        """This owner's share of the last committed update over `transport` to a restarted engine (on its own thread:
+        the rank may be training meanwhile; the buckets are the ones kept at commit, not the live weights). ipc keeps
+        none: see `_replay_exported`."""
+        sender = self.owner_senders.get(transport)
+        if sender is None:
             return 0
-        if self.owner_sender.whole_buckets_on_every_rank:
-            return self._replay_exported(engine, update_id)
-        return self.owner_sender.replay(engine, update_id)
+        if sender.whole_buckets_on_every_rank:
+            return self._replay_exported(sender, engine, update_id)
+        return sender.replay(engine, update_id)
 
-    def _replay_exported(self, engine, update_id: int) -> int:
+    def _replay_exported(self, sender, engine, update_id: int) -> int:
         """The committed update exported again and sent to a restarted engine (ipc: collective over the ranks, on
         this thread). Refused unless the live weights are still the committed ones and the rank runs nothing else
         (in the colocated synchronous loop, the only mode ipc serves, an engine is restarted while the ranks wait)."""
-        if self._committed is None:
+        if sender.name not in self._committed:
             raise RuntimeError(f"rank {self.rank}: no committed weight update to replay to a restarted engine")
-        bucket_bytes, revision = self._committed
+        bucket_bytes, revision = self._committed[sender.name]
         if self.actor.weights_revision != revision:
             raise RuntimeError(
                 f"rank {self.rank}: cannot bring a restarted engine to the committed weights over ipc: the actor's "
@@ -229,23 +234,20 @@ class _MegatronWorker:
             raise RuntimeError(f"rank {self.rank}: cannot replay over ipc while {self._running[0]} runs: the export "
                                "is collective over the ranks")
         with self._doing("replay_weights"):
-            return self.owner_sender.replay(engine, update_id,
-                                            self.actor.export_hf_weights(bucket_bytes=bucket_bytes, dst=None))
+            return sender.replay(engine, update_id, self.actor.export_hf_weights(bucket_bytes=bucket_bytes, dst=None))
 
     def _sender(self, timeout_s: float, transport: str):
-        """This rank's sender of `transport` (a new one if the transport changed: the old one's kept buckets go)."""
-        if self.owner_sender is not None and self.owner_sender.name != transport:
-            self.owner_sender.close()
-            self.owner_sender = None
-        if self.owner_sender is None:
-            self.owner_sender = make_sender(transport, sender_id=f"actor{self.rank}", timeout_s=timeout_s)
-        return self.owner_sender
+        """This rank's sender of `transport`, made on first use (one per transport: pools of different transports
+        served by one actor, e.g. `tools/benchmark.py refit --colocate`, keep their connections and kept buckets)."""
+        if transport not in self.owner_senders:
+            self.owner_senders[transport] = make_sender(transport, sender_id=f"actor{self.rank}", timeout_s=timeout_s)
+        return self.owner_senders[transport]
 
     def shutdown(self) -> None:
         import torch.distributed as dist
 
-        if self.owner_sender is not None:
-            self.owner_sender.close()
+        for sender in self.owner_senders.values():
+            sender.close()
         if self.actor is not None:
             self.actor.shutdown()
         if dist.is_initialized():
@@ -271,7 +273,7 @@ class ActorGroup:
         self.timeout_s = timeout_s
         self.poll_s = poll_s
         self.workers = []
-        self._weights_prepared_for: tuple[int, float, str] | None = None  # weight_owners' preparation: started for
+        self._weights_prepared: set[tuple[int, float, str]] = set()  # weight_owners' preparations started, for
         self._weights_preparing: list = []  # its refs, until a send has checked them
         self.log_paths = [os.path.join(log_dir, f"actor_rank{r}.log") if log_dir else None for r in range(world_size)]
         bundle = {"CPU": cpus_per_rank} if device == "cpu" else {"GPU": 1, "CPU": cpus_per_rank}
@@ -432,16 +434,16 @@ class ActorGroup:
         (rollout.weight_sync_timeout_s); transport: the pool's (rollout.transport: gloo, nccl on GPUs, or ipc with
         colocated engines).
 
-        The first call (and a call with a new bucket size) also starts each rank's one-time preparation at once,
-        without waiting for it (`_MegatronWorker.prepare_weights`): the pool then waits for engines that are still
+        The first call (and one with a new bucket size or transport) also starts each rank's one-time preparation at
+        once, without waiting for it (`_MegatronWorker.prepare_weights`): the pool then waits for engines that are still
         starting (the first sync of a run) while the ranks prepare, and the ranks' send runs after it (a Ray actor
         runs one caller's calls in order; `send` reports a failed preparation)."""
         if transport not in OWNER_TRANSPORTS:
             raise ValueError(f"owner sends go over {OWNER_TRANSPORTS}, not {transport!r} (rollout.transport)")
-        if self._weights_prepared_for != (bucket_bytes, timeout_s, transport):
+        if (bucket_bytes, timeout_s, transport) not in self._weights_prepared:
             self._weights_preparing = [w.prepare_weights.remote(bucket_bytes, timeout_s, transport)
                                        for w in self.workers]
-            self._weights_prepared_for = (bucket_bytes, timeout_s, transport)
+            self._weights_prepared.add((bucket_bytes, timeout_s, transport))
         return ActorWeightOwners(self, bucket_bytes, timeout_s, transport)
 
     def weights(self, sender: str, bucket_bytes: int = 256 * 1024**2, timeout_s: float = 600.0,
@@ -489,7 +491,7 @@ class ActorWeightOwners(WeightOwners):
             try:
                 self.group._watch(preparing, "prepare_weights")
             except BaseException:
-                self.group._weights_prepared_for = None  # the next weight_owners() prepares again
+                self.group._weights_prepared.clear()  # the next weight_owners() prepares again
                 raise
         engines_ref = ray.put(list(engines))
         ids = list(update_ids)
@@ -505,7 +507,9 @@ class ActorWeightOwners(WeightOwners):
         return merged
 
     def conclude(self, committed: bool) -> None:
-        self.group._watch([w.conclude_weights.remote(committed) for w in self.group.workers], "conclude_weights")
+        self.group._watch([w.conclude_weights.remote(committed, self.transport) for w in self.group.workers],
+                          "conclude_weights")
 
     def replay(self, engine, update_id: int) -> None:
-        self.group._watch([w.replay_weights.remote(engine, update_id) for w in self.group.workers], "replay_weights")
+        self.group._watch([w.replay_weights.remote(engine, update_id, self.transport) for w in self.group.workers],
+                          "replay_weights")

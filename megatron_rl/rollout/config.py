@@ -197,9 +197,9 @@ class RolloutPoolConfig:
         it through shared memory, CUDA IPC on GPU) or "object_store" (docs/rollout.md "Transports";
         `weight_transport.TRANSPORTS`).
     weight_sender: who sends them: "owners" (each owner rank of the actor sends its own share straight to the
-        engines, docs/rollout.md "Owner sends"; needs transport 'gloo' or 'nccl'), "driver" (actor rank 0 gathers the
-        model bucket by bucket and streams it to the trainer process, whose transport sends it) or "auto" (default:
-        owners with gloo, nccl and ipc, driver with object_store); `resolved_weight_sender` says which.
+        engines, docs/rollout.md "Owner sends"; needs transport 'gloo', 'nccl' or 'ipc'), "driver" (actor rank 0
+        gathers the model bucket by bucket and streams it to the trainer process, whose transport sends it) or "auto"
+        (default: owners with gloo, nccl and ipc, driver with object_store); `resolved_weight_sender` says which.
     weight_bucket_mb: the size bound of one weight bucket in MiB (a larger single tensor goes alone).
     colocate: the engines run on the actor ranks' resources (megatron_rl/cluster/placement.py) and hand the memory
         back while the actors train (`RolloutPool.sleep` / `wake_up`); the trainer sets it from resources.colocate.
