@@ -522,7 +522,7 @@ class MegatronActor:
         return share, metrics
 
     # ------------------------------------------------------------------------------------------- weights
-    def export_hf_weights(self, *, bucket_bytes: int = 256 * 1024**2, dst: int | None = 0):
+    def export_hf_weights(self, *, bucket_bytes: int = 256 * 1024**2, dst: int | None = 0, host_copies: bool = True):
         """Buckets of full HF-named tensors (collective; see models/weight_transfer.export_hf_weights)."""
         from megatron_rl.models.weight_transfer import export_hf_weights
 
@@ -530,7 +530,8 @@ class MegatronActor:
 
         from megatron_rl.checkpoint.model_ckpt import unwrap_model
 
-        return export_hf_weights([unwrap_model(m) for m in self.model], self.arch, bucket_bytes=bucket_bytes, dst=dst)
+        return export_hf_weights([unwrap_model(m) for m in self.model], self.arch, bucket_bytes=bucket_bytes, dst=dst,
+                                 host_copies=host_copies)
 
     def weight_source(self, *, bucket_bytes: int = 256 * 1024**2):
         """This rank's owned share of the weights as a vLLM `WeightSource` (collective to build; cached per bucket

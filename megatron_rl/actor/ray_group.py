@@ -184,8 +184,13 @@ class _MegatronWorker:
     def _weight_buckets_for(self, sender, bucket_bytes: int):
         """The buckets `sender` sends (collective): every whole bucket on every rank, or this rank's own share."""
         if sender.whole_buckets_on_every_rank:
-            return self.actor.export_hf_weights(bucket_bytes=bucket_bytes, dst=None)
+            return self._whole_buckets(bucket_bytes)
         return self.actor.owned_weight_buckets(bucket_bytes=bucket_bytes)
+
+    def _whole_buckets(self, bucket_bytes: int):
+        """Every whole bucket on every rank (collective), as views on the device the ranks exchange them on: the
+        ipc sender packs each into its shared buffer before asking for the next."""
+        return self.actor.export_hf_weights(bucket_bytes=bucket_bytes, dst=None, host_copies=False)
 
     def prepare_weights(self, bucket_bytes: int, timeout_s: float, transport: str) -> None:
         """An owner send's one-time set-up, done ahead of the first update (`ActorGroup.weight_owners`): the weight
@@ -234,7 +239,7 @@ class _MegatronWorker:
             raise RuntimeError(f"rank {self.rank}: cannot replay over ipc while {self._running[0]} runs: the export "
                                "is collective over the ranks")
         with self._doing("replay_weights"):
-            return sender.replay(engine, update_id, self.actor.export_hf_weights(bucket_bytes=bucket_bytes, dst=None))
+            return sender.replay(engine, update_id, self._whole_buckets(bucket_bytes))
 
     def _sender(self, timeout_s: float, transport: str):
         """This rank's sender of `transport`, made on first use (one per transport: pools of different transports

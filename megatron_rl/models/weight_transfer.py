@@ -167,9 +167,13 @@ def _buckets(order, bucket_bytes: int, *, one_owner: bool = False):
 
 @torch.no_grad()
 def export_hf_weights(
-    chunks: list, arch: QwenArch, *, bucket_bytes: int = 256 * 1024**2, dst: int | None = None
+    chunks: list, arch: QwenArch, *, bucket_bytes: int = 256 * 1024**2, dst: int | None = None,
+    host_copies: bool = True,
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Yield buckets of (hf_name, full tensor). Collective over the default group: all ranks must iterate."""
+    """Yield buckets of (hf_name, full tensor). Collective over the default group: all ranks must iterate.
+    host_copies: each tensor its own host tensor (conversion, the host-memory transports); False: views of the
+    received buffers on the process group's device (the GPU under NCCL), valid until the next bucket is asked for
+    (the ipc transport packs them straight into its shared buffer)."""
     items = local_params(chunks, arch)
     by_canonical = {it.canonical: it for it in items}
     by_name = mappings_by_megatron_name(arch)
@@ -192,7 +196,7 @@ def export_hf_weights(
             else:
                 groups = [entries]
             for group in groups:
-                received.update(_transfer(group, owner, full, rank, dst))
+                received.update(_transfer(group, owner, full, rank, dst, host_copies))
         if dst is None or rank == dst:
             out = []
             for name, *_ in bucket:
@@ -202,11 +206,13 @@ def export_hf_weights(
             yield []
 
 
-def _transfer(entries, owner: int, full: dict[str, torch.Tensor], rank: int, dst: int | None) -> dict[str, torch.Tensor]:
+def _transfer(entries, owner: int, full: dict[str, torch.Tensor], rank: int, dst: int | None,
+              host_copies: bool = True) -> dict[str, torch.Tensor]:
     """Move one owner's tensors (flattened into one buffer) to every rank (dst None) or to rank dst.
 
     The buffer lives where the process group can send it (the current GPU under NCCL); received tensors are
-    returned on the CPU, which is where weight sync and conversion consume them."""
+    returned as host tensors of their own (host_copies), which is where conversion and the host-memory transports
+    consume them, or as views of that buffer."""
     numels = [torch.Size(s).numel() for _, s, _ in entries]
     dtype = entries[0][2]
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -226,8 +232,8 @@ def _transfer(entries, owner: int, full: dict[str, torch.Tensor], rank: int, dst
         dist.recv(flat, src=owner)
     elif rank != dst:
         return {}
-    flat = flat.cpu()
-    return {name: piece.view(shape).clone() for (name, shape, _), piece in zip(entries, torch.split(flat, numels))}
+    pieces = zip(entries, torch.split(flat.cpu() if host_copies else flat, numels))
+    return {name: piece.view(shape).clone() if host_copies else piece.view(shape) for (name, shape, _), piece in pieces}
 
 
 @dataclass(frozen=True)

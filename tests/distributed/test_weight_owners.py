@@ -9,7 +9,8 @@ Checked per layout, on every rank:
   layers (and the embedding / head of its end), with EP only its experts;
 - `buckets()` on an owner yields only its own names, no bucket above the bound (a larger tensor alone), and no rank
   ever yields a tensor it does not own (nothing gathered on one rank);
-- vLLM's iteration contract (`__iter__`: names of the rank's groups in metadata order, None where not held).
+- vLLM's iteration contract (`__iter__`: names of the rank's groups in metadata order, None where not held);
+- the ipc transport's source (`export_hf_weights(dst=None, host_copies=False)`): every rank gets every tensor.
 """
 import re
 
@@ -36,8 +37,11 @@ def _owner_rank(path: str, layout: dict) -> dict:
     buckets = [[(name, tensor.clone()) for name, tensor in bucket] for bucket in source.buckets()]
     iterated = [(name, tensor is not None) for name, tensor in source]
     groups = source.groups()
+    # what the ipc transport sends from every rank: every whole bucket, as views on the exchange device
+    whole = [[(name, tensor.clone()) for name, tensor in bucket]
+             for bucket in actor.export_hf_weights(bucket_bytes=BUCKET_BYTES, dst=None, host_copies=False)]
     out = {"rank": dist.get_rank(), "metadata": metadata, "held": source.held_names(), "buckets": buckets,
-           "iterated": iterated, "groups": groups, "num_buckets": len(source.plan.buckets)}
+           "iterated": iterated, "groups": groups, "num_buckets": len(source.plan.buckets), "whole": whole}
     actor.shutdown()
     return out
 
@@ -83,6 +87,11 @@ def _check(path: str, layout: dict, world: int) -> list[dict]:
     assert sent.keys() == checkpoint.keys()
     for name, tensor in checkpoint.items():
         assert torch.equal(sent[name], tensor), name
+    for r in ranks:  # ipc: every rank holds every tensor, bucket by bucket, bit for bit
+        whole = [item for bucket in r["whole"] for item in bucket]
+        assert len(whole) == len(checkpoint) and dict(whole).keys() == checkpoint.keys(), f"rank {r['rank']}"
+        for name, tensor in whole:
+            assert torch.equal(tensor, checkpoint[name]), (r["rank"], name)
     return ranks
 
 
