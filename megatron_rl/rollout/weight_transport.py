@@ -155,11 +155,11 @@ class BucketSender(ABC):
         (itself by default; the nccl sender moves it off the GPU)."""
         return item
 
-    @abstractmethod
     def _start(self, engine: Any, item: Any, update_id: int) -> Any:
         """Deliver one prepared bucket of the engine's update `update_id`; returns the Ray ref of its `load_bucket`
         call. Raises when the transfer itself fails (the engine is gone, did not receive, or raised before
-        receiving)."""
+        receiving). By default the prepared bucket is `load_bucket`'s whole payload (object_store, ipc)."""
+        return engine.load_bucket.remote(self.name, item, update_id)
 
     def load_backend(self) -> None:
         """Import what sending needs (nothing by default), so that a caller can do it ahead of the first update."""
@@ -251,9 +251,6 @@ class ObjectStoreSender(BucketSender):
         import ray
 
         return ray.put(pack_bucket(bucket))
-
-    def _start(self, engine: Any, item: Any, update_id: int) -> Any:
-        return engine.load_bucket.remote(self.name, item, update_id)
 
 
 class GlooSender(BucketSender):
@@ -429,15 +426,13 @@ class IpcSender(BucketSender):
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
             torch.device("cpu")
         self._hosts_of: dict[Any, list[int]] = {}  # engine actor id -> the actor ranks of its workers, in order
-        self._hosting = False  # whether this rank hosts a worker of an engine of the update being sent
 
     def _prepare(self, bucket: Bucket) -> Any:
-        """On a host rank: the bucket packed into a new shared buffer (`shared_buffers.SharedBuffer`); else None."""
+        """The bucket packed into a new shared buffer (`shared_buffers.SharedBuffer`; on the ranks that host an
+        engine's worker)."""
         from megatron_rl.rollout.shared_buffers import share
         from megatron_rl.rollout.weight_transfer_engines import bucket_layout, pack_into_buffer
 
-        if not self._hosting:
-            return None
         tensors = [t for _, t in bucket]
         shared = share(bucket_layout([t.shape for t in tensors], [t.dtype for t in tensors])[1], self.device)
         try:
@@ -448,9 +443,6 @@ class IpcSender(BucketSender):
             shared.release()
             raise
         return shared
-
-    def _start(self, engine: Any, item: Any, update_id: int) -> Any:
-        return engine.load_bucket.remote(self.name, item, update_id)
 
     def load_backend(self) -> None:
         """Import the worker-side module the send builds its update infos with (it imports vLLM's weight-transfer
@@ -502,7 +494,7 @@ class IpcSender(BucketSender):
 
         hosts, failed = self._hosts(engines)
         led = [i for i, ranks in enumerate(hosts) if ranks is not None and ranks[0] == self.rank]
-        self._hosting = any(ranks is not None and self.rank in ranks for ranks in hosts)
+        hosting = any(ranks is not None and self.rank in ranks for ranks in hosts)
         key = device_key(self.device)
         counts = {"buckets": 0, "tensors": 0, "bytes": 0}
         in_flight: tuple[Any, dict[int, Any]] | None = None  # the previous bucket: its buffer and its engines' loads
@@ -511,7 +503,7 @@ class IpcSender(BucketSender):
                 bucket = _checked_bucket(bucket, None)  # every rank: the same whole bucket, where the export put it
                 if not bucket:
                     continue
-                shared = self._prepare(bucket)  # while the engines still load the previous bucket
+                shared = self._prepare(bucket) if hosting else None  # while the engines load the previous one
                 try:
                     handles: list[Any] = [None] * self.world_size
                     dist.all_gather_object(handles, None if shared is None else (key, shared.handle))
