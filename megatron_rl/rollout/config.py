@@ -181,6 +181,13 @@ WEIGHT_SENDERS = ("auto", "owners", "driver")
 # those whose senders can be the actor's owner ranks (weight_transport.OWNER_TRANSPORTS)
 TRANSPORTS = ("gloo", "nccl", "ipc", "object_store")
 OWNER_TRANSPORTS = ("gloo", "nccl", "ipc")
+# names a user may bring from vLLM's weight-transfer backends that are not transports here, with what to use instead
+_TRANSPORT_HINTS = {
+    "cuda_ipc": "use 'ipc' for CUDA IPC with colocated engines",
+    "nccl_m2n": "vLLM's nccl_m2n is not offered (docs/rollout.md, 'Why not nccl_m2n'): it cannot express a Megatron "
+                "actor with pipeline or expert parallelism and one dead engine stalls every rank; use 'nccl' (owner "
+                "sends, GPU to GPU) for split engines or 'ipc' for colocated ones",
+}
 
 
 @dataclass(frozen=True)
@@ -225,9 +232,8 @@ class RolloutPoolConfig:
             if not (is_finite_number(getattr(self, name)) and getattr(self, name) > 0):
                 _fail_in(name, f"must be > 0, got {getattr(self, name)}", "give seconds")
         if self.transport not in TRANSPORTS:
-            _fail_in("transport", f"is {self.transport!r}",
-                     "use 'ipc' for CUDA IPC with colocated engines" if self.transport == "cuda_ipc" else
-                     "use 'gloo' (default), 'nccl' (GPU), 'ipc' (colocated engines) or 'object_store'")
+            _fail_in("transport", f"is {self.transport!r}", _TRANSPORT_HINTS.get(
+                self.transport, "use 'gloo' (default), 'nccl' (GPU), 'ipc' (colocated engines) or 'object_store'"))
         if self.transport == "nccl" and self.device != "gpu":
             _fail_in("transport", f"is 'nccl' on device {self.device!r}",
                      "NCCL sends GPU to GPU: use transport 'gloo' on CPU, or device 'gpu'")

@@ -15,6 +15,14 @@ def bench():
     return load_script("tools/benchmark.py", "benchmark_tool")
 
 
+def _one_table(bench, tmp_path, argv: list[str]) -> list[dict]:
+    """Run `tools/benchmark.py argv --json <file>`, check it exits 0, and return the rows of the one table it wrote."""
+    path = tmp_path / f"{argv[0]}_{len(list(tmp_path.glob('*.json')))}.json"
+    assert bench.main([*argv, "--json", str(path)]) == 0
+    (rows,) = json.loads(path.read_text())["tables"].values()
+    return rows
+
+
 @pytest.mark.parametrize("argv, message", [
     (["rollout", "--batch-sizes", "8,x"], "comma-separated integers"),
     (["rollout", "--batch-sizes", "0"], "positive integers"),
@@ -204,20 +212,16 @@ def test_bucketed_keeps_order_and_size_limit_and_memcpy_floor():
 def test_rollout_and_sync_subcommands_end_to_end(bench, tmp_path, capsys):
     """`rollout` and `sync` on the tiny model: every table row is there, the counts are sane, and the pool
     generates the same number of tokens per second order as the bare engine it wraps (same prompts and seeds)."""
-    path = tmp_path / "rollout.json"
-    assert bench.main(["rollout", "--size", "tiny", "--batch-sizes", "2,4", "--n", "2", "--max-tokens", "8",
-                       "--repeats", "1", "--num-cpus", "1", "--workdir", str(tmp_path), "--json", str(path)]) == 0
-    (rows,) = json.loads(path.read_text())["tables"].values()
+    rows = _one_table(bench, tmp_path, ["rollout", "--size", "tiny", "--batch-sizes", "2,4", "--n", "2", "--max-tokens",
+                                        "8", "--repeats", "1", "--num-cpus", "1", "--workdir", str(tmp_path)])
     assert [(r["engines"], r["prompts x n"]) for r in rows] == [(1, "2 x 2"), (1, "4 x 2")]
     for r in rows:
         assert r["bare_tok_s"] > 0 and r["pool_tok_s"] > 0 and r["hf_tok_s"] > 0
         # 1 engine: pool/bare is the pool's overhead; a factor 5 either way would mean a broken measurement
         assert 0.2 < r["pool/bare"] < 5, r
 
-    path = tmp_path / "sync.json"
-    assert bench.main(["sync", "--sizes", "tiny", "--engines", "1", "--bucket-mib", "0.5,64", "--repeats", "1",
-                       "--num-cpus", "1", "--workdir", str(tmp_path), "--json", str(path)]) == 0
-    (rows,) = json.loads(path.read_text())["tables"].values()
+    rows = _one_table(bench, tmp_path, ["sync", "--sizes", "tiny", "--engines", "1", "--bucket-mib", "0.5,64",
+                                        "--repeats", "1", "--num-cpus", "1", "--workdir", str(tmp_path)])
     assert [(r["transport"], r["bucket_MiB"]) for r in rows] == [("gloo", 0.5), ("gloo", 64.0),
                                                                  ("object_store", 0.5), ("object_store", 64.0)]
     assert {r["model"] for r in rows} == {"qwen3_tiny"}
@@ -228,19 +232,15 @@ def test_rollout_and_sync_subcommands_end_to_end(bench, tmp_path, capsys):
         assert r["sync/memcpy"] == pytest.approx(r["sync_s"] / r["memcpy_s"], rel=0.15)
     assert "Weight sync per transport" in capsys.readouterr().out
 
-    path = tmp_path / "refit.json"
-    assert bench.main(["refit", "--sizes", "tiny", "--layouts", "pp2", "--engines", "1", "--bucket-mib", "0.25",
-                       "--repeats", "1", "--workdir", str(tmp_path), "--json", str(path)]) == 0
-    (rows,) = json.loads(path.read_text())["tables"].values()
+    rows = _one_table(bench, tmp_path, ["refit", "--sizes", "tiny", "--layouts", "pp2", "--engines", "1",
+                                        "--bucket-mib", "0.25", "--repeats", "1", "--workdir", str(tmp_path)])
     assert [(r["actor"], r["engines"], r["sender"]) for r in rows] == [("pp2", 1, "driver"), ("pp2", 1, "owners")]
     for r in rows:
         assert r["sync_s"] > 0 and r["slowest_engine_s"] > 0 and r["driver/this"] > 0
     assert rows[0]["driver/this"] == 1.0
 
-    path = tmp_path / "refit_colocated.json"
-    assert bench.main(["refit", "--colocate", "--sizes", "tiny", "--layouts", "pp2", "--bucket-mib", "0.25",
-                       "--repeats", "1", "--workdir", str(tmp_path), "--json", str(path)]) == 0
-    (rows,) = json.loads(path.read_text())["tables"].values()
+    rows = _one_table(bench, tmp_path, ["refit", "--colocate", "--sizes", "tiny", "--layouts", "pp2", "--bucket-mib",
+                                        "0.25", "--repeats", "1", "--workdir", str(tmp_path)])
     assert [(r["actor"], r["engines"], r["transport"]) for r in rows] == [("pp2", 2, "gloo"), ("pp2", 2, "ipc")]
     for r in rows:
         assert r["sync_s"] > 0 and r["slowest_engine_s"] > 0 and r["gloo/this"] > 0
@@ -252,13 +252,12 @@ def test_rollout_and_sync_subcommands_end_to_end(bench, tmp_path, capsys):
 @pytest.mark.ray
 def test_step_subcommand_end_to_end(bench, tmp_path):
     """`step` trains the quickstart (made short) and breaks its steps down: the parts add up to the step."""
-    path = tmp_path / "step.json"
     # a short warm-up and small steps; every step trains (one round, topped up with zero-advantage groups)
-    assert bench.main(["step", "--steps", "3", "--skip", "1", "--workdir", str(tmp_path), "--json", str(path),
-                       "warmup.steps=3", "algorithm.prompts_per_step=4", "algorithm.dynamic_sampling.max_rounds=1",
-                       "algorithm.dynamic_sampling.on_cap=top_up",
-                       "algorithm.dynamic_sampling.top_up_with_zero_advantage=true"]) == 0
-    (rows,) = json.loads(path.read_text())["tables"].values()
+    rows = _one_table(bench, tmp_path, ["step", "--steps", "3", "--skip", "1", "--workdir", str(tmp_path),
+                                        "warmup.steps=3", "algorithm.prompts_per_step=4",
+                                        "algorithm.dynamic_sampling.max_rounds=1",
+                                        "algorithm.dynamic_sampling.on_cap=top_up",
+                                        "algorithm.dynamic_sampling.top_up_with_zero_advantage=true"])
     by_part = {r["part"]: r for r in rows}
     assert by_part["train"]["mean_s"] > 0 and by_part["sync"]["mean_s"] > 0
     parts = sum(by_part[p]["mean_s"] for p in ("rollout", "reward", "train", "sync", "other"))
@@ -272,10 +271,8 @@ def test_step_subcommand_end_to_end(bench, tmp_path):
 def test_startup_subcommand_end_to_end(bench, tmp_path):
     """`startup` runs the real console command and finds every phase in its output; the phases add up to the total
     and the first RL step is not counted among the fixed costs twice."""
-    path = tmp_path / "startup.json"
-    assert bench.main(["startup", "--steps", "2", "--workdir", str(tmp_path), "--json", str(path),
-                       "warmup.steps=3", "algorithm.prompts_per_step=4"]) == 0
-    (rows,) = json.loads(path.read_text())["tables"].values()
+    rows = _one_table(bench, tmp_path, ["startup", "--steps", "2", "--workdir", str(tmp_path), "warmup.steps=3",
+                                        "algorithm.prompts_per_step=4"])
     seconds = {r["phase"]: r["seconds"] for r in rows}
     for phase in ("python start, imports, config load and check", "tiny model, data, reward workers, Ray start",
                   "Megatron ranks start (engines start in the background)",

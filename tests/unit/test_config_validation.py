@@ -77,6 +77,7 @@ REFUSED = [
     ("rollout.engine.tensor_parallel_size=2", "rollout.engine.tensor_parallel_size:", "tensor_parallel_size=1"),
     ("rollout.transport=nccl", "rollout.transport: is 'nccl' on device 'cpu'", "use transport 'gloo' on CPU"),
     ("rollout.transport=cuda_ipc", "rollout.transport: is 'cuda_ipc'", "use 'ipc' for CUDA IPC with colocated engines"),
+    ("rollout.transport=nccl_m2n", "rollout.transport: is 'nccl_m2n'", "nccl_m2n is not offered"),
     ("rollout.transport=ipc", "rollout.transport: is 'ipc' with split engines", "set resources.colocate=true"),
     # reward, data, eval, warm-up, checkpoint, run, model, resources
     ("reward.num_workers=0", "reward.num_workers:", ">= 1"),
