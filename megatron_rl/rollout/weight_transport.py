@@ -557,6 +557,15 @@ class IpcSender(BucketSender):
             if shared is not None:
                 shared.release()
 
+    def conclude(self, committed: bool) -> None:
+        """As for every sender; on GPU also return the last bucket's memory. Each rank freed its buffers at every
+        bucket's end, but CUDA IPC keeps a freed buffer until its receiver has let go of it, and an engine worker
+        holds its last one until `finish_weight_update`, which the pool calls before this: collecting now gives the
+        actor that memory back before it trains, instead of at the next update's first bucket."""
+        super().conclude(committed)
+        if self.device.type == "cuda":
+            torch.cuda.ipc_collect()
+
     def replay(self, engine: Any, update_id: int, buckets: Iterable[Bucket] | None = None) -> int:
         """`buckets` (the committed weights, exported again on every rank) to one restarted engine; collective over
         the actor's ranks. Raises on failure; returns the number of buckets (rank 0's count)."""
