@@ -8,10 +8,13 @@ Checks, in order (each one's result, numbers and any error go into the report; a
 2. `bf16_logits`: a tiny Qwen3 built by the Megatron actor's model builder in bf16 on one GPU (one nccl rank), its
    logits against transformers' fp32 forward of the same bf16-rounded weights (`models/verify.py`). bf16 keeps ~3
    significant digits, so the bar is a max |logit diff| of 5e-2 on logits of magnitude ~1-10 (fp32 on CPU: 1e-4).
-3. `cuda_ipc`: a 256 MiB buffer shared with a second process through CUDA IPC by the ipc weight transport's own
-   code (`rollout/shared_buffers.py`: torch's `reduce_tensor`, the mechanism of vLLM's `ipc` backend): the child
-   opens it as the transport's worker does, reads it in place, checks its bytes and that it files the GPU under the
-   sender's device key (UUID); the report gives the time to open the handle and copy the buffer on the GPU.
+3. `cuda_ipc`: the ipc weight transport's data plane for one 256 MiB bucket between two processes on one GPU
+   (`ipc_roundtrip`), with the transport's own code: the parent packs a mixed-dtype bucket into a shared buffer
+   (`rollout/packed_buckets.py`, `rollout/shared_buffers.py`: torch's `reduce_tensor`, the mechanism of vLLM's
+   `ipc` backend), a spawned child opens the handle, views and clones the tensors as the transport's worker does;
+   bit-exact per tensor, the same device key (UUID) on both sides, and the buffer freed once the child let go. The
+   report gives the times to pack, open the handle, and view and clone. CI runs the same function on CPU (the
+   /dev/shm twin, tests/unit/test_gpu_check.py).
 4. `train_step_mfu`: bf16 train steps of the Megatron actor on a stack of Qwen2.5-7B-shaped layers (hidden 3584, 28
    heads of 128, 4 KV heads, MLP 18944; `benchmarks/models.py` "qwen7b_slice") and the MFU against the measured
    matmul peak (`benchmarks/gpu.py`).
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import os
 import platform
 import subprocess
@@ -91,47 +95,99 @@ def _bf16_logits(workdir: str) -> dict[str, Any]:
     return numbers
 
 
-def _ipc_child(queue, handle, key: str) -> None:
-    """The receiving side, as the ipc weight transport's worker opens a bucket (`shared_buffers.open_shared`)."""
+def _digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes (copied to the host)."""
+    return hashlib.sha256(tensor.detach().contiguous().view(torch.uint8).cpu().numpy()).hexdigest()
+
+
+def _ipc_bucket(nbytes: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+    """A weight bucket of about `nbytes` on `device`, mixed dtypes and odd sizes (so the 64-byte alignment of the
+    packed layout matters), seeded."""
+    generator = torch.Generator().manual_seed(0)
+    rows = max(1, nbytes // (2 * 4096 * 2))  # two bf16 [rows, 4096] matrices make up the size
+    bucket = [("layers.0.mlp.weight", torch.randn(rows, 4096, generator=generator).to(torch.bfloat16)),
+              ("layers.0.norm.weight", torch.randn(4099, generator=generator)),
+              ("layers.1.mlp.weight", torch.randn(rows, 4096, generator=generator).to(torch.bfloat16)),
+              ("layers.1.norm.weight", torch.randn(3, 5, generator=generator).to(torch.float16)),
+              ("positions", torch.arange(7))]
+    return [(name, tensor.to(device)) for name, tensor in bucket]
+
+
+def _ipc_child(queue, handle, metadata: dict, device: str, key: str) -> None:
+    """The receiving side, as the ipc transport's worker takes a bucket (`IpcWeightTransferEngine.receive_weights`):
+    open the handle (`shared_buffers.open_shared`), view the tensors in place (`packed_buckets.views_of_buffer`),
+    clone them (the GPU worker does, before the sender frees the buffer); then let go of the mapping before exiting,
+    as the worker does at the end of an update, so that the sender can free it."""
+    from megatron_rl.rollout.packed_buckets import dtypes_of, views_of_buffer
     from megatron_rl.rollout.shared_buffers import device_key, open_shared
 
-    device = torch.device("cuda", 0)
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
-    shared = open_shared(handle, device)  # opens the CUDA IPC handle: the parent's memory, no copy
-    torch.cuda.synchronize()
+    buffer = open_shared(handle, device)  # CUDA: opens the IPC handle, the sender's memory, no copy
+    sync()
     opened = time.perf_counter() - start
     start = time.perf_counter()
-    local = shared.clone()
-    torch.cuda.synchronize()
+    tensors = [view.clone() for view in views_of_buffer(buffer, metadata["shapes"], dtypes_of(metadata["dtype_names"]))]
+    sync()
     copied = time.perf_counter() - start
-    queue.put((float(local.double().sum()), opened, copied, device_key(device) == key))
+    digests = [_digest(tensor) for tensor in tensors]
+    del tensors, buffer
+    sync()
+    queue.put((digests, opened, copied, device_key(device) == key))
 
 
-def _cuda_ipc(workdir: str) -> dict[str, Any]:
+def ipc_roundtrip(device: torch.device | str, nbytes: int) -> dict[str, Any]:
+    """The ipc transport's data plane for one bucket between two processes on one device: this process packs a
+    bucket (`_ipc_bucket`) into a shared buffer as `IpcSender` does, a spawned child takes it as the worker does
+    (`_ipc_child`); the child's tensors must equal the bucket's bit for bit, its device key must be the sender's,
+    and once the child has let go, `SharedBuffer.release` must free the buffer (CUDA: the allocated memory is back
+    where it was; CPU: the /dev/shm file is gone). On CPU the same code runs the /dev/shm twin (CI tests it there)."""
     import torch.multiprocessing as mp
 
+    from megatron_rl.rollout.packed_buckets import bucket_layout, bucket_metadata, pack_into_buffer
     from megatron_rl.rollout.shared_buffers import device_key, share
 
-    device = torch.device("cuda", 0)
-    shared = share(IPC_BYTES, device)  # what the ipc transport's sender packs each bucket into
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    bucket = _ipc_bucket(nbytes, device)
+    tensors = [tensor for _, tensor in bucket]
+    size = bucket_layout([t.shape for t in tensors], [t.dtype for t in tensors])[1]
+    baseline = torch.cuda.memory_allocated(device) if cuda else None
+    shared = share(size, device)
+    handle = shared.handle
     try:
-        shared.tensor.copy_(torch.randint(0, 255, (IPC_BYTES,), dtype=torch.uint8, device=device))
-        torch.cuda.synchronize()
-        expected = float(shared.tensor.double().sum())
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        child = ctx.Process(target=_ipc_child, args=(queue, shared.handle, device_key(device)))
+        start = time.perf_counter()
+        pack_into_buffer(tensors, device, out=shared.tensor)
+        sync()  # written before the child reads it
+        packed = time.perf_counter() - start
+        spawn = mp.get_context("spawn")
+        queue = spawn.Queue()
+        child = spawn.Process(target=_ipc_child,
+                              args=(queue, handle, bucket_metadata(bucket), str(device), device_key(device)))
         child.start()
-        got, opened, copied, same_key = queue.get(timeout=120)
+        digests, opened, copied, same_key = queue.get(timeout=300)
         child.join(timeout=60)
     finally:
         shared.release()
-    if got != expected:
-        raise AssertionError(f"the child read a different tensor through CUDA IPC (sum {got} != {expected})")
+    wrong = [name for (name, tensor), got in zip(bucket, digests) if _digest(tensor) != got]
+    if wrong:
+        raise AssertionError(f"the child read other bytes than were packed for {wrong}")
     if not same_key:
-        raise AssertionError("the child files the GPU under another device key (UUID) than the sender")
-    return {"MiB": IPC_BYTES >> 20, "open_handle_s": round(opened, 4), "device_copy_s": round(copied, 4),
-            "device_copy_GiB_s": round(IPC_BYTES / 2**30 / copied, 1)}
+        raise AssertionError("the child files the device under another key (CUDA: the GPU's UUID) than the sender")
+    if child.exitcode != 0:
+        raise AssertionError(f"the receiving process exited with {child.exitcode}")
+    freed = torch.cuda.memory_allocated(device) == baseline if cuda else not os.path.exists(handle[1])
+    if not freed:
+        raise AssertionError("the shared buffer was not freed by SharedBuffer.release after the receiver let go of it")
+    return {"MiB": round(size / 2**20, 1), "tensors": len(bucket), "pack_s": round(packed, 4),
+            "open_handle_s": round(opened, 4), "view_and_clone_s": round(copied, 4),
+            "view_and_clone_GiB_s": round(size / 2**30 / copied, 1)}
+
+
+def _cuda_ipc(workdir: str) -> dict[str, Any]:
+    return ipc_roundtrip(torch.device("cuda", 0), IPC_BYTES)
 
 
 def _train_step_mfu(workdir: str) -> dict[str, Any]:
@@ -165,8 +221,8 @@ CHECKS: list[tuple[str, str, Callable[[str], dict[str, Any]]]] = [
     ("cuda", "CUDA device and build", _cuda),
     ("bf16_logits", "Megatron bf16 logits on one GPU vs transformers (fp32 on bf16-rounded weights), tiny Qwen3",
      _bf16_logits),
-    ("cuda_ipc", f"a {IPC_BYTES >> 20} MiB buffer of the ipc transport (shared_buffers.py) read by a second process "
-     "through CUDA IPC", _cuda_ipc),
+    ("cuda_ipc", f"a {IPC_BYTES >> 20} MiB bucket of the ipc transport packed, shared through CUDA IPC and taken by "
+     "a second process (bit-exact, freed after)", _cuda_ipc),
     ("train_step_mfu", "bf16 Megatron train steps on Qwen2.5-7B-shaped layers, MFU vs the measured matmul peak",
      _train_step_mfu),
     ("nccl_transport", "the nccl weight transport between two processes on two GPUs (bucket bit-exact, dead and "

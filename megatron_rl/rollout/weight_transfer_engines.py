@@ -58,13 +58,18 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from megatron_rl.parallel.packing import round_up
+from megatron_rl.rollout.packed_buckets import (
+    bucket_layout,
+    bucket_metadata,
+    dtypes_of,
+    pack_into_buffer,
+    views_of_buffer,
+)
 
 GLOO_BACKEND = "megatron_rl_gloo"
 NCCL_BACKEND = "megatron_rl_nccl"
 IPC_BACKEND = "megatron_rl_ipc"
 OBJECT_STORE_BACKEND = "megatron_rl_object_store"
-ALIGN_BYTES = 64  # every tensor starts at a multiple of this in a packed bucket (any dtype can view it)
 
 _register_lock = threading.Lock()
 
@@ -84,41 +89,6 @@ def register_backends() -> None:
                                   (NCCL_BACKEND, NcclTrainerWeightTransferEngine)):
             if name not in WeightTransferTrainerFactory._registry:
                 WeightTransferTrainerFactory.register_engine(name, trainer_cls)
-
-
-# ---- the packed bucket layout (both sides) ------------------------------------------------------------------------
-def bucket_layout(shapes: Sequence[Sequence[int]], dtypes: Sequence[torch.dtype]) -> tuple[list[int], int]:
-    """Byte offset of every tensor in a packed bucket (each aligned to ALIGN_BYTES) and the buffer's size."""
-    offsets, end = [], 0
-    for shape, dtype in zip(shapes, dtypes):
-        offsets.append(round_up(end, ALIGN_BYTES))
-        end = offsets[-1] + math.prod(shape) * dtype.itemsize
-    return offsets, end
-
-
-def pack_into_buffer(tensors: Sequence[torch.Tensor], device: torch.device | str = "cpu",
-                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """One flat uint8 buffer on `device` holding `tensors` at `bucket_layout`'s offsets (written into `out` when
-    given: a uint8 buffer of exactly the layout's size)."""
-    offsets, size = bucket_layout([t.shape for t in tensors], [t.dtype for t in tensors])
-    if out is not None and (out.dtype != torch.uint8 or out.numel() != size):
-        raise ValueError(f"pack_into_buffer: out must be {size} uint8 bytes, got {out.numel()} {out.dtype}")
-    buffer = torch.empty(size, dtype=torch.uint8, device=device) if out is None else out
-    for tensor, offset in zip(tensors, offsets):
-        flat = tensor.detach().reshape(-1)
-        nbytes = flat.numel() * flat.element_size()
-        buffer[offset:offset + nbytes].view(tensor.dtype).copy_(flat)
-    return buffer
-
-
-def views_of_buffer(buffer: torch.Tensor, shapes: Sequence[Sequence[int]],
-                    dtypes: Sequence[torch.dtype]) -> list[torch.Tensor]:
-    """The tensors of a packed bucket, as views of `buffer` (no copy)."""
-    offsets, size = bucket_layout(shapes, dtypes)
-    if buffer.numel() != size:
-        raise ValueError(f"packed bucket of {buffer.numel()} bytes, the layout needs {size}")
-    return [buffer[offset:offset + math.prod(shape) * dtype.itemsize].view(dtype).view(tuple(shape))
-            for shape, dtype, offset in zip(shapes, dtypes, offsets)]
 
 
 # ---- worker side ----------------------------------------------------------------------------------------------
@@ -251,7 +221,7 @@ class IpcWeightTransferEngine(_LayerwiseReloadEngine):
             from vllm.distributed.weight_transfer.packed_tensor import PackedBufferImporter
 
             self._importer = PackedBufferImporter()
-        dtypes = [getattr(torch, name) for name in update_info.dtype_names]
+        dtypes = dtypes_of(update_info.dtype_names)
         buffer = open_shared(handle, self.device, self._importer)
         tensors = views_of_buffer(buffer, update_info.shapes, dtypes)
         if self.device.type == "cuda":
@@ -438,7 +408,7 @@ class _BroadcastWeightTransferEngine(_LayerwiseReloadEngine):
         if group is None:
             raise RuntimeError(f"weight transfer from sender {update_info.sender!r} not initialized: "
                                "init_weight_transfer_engine first")
-        dtypes = [getattr(torch, name) for name in update_info.dtype_names]
+        dtypes = dtypes_of(update_info.dtype_names)
         _, size = bucket_layout(update_info.shapes, dtypes)
         buffer = torch.empty(size, dtype=torch.uint8, device=group.device)
         try:
@@ -611,17 +581,6 @@ class NcclTrainerWeightTransferEngine(_BroadcastTrainerEngine):
     def _open_group(cls, address: str, port: int, world_size: int, timeout_s: float,
                     listen: socket.socket) -> NcclGroup:
         return NcclGroup(address, port, 0, world_size, timeout_s, torch.cuda.current_device(), listen_socket=listen)
-
-
-def bucket_metadata(bucket: Iterable[tuple[str, torch.Tensor]]) -> dict[str, list]:
-    """The names, torch dtype names and shapes of a bucket's tensors, in order: what a worker needs to view each tensor
-    in the packed buffer (`views_of_buffer`)."""
-    names, dtypes, shapes = [], [], []
-    for name, tensor in bucket:
-        names.append(name)
-        dtypes.append(str(tensor.dtype).removeprefix("torch."))
-        shapes.append(list(tensor.shape))
-    return {"names": names, "dtype_names": dtypes, "shapes": shapes}
 
 
 def update_info(bucket: Iterable[tuple[str, torch.Tensor]], sender: str = "driver") -> dict[str, Any]:

@@ -269,7 +269,8 @@ class GlooSender(BucketSender):
         self._threads = ThreadPoolExecutor(max_workers=32, thread_name_prefix=f"{sender_id}-gloo")  # per engine
 
     def _prepare(self, bucket: Bucket) -> Any:
-        from megatron_rl.rollout.weight_transfer_engines import pack_into_buffer, update_info
+        from megatron_rl.rollout.packed_buckets import pack_into_buffer
+        from megatron_rl.rollout.weight_transfer_engines import update_info
 
         return update_info(bucket, self.sender_id), pack_into_buffer([t for _, t in bucket], self.device)
 
@@ -431,7 +432,7 @@ class IpcSender(BucketSender):
         """The bucket packed into a new shared buffer (`shared_buffers.SharedBuffer`; on the ranks that host an
         engine's worker)."""
         from megatron_rl.rollout.shared_buffers import share
-        from megatron_rl.rollout.weight_transfer_engines import bucket_layout, pack_into_buffer
+        from megatron_rl.rollout.packed_buckets import bucket_layout, pack_into_buffer
 
         tensors = [t for _, t in bucket]
         shared = share(bucket_layout([t.shape for t in tensors], [t.dtype for t in tensors])[1], self.device)
@@ -490,7 +491,8 @@ class IpcSender(BucketSender):
         import torch.distributed as dist
 
         from megatron_rl.rollout.shared_buffers import device_key
-        from megatron_rl.rollout.weight_transfer_engines import bucket_metadata, ipc_update_info
+        from megatron_rl.rollout.packed_buckets import bucket_metadata
+        from megatron_rl.rollout.weight_transfer_engines import ipc_update_info
 
         hosts, failed = self._hosts(engines)
         led = [i for i, ranks in enumerate(hosts) if ranks is not None and ranks[0] == self.rank]

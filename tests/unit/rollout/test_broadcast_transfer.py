@@ -18,9 +18,8 @@ from megatron_rl.rollout.weight_transfer_engines import (
     GlooTrainerWeightTransferEngine,
     NcclGroup,
     NcclTrainerWeightTransferEngine,
-    pack_into_buffer,
-    views_of_buffer,
 )
+from megatron_rl.rollout.packed_buckets import pack_into_buffer, views_of_buffer
 
 TIMEOUT_S = 60.0
 BUCKET = [("a", torch.arange(12, dtype=torch.float32).reshape(3, 4)), ("b", torch.tensor([1, 2, 3], dtype=torch.int8)),

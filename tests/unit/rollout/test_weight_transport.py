@@ -12,14 +12,15 @@ from megatron_rl.rollout.weight_transport import (
     pack_bucket,
     unpack_bucket,
 )
-from megatron_rl.rollout.weight_transfer_engines import (
+from megatron_rl.rollout.packed_buckets import (
     ALIGN_BYTES,
-    BroadcastUpdateInfo,
     bucket_layout,
+    bucket_metadata,
+    dtypes_of,
     pack_into_buffer,
-    update_info,
     views_of_buffer,
 )
+from megatron_rl.rollout.weight_transfer_engines import BroadcastUpdateInfo, update_info
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.float8_e4m3fn]
 
@@ -135,10 +136,14 @@ def test_packed_buffer_roundtrip_is_bit_exact_and_aligned(dtype):
         assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8))
     with pytest.raises(ValueError, match=f"out must be {size} uint8 bytes"):
         pack_into_buffer(tensors, out=torch.empty(size + 1, dtype=torch.uint8))
+    metadata = bucket_metadata([(str(i), t) for i, t in enumerate(tensors)])  # what travels in the update info
+    assert dtypes_of(metadata["dtype_names"]) == [t.dtype for t in tensors]
+    with pytest.raises(ValueError, match="'Tensor' is not a torch dtype name"):
+        dtypes_of(["Tensor"])
 
 
 def test_ipc_update_info_carries_the_layout_and_a_handle_per_device():
-    from megatron_rl.rollout.weight_transfer_engines import IpcUpdateInfo, bucket_metadata, ipc_update_info
+    from megatron_rl.rollout.weight_transfer_engines import IpcUpdateInfo, ipc_update_info
 
     metadata = bucket_metadata([("a", torch.zeros(2, 3, dtype=torch.bfloat16)), ("b", torch.zeros(4))])
     info = ipc_update_info(metadata, {"cpu": ("shm", "/dev/shm/megatron_rl_ipc_1_0", 128)})
