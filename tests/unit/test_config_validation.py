@@ -185,3 +185,21 @@ def test_old_policy_routing_replay_needs_a_recomputed_old_policy_pass():
                     ["actor.moe.routing_replay=old_policy", "algorithm.old_log_probs=rollout"])
     cfg = load_config("examples/configs/qwen3_moe_tiny_cpu.yaml", ["actor.moe.routing_replay=old_policy"])
     assert cfg.actor.moe.routing_replay == "old_policy"
+
+
+def _gpu_first_run_commands() -> list[list[str]]:
+    """The `megatron-rl train` lines of docs/installation.md's "First run on GPUs", as override lists."""
+    text = open("docs/installation.md").read().split("## First run on GPUs", 1)[1]
+    return [line.split("#", 1)[0].split()[2:] for line in text.splitlines()
+            if line.strip().startswith("megatron-rl train ")]
+
+
+def test_the_documented_first_gpu_runs_pass_the_config_check():
+    """The three quickstart runs the docs give a first GPU machine load and check (the GPUs themselves are not
+    checked here), and between them take every GPU weight-sync path: gloo and nccl split, ipc colocated."""
+    commands = _gpu_first_run_commands()
+    configs = [load_config(QUICKSTART, overrides) for overrides in commands]
+    assert len(configs) == 3 and all(c.resources.resolved_device == c.rollout.device == "gpu" for c in configs)
+    assert [(c.rollout.transport, c.resources.colocate) for c in configs] == [("gloo", False), ("nccl", False),
+                                                                             ("ipc", True)]
+    assert len({c.run.name for c in configs}) == 3  # three run folders: one does not refuse the next
