@@ -14,7 +14,7 @@ Checks, in order (each one's result, numbers and any error go into the report; a
    `ipc` backend), a spawned child opens the handle, views and clones the tensors as the transport's worker does;
    bit-exact per tensor, the same device key (UUID) on both sides, and the buffer freed once the child let go. The
    report gives the times to pack, open the handle, and view and clone. CI runs the same function on CPU (the
-   /dev/shm twin, tests/unit/test_gpu_check.py).
+   /dev/shm twin, tests/unit/rollout/test_shared_buffers.py).
 4. `train_step_mfu`: bf16 train steps of the Megatron actor on a stack of Qwen2.5-7B-shaped layers (hidden 3584, 28
    heads of 128, 4 KV heads, MLP 18944; `benchmarks/models.py` "qwen7b_slice") and the MFU against the measured
    matmul peak (`benchmarks/gpu.py`).
