@@ -6,16 +6,23 @@ vLLM worker colocated with it.
   the handle is `torch.multiprocessing.reductions.reduce_tensor`'s rebuild arguments, opened with vLLM's
   `PackedBufferImporter` (it pairs torch's cross-process refcount with one release). Written against vLLM 0.32, not
   yet run (no GPU here).
-- CPU (the twin that runs in CI): a file in /dev/shm (tmpfs: memory, no disk) mapped by both sides
-  (`torch.from_file`); the handle is its path and size. The receiver's mapping keeps the pages after the sender
-  unlinks the file, so tensors viewing it stay valid; the memory goes back when both sides have dropped it.
+- CPU (the twin that runs in CI): a file in /dev/shm (tmpfs: memory, no disk) mapped shared by both sides; the
+  handle is its path and size. The receiver's mapping keeps the pages after the sender unlinks the file; the memory
+  goes back when both sides have dropped it.
 
 A handle is keyed by the device it lives on (`device_key`): the GPU's UUID (what vLLM keys its IPC handles by: Ray
 narrows CUDA_VISIBLE_DEVICES per process, so device indices differ between processes on one GPU), or "cpu".
+
+Reuse, as vLLM's `packed_ipc_producer` reuses one IPC buffer for a whole transfer: a sender takes its buffers from a
+`SharedRing` (two, in turn, replaced only by a larger one) and a receiver opens each through an importer that keeps
+the last buffer it opened (`importer_for`: vLLM's `PackedBufferImporter` on GPU, `MappedFileImporter` on CPU), so a
+transfer of many buckets shares and opens each buffer once, not once per bucket. A receiver must copy what it keeps:
+the sender writes a later bucket into the same buffer.
 """
 from __future__ import annotations
 
 import itertools
+import mmap
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +53,10 @@ class SharedBuffer:
 
     tensor: torch.Tensor | None
     handle: tuple
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.tensor is None else self.tensor.numel()
 
     def release(self) -> None:
         tensor, self.tensor = self.tensor, None
@@ -93,10 +104,69 @@ def share(nbytes: int, device: torch.device | str) -> SharedBuffer:
     return SharedBuffer(tensor, ("shm", path, nbytes))
 
 
+class SharedRing:
+    """`size` reusable shared buffers on `device`, taken in turn: `take(nbytes)` returns (slot, buffer), the slot's
+    buffer replaced by a new one only when it is smaller than `nbytes`. Whoever writes into a slot must know its last
+    reader is done with it (the ipc sender: the bucket packed there two buckets ago is loaded). `release()` frees them
+    all and starts again at slot 0."""
+
+    def __init__(self, device: torch.device | str, size: int = 2):
+        self.device = torch.device(device)
+        self._buffers: list[SharedBuffer | None] = [None] * size
+        self._next = 0
+
+    def take(self, nbytes: int) -> tuple[int, SharedBuffer]:
+        slot, self._next = self._next, (self._next + 1) % len(self._buffers)
+        buffer = self._buffers[slot]
+        if buffer is None or buffer.nbytes < nbytes:
+            if buffer is not None:
+                buffer.release()
+            self._buffers[slot] = None
+            buffer = self._buffers[slot] = share(nbytes, self.device)
+        return slot, buffer
+
+    def release(self) -> None:
+        for buffer in self._buffers:
+            if buffer is not None:
+                buffer.release()
+        self._buffers = [None] * len(self._buffers)
+        self._next = 0
+
+
+class MappedFileImporter:
+    """The CPU twin of vLLM's `PackedBufferImporter`: keeps the mapping of the last /dev/shm buffer it opened, so the
+    buckets a sender packs into one reused buffer map it once; opening another buffer drops the previous mapping
+    (its memory goes back once the sender has unlinked the file too)."""
+
+    def __init__(self) -> None:
+        self._entry: tuple[tuple, torch.Tensor] | None = None
+
+    def rebuild(self, handle: tuple) -> torch.Tensor:
+        key = tuple(handle)
+        if self._entry is None or self._entry[0] != key:
+            self._entry = None
+            self._entry = (key, _map_file(handle))
+        return self._entry[1]
+
+    def close(self) -> None:
+        self._entry = None
+
+
+def importer_for(device: torch.device | str) -> Any:
+    """A receiver's one-buffer cache of opened handles on `device` (pass it to `open_shared`): vLLM's
+    `PackedBufferImporter` on GPU (it also pairs torch's cross-process refcount with one release), `MappedFileImporter`
+    on CPU. `close()` lets go of the buffer."""
+    if torch.device(device).type == "cuda":
+        from vllm.distributed.weight_transfer.packed_tensor import PackedBufferImporter
+
+        return PackedBufferImporter()
+    return MappedFileImporter()
+
+
 def open_shared(handle: tuple, device: torch.device | str, importer: Any = None) -> torch.Tensor:
     """The buffer behind a handle from `share`, as a uint8 tensor on `device` (this process's own device: the same
-    GPU as the sender's, or the CPU). GPU: `importer` is the receiver's vLLM `PackedBufferImporter` (one per
-    receiving engine); None opens it with torch's `rebuild_cuda_tensor` (a one-off receiver, e.g. the GPU check)."""
+    GPU as the sender's, or the CPU). `importer` (`importer_for`) keeps it open for the next bucket in the same
+    buffer; None opens it once (a one-off receiver, e.g. the GPU check: torch's `rebuild_cuda_tensor` on GPU)."""
     device = torch.device(device)
     kind = handle[0] if handle else None
     if kind == "cuda" and device.type == "cuda":
@@ -111,11 +181,24 @@ def open_shared(handle: tuple, device: torch.device | str, importer: Any = None)
         _, path, nbytes = handle
         if os.path.dirname(path) != SHM_DIR or not os.path.basename(path).startswith(SHM_PREFIX):
             raise ValueError(f"refusing to map {path!r}: shared weight buffers are {SHM_DIR}/{SHM_PREFIX}* files")
-        if not nbytes:
-            return torch.empty(0, dtype=torch.uint8)
-        return torch.from_file(path, shared=False, size=int(nbytes), dtype=torch.uint8)
+        return _map_file(handle) if importer is None else importer.rebuild(handle)
     raise ValueError(f"a {kind!r} buffer handle cannot be opened on {device} (the sender and the receiver must be on "
                      "the same device: a colocated engine)")
+
+
+def _map_file(handle: tuple) -> torch.Tensor:
+    """A /dev/shm buffer's pages, mapped shared into this process (the path checked by `open_shared`; a symlink is
+    refused): the receiver sees every bucket the sender writes into the buffer later, and the mapping outlives the
+    sender's unlink."""
+    _, path, nbytes = handle
+    if not nbytes:
+        return torch.empty(0, dtype=torch.uint8)
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    try:
+        pages = mmap.mmap(fd, int(nbytes))
+    finally:
+        os.close(fd)
+    return torch.frombuffer(pages, dtype=torch.uint8)  # holds the mapping
 
 
 def _unlink(path: str) -> None:

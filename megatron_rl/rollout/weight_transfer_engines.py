@@ -21,10 +21,10 @@ every worker build a `WeightTransferEngine` from `WeightTransferEngineFactory`, 
   holds a single group per worker (owner sends need one per sender) and waits for a dead peer forever (ours polls an
   event with the timeout and aborts the communicator). Written, not yet run: there is no GPU here (docs/rollout.md).
 - "megatron_rl_ipc" (`rollout.transport: ipc`, colocated engines): no group and no copy on a wire. Per bucket every
-  actor rank that hosts one of the engine's workers (same GPU, or same machine on CPU) packs the bucket into a shared
-  buffer (`shared_buffers.py`: CUDA IPC on GPU as in vLLM's `ipc` backend, a /dev/shm mapping on CPU) and the
-  update info carries each worker's handle, filed under its device (`device_key`); the worker maps its buffer and
-  loads the tensors from it. Ours rather than vLLM's `IPCWeightTransferEngine` for the same lifecycle as our other
+  actor rank that hosts one of the engine's workers (same GPU, or same machine on CPU) packs the bucket into one of
+  its two reused shared buffers (`shared_buffers.py`: CUDA IPC on GPU as in vLLM's `ipc` backend, a /dev/shm mapping
+  on CPU) and the update info carries each worker's handle, filed under its device (`device_key`); the worker opens
+  its buffer (once per update and buffer) and loads copies of the tensors from it. Ours rather than vLLM's `IPCWeightTransferEngine` for the same lifecycle as our other
   backends (layerwise reload bookkeeping, abort, CPU MoE re-prepack) and the CPU twin; the GPU handles are opened
   with vLLM's `PackedBufferImporter`.
 - "megatron_rl_object_store" (`rollout.transport: object_store`): the bucket itself travels in the update info
@@ -178,13 +178,15 @@ class IpcInitInfo(WeightTransferInitInfo):
 @dataclass
 class IpcUpdateInfo(WeightTransferUpdateInfo):
     """One bucket of the ipc backend: HF names, torch dtype names and shapes in the packed buffer's order
-    (`bucket_layout`), and per device (`shared_buffers.device_key`) the handle of the buffer packed there by the
-    actor rank colocated with the worker on that device."""
+    (`bucket_layout`), per device (`shared_buffers.device_key`) the handle of the buffer packed there by the actor
+    rank colocated with the worker on that device, and which of the senders' reused buffers it is (`slot`: the
+    senders take theirs in the same turn, `shared_buffers.SharedRing`)."""
 
     names: list[str]
     dtype_names: list[str]
     shapes: list[list[int]]
     handles: dict[str, tuple]
+    slot: int = 0
 
     def __post_init__(self) -> None:
         if not len(self.names) == len(self.dtype_names) == len(self.shapes):
@@ -193,23 +195,25 @@ class IpcUpdateInfo(WeightTransferUpdateInfo):
 
 
 class IpcWeightTransferEngine(_LayerwiseReloadEngine):
-    """Worker engine of "megatron_rl_ipc": maps the buffer filed under its own device and loads the bucket's tensors
-    from it. On GPU they are cloned (the sender frees its buffer once the bucket is loaded, and the layerwise reload
-    may hold a tensor until its layer is complete; vLLM's `packed_ipc_consumer` clones for the same reason); on CPU
-    the views keep the mapping, which outlives the file."""
+    """Worker engine of "megatron_rl_ipc": opens the buffer filed under its own device and loads the bucket's tensors
+    from it. It keeps each slot's buffer open for the next bucket in it (one importer per slot,
+    `shared_buffers.importer_for`: the senders reuse two buffers for a whole update, as vLLM's `packed_ipc_producer`
+    reuses one) and lets go of them at the update's end. The tensors are cloned: the sender packs a later bucket into
+    the same buffer once this one is loaded, and the layerwise reload may hold a tensor until its layer is complete
+    (vLLM's `packed_ipc_consumer` clones for the same reason)."""
 
     init_info_cls = IpcInitInfo
     update_info_cls = IpcUpdateInfo
 
     def __init__(self, config, vllm_config, device, model) -> None:
         super().__init__(config, vllm_config, device, model)
-        self._importer = None  # vLLM's PackedBufferImporter (GPU), made on the first CUDA handle
+        self._importers: dict[int, Any] = {}  # slot -> the importer keeping its buffer open
 
     def init_transfer_engine(self, init_info: IpcInitInfo) -> None:
         pass
 
     def receive_weights(self, update_info: IpcUpdateInfo) -> None:
-        from megatron_rl.rollout.shared_buffers import device_key, open_shared
+        from megatron_rl.rollout.shared_buffers import device_key, importer_for, open_shared
 
         key = device_key(self.device)
         handle = update_info.handles.get(key)
@@ -217,32 +221,35 @@ class IpcWeightTransferEngine(_LayerwiseReloadEngine):
             raise RuntimeError(f"ipc weight transfer: no buffer for this worker's device {key!r} (buffers came for "
                                f"{sorted(update_info.handles)}); the ipc transport needs each engine worker "
                                "colocated with an actor rank (resources.colocate)")
-        if self.device.type == "cuda" and self._importer is None:
-            from vllm.distributed.weight_transfer.packed_tensor import PackedBufferImporter
-
-            self._importer = PackedBufferImporter()
+        importer = self._importers.get(update_info.slot)
+        if importer is None:
+            importer = self._importers[update_info.slot] = importer_for(self.device)
         dtypes = dtypes_of(update_info.dtype_names)
-        buffer = open_shared(handle, self.device, self._importer)
-        tensors = views_of_buffer(buffer, update_info.shapes, dtypes)
-        if self.device.type == "cuda":
-            tensors = [t.clone() for t in tensors]
+        size = bucket_layout(update_info.shapes, dtypes)[1]
+        buffer = open_shared(handle, self.device, importer)
+        if buffer.numel() < size:
+            raise ValueError(f"ipc weight transfer: the shared buffer holds {buffer.numel()} bytes, the bucket needs "
+                             f"{size}")
+        tensors = [view.clone() for view in views_of_buffer(buffer[:size], update_info.shapes, dtypes)]
         self.load(list(zip(update_info.names, tensors)))
 
     def finish_weight_update(self) -> None:
         super().finish_weight_update()
-        self._release_import()
+        self._release_imports()
 
     def abort_weight_update(self) -> None:
         super().abort_weight_update()
-        self._release_import()
+        self._release_imports()
 
-    def _release_import(self) -> None:
-        """Release the last mapped GPU buffer (one refcount decrement, what vLLM's ipc engine does at finish)."""
-        if self._importer is not None:
-            self._importer.close()
+    def _release_imports(self) -> None:
+        """Let go of the senders' buffers (on GPU one refcount decrement each, what vLLM's ipc engine does at
+        finish), so that they can free them."""
+        importers, self._importers = self._importers, {}
+        for importer in importers.values():
+            importer.close()
 
     def shutdown(self) -> None:
-        self._release_import()
+        self._release_imports()
 
 
 @dataclass
@@ -589,7 +596,7 @@ def update_info(bucket: Iterable[tuple[str, torch.Tensor]], sender: str = "drive
     return asdict(BroadcastUpdateInfo(**bucket_metadata(bucket), sender=sender))
 
 
-def ipc_update_info(metadata: dict[str, list], handles: dict[str, tuple]) -> dict[str, Any]:
+def ipc_update_info(metadata: dict[str, list], handles: dict[str, tuple], slot: int = 0) -> dict[str, Any]:
     """The ipc update info of a bucket (`bucket_metadata`) packed into the shared buffers of `handles` (device key ->
-    handle, one per worker of the engine)."""
-    return asdict(IpcUpdateInfo(**metadata, handles=handles))
+    handle, one per worker of the engine), the senders' `slot`."""
+    return asdict(IpcUpdateInfo(**metadata, handles=handles, slot=slot))

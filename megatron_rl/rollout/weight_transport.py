@@ -401,12 +401,15 @@ class IpcSender(BucketSender):
     """The "megatron_rl_ipc" backend's sender (colocated engines): one per actor rank, and every rank takes part.
     Per bucket (every rank gets every whole bucket: `whole_buckets_on_every_rank`):
     1. each rank that hosts an engine's worker (engine e's worker k runs in actor rank e*tp+k's bundle, on its GPU:
-       `placement.engine_bundle_indices`) packs the bucket into a buffer shared with that worker (`shared_buffers`);
+       `placement.engine_bundle_indices`) packs the bucket into a buffer shared with that worker: the next of its two
+       reused buffers (`shared_buffers.SharedRing`; shared and opened once per update, as vLLM's
+       `packed_ipc_producer` reuses one buffer, not once per bucket);
     2. the ranks gather the handles (`all_gather_object` over the actor's torch.distributed group);
     3. each engine's first host rank has its engine load the bucket from its workers' buffers;
-    4. while the engines load it, the ranks export and pack the next bucket (steps 1-3), then wait for this bucket's
-       loads (bounded by the timeout; a failed engine gets no more buckets, as in every transport), pass a barrier
-       and free its buffers: a host rank holds at most two packed buckets at a time.
+    4. while the engines load it, the ranks export and pack the next bucket into the other buffer (steps 1-3), then
+       wait for this bucket's loads (bounded by the timeout; a failed engine gets no more buckets, as in every
+       transport) and pass a barrier: only then may the bucket after next overwrite this buffer. The buffers are
+       freed at the end of the update.
     Nothing is kept for replays (that would hold a second copy of the model beside the actor's): `replay` sends
     buckets exported again, which the actor rank allows only while its weights are the committed ones
     (`_MegatronWorker.replay_weights`). The counts are reported by rank 0 (every rank sees every bucket)."""
@@ -418,6 +421,8 @@ class IpcSender(BucketSender):
     def __init__(self, sender_id: str = "driver", timeout_s: float = 600.0):
         import torch.distributed as dist
 
+        from megatron_rl.rollout.shared_buffers import SharedRing
+
         if not dist.is_initialized():
             raise RuntimeError(f"rollout.transport 'ipc': the sender {sender_id!r} is not an actor rank; ipc hands "
                                "each bucket from the actor ranks to the engines colocated with them "
@@ -427,23 +432,20 @@ class IpcSender(BucketSender):
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
             torch.device("cpu")
         self._hosts_of: dict[Any, list[int]] = {}  # engine actor id -> the actor ranks of its workers, in order
+        self._ring = SharedRing(self.device)  # the two buffers this rank packs buckets into, in turn
 
     def _prepare(self, bucket: Bucket) -> Any:
-        """The bucket packed into a new shared buffer (`shared_buffers.SharedBuffer`; on the ranks that host an
-        engine's worker)."""
-        from megatron_rl.rollout.shared_buffers import share
+        """The bucket packed into the next of this rank's shared buffers (on the ranks that host an engine's worker):
+        (slot, handle)."""
         from megatron_rl.rollout.packed_buckets import bucket_layout, pack_into_buffer
 
         tensors = [t for _, t in bucket]
-        shared = share(bucket_layout([t.shape for t in tensors], [t.dtype for t in tensors])[1], self.device)
-        try:
-            pack_into_buffer(tensors, self.device, out=shared.tensor)
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()  # written before the worker reads it
-        except BaseException:
-            shared.release()
-            raise
-        return shared
+        size = bucket_layout([t.shape for t in tensors], [t.dtype for t in tensors])[1]
+        slot, shared = self._ring.take(size)
+        pack_into_buffer(tensors, self.device, out=shared.tensor[:size])
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # written before the worker reads it
+        return slot, shared.handle
 
     def load_backend(self) -> None:
         """Import the worker-side module the send builds its update infos with (it imports vLLM's weight-transfer
@@ -499,65 +501,55 @@ class IpcSender(BucketSender):
         hosting = any(ranks is not None and self.rank in ranks for ranks in hosts)
         key = device_key(self.device)
         counts = {"buckets": 0, "tensors": 0, "bytes": 0}
-        in_flight: tuple[Any, dict[int, Any]] | None = None  # the previous bucket: its buffer and its engines' loads
+        in_flight: dict[int, Any] | None = None  # the previous bucket's loads (by engine index), not yet settled
         try:
             for bucket in buckets:
                 bucket = _checked_bucket(bucket, None)  # every rank: the same whole bucket, where the export put it
                 if not bucket:
                     continue
-                shared = self._prepare(bucket) if hosting else None  # while the engines load the previous one
-                try:
-                    handles: list[Any] = [None] * self.world_size
-                    dist.all_gather_object(handles, None if shared is None else (key, shared.handle))
-                    metadata = bucket_metadata(bucket)
-                    loads = {}
-                    for i in (i for i in led if i not in failed):
-                        info = ipc_update_info(metadata, dict(handles[rank] for rank in hosts[i]))
-                        outcome = _outcome(self._start, engines[i], info, update_ids[i])
-                        if isinstance(outcome, BaseException):
-                            failed[i] = self._failure(engines[i], i, outcome)
-                        else:
-                            loads[i] = outcome
-                except BaseException:
-                    if shared is not None:
-                        shared.release()
-                    raise
-                previous, in_flight = in_flight, (shared, loads)
+                packed = self._prepare(bucket) if hosting else None  # while the engines load the previous one
+                handles: list[Any] = [None] * self.world_size
+                dist.all_gather_object(handles, None if packed is None else (packed[0], key, packed[1]))
+                metadata = bucket_metadata(bucket)
+                loads = {}
+                for i in (i for i in led if i not in failed):
+                    slot = handles[hosts[i][0]][0]  # the same on every host rank: they take their buffers in turn
+                    info = ipc_update_info(metadata, {handles[r][1]: handles[r][2] for r in hosts[i]}, slot)
+                    outcome = _outcome(self._start, engines[i], info, update_ids[i])
+                    if isinstance(outcome, BaseException):
+                        failed[i] = self._failure(engines[i], i, outcome)
+                    else:
+                        loads[i] = outcome
+                previous, in_flight = in_flight, loads
                 if previous is not None:
-                    self._settle(*previous, engines, failed)
+                    self._settle(previous, engines, failed)
                 if self.rank == 0:
                     counts["buckets"] += 1
                     counts["tensors"] += len(bucket)
                     counts["bytes"] += sum(t.numel() * t.element_size() for _, t in bucket)
             if in_flight is not None:
                 last, in_flight = in_flight, None
-                self._settle(*last, engines, failed)
+                self._settle(last, engines, failed)
         finally:
-            if in_flight is not None and in_flight[0] is not None:  # an error: free the buffer (the update fails)
-                in_flight[0].release()
+            self._ring.release()  # the engines let go of them at the update's end (on an error: the update fails)
         return {"failed": failed, **counts}
 
-    def _settle(self, shared: Any, loads: dict[int, Any], engines: Sequence[Any],
-                failed: dict[int, tuple[str, str]]) -> None:
+    def _settle(self, loads: dict[int, Any], engines: Sequence[Any], failed: dict[int, tuple[str, str]]) -> None:
         """One bucket's end: wait for the loads this rank started (one timeout for all; a failed engine is recorded
-        in `failed`), then a barrier (every engine has loaded the bucket, or failed), then free this rank's buffer.
-        Collective."""
+        in `failed`), then a barrier: every engine has loaded the bucket, or failed, so its buffers may take the
+        bucket after next. Collective."""
         import ray
         import torch.distributed as dist
 
-        try:
-            deadline = time.monotonic() + self.timeout_s
-            for i, ref in loads.items():
-                if i in failed:  # it failed on a later bucket's start: its loads no longer matter
-                    continue
-                try:
-                    ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
-                except Exception as error:  # noqa: BLE001 - sorted by _failure
-                    failed[i] = self._failure(engines[i], i, error)
-            dist.barrier()
-        finally:
-            if shared is not None:
-                shared.release()
+        deadline = time.monotonic() + self.timeout_s
+        for i, ref in loads.items():
+            if i in failed:  # it failed on a later bucket's start: its loads no longer matter
+                continue
+            try:
+                ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except Exception as error:  # noqa: BLE001 - sorted by _failure
+                failed[i] = self._failure(engines[i], i, error)
+        dist.barrier()
 
     def conclude(self, committed: bool) -> None:
         """As for every sender; on GPU also return the last bucket's memory. Each rank freed its buffers at every

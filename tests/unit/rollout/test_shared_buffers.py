@@ -11,7 +11,15 @@ from collections import namedtuple
 import pytest
 import torch
 
-from megatron_rl.rollout.shared_buffers import SHM_DIR, SHM_PREFIX, device_key, open_shared, share
+from megatron_rl.rollout.shared_buffers import (
+    SHM_DIR,
+    SHM_PREFIX,
+    SharedRing,
+    device_key,
+    importer_for,
+    open_shared,
+    share,
+)
 
 
 def _ours() -> set[str]:
@@ -97,3 +105,42 @@ def test_a_bucket_goes_through_the_ipc_data_plane_bit_exact_and_is_freed(device)
     assert numbers["tensors"] == 5 and 4 <= numbers["MiB"] < 5
     assert numbers["open_handle_s"] >= 0 and numbers["view_and_clone_s"] > 0
     assert _ours() == before
+
+
+def test_a_ring_reuses_its_two_buffers_and_replaces_one_only_by_a_larger_one():
+    """What the ipc sender packs buckets into: two buffers taken in turn, each shared once while the buckets fit; a
+    bucket that does not fit replaces that slot's buffer; release frees them all and starts again at slot 0."""
+    before = _ours()
+    ring = SharedRing("cpu")
+    try:
+        (s0, a), (s1, b), (s2, c) = ring.take(1000), ring.take(800), ring.take(900)
+        assert (s0, s1, s2) == (0, 1, 0) and c is a and b is not a  # 900 fits the first buffer: the same file
+        assert len(_ours() - before) == 2
+        s3, d = ring.take(5000)  # slot 1 is too small: replaced, its file unlinked
+        assert s3 == 1 and d is not b and d.nbytes == 5000 and b.tensor is None and len(_ours() - before) == 2
+    finally:
+        ring.release()
+    assert _ours() == before and ring.take(10)[0] == 0
+    ring.release()
+
+
+def test_an_importer_keeps_a_reused_buffer_open_and_sees_what_is_written_into_it_later():
+    """The receiving side of a reused buffer (CPU twin of vLLM's PackedBufferImporter): the same handle gives the
+    same mapping, which shows the sender's later writes; another handle replaces it; the mapping outlives the
+    sender's unlink."""
+    first, second = share(4096, "cpu"), share(4096, "cpu")
+    importer = importer_for("cpu")
+    try:
+        first.tensor.fill_(1)
+        mapped = open_shared(first.handle, "cpu", importer)
+        assert int(mapped.sum()) == 4096
+        first.tensor.fill_(2)  # the next bucket, packed into the same buffer
+        assert open_shared(first.handle, "cpu", importer) is mapped and int(mapped.sum()) == 2 * 4096
+        second.tensor.fill_(3)
+        assert int(open_shared(second.handle, "cpu", importer).sum()) == 3 * 4096
+        second.release()  # unlinked: the receiver's mapping still reads it
+        assert int(open_shared(second.handle, "cpu", importer).sum()) == 3 * 4096
+    finally:
+        importer.close()
+        first.release()
+        second.release()

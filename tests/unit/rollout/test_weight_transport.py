@@ -146,9 +146,9 @@ def test_ipc_update_info_carries_the_layout_and_a_handle_per_device():
     from megatron_rl.rollout.weight_transfer_engines import IpcUpdateInfo, ipc_update_info
 
     metadata = bucket_metadata([("a", torch.zeros(2, 3, dtype=torch.bfloat16)), ("b", torch.zeros(4))])
-    info = ipc_update_info(metadata, {"cpu": ("shm", "/dev/shm/megatron_rl_ipc_1_0", 128)})
+    info = ipc_update_info(metadata, {"cpu": ("shm", "/dev/shm/megatron_rl_ipc_1_0", 128)}, slot=1)
     assert info == {"names": ["a", "b"], "dtype_names": ["bfloat16", "float32"], "shapes": [[2, 3], [4]],
-                    "handles": {"cpu": ("shm", "/dev/shm/megatron_rl_ipc_1_0", 128)}}
+                    "handles": {"cpu": ("shm", "/dev/shm/megatron_rl_ipc_1_0", 128)}, "slot": 1}
     with pytest.raises(ValueError, match="differ in length"):
         IpcUpdateInfo(names=["a"], dtype_names=[], shapes=[[1]], handles={})
 
