@@ -552,10 +552,10 @@ class IpcSender(BucketSender):
         dist.barrier()
 
     def conclude(self, committed: bool) -> None:
-        """As for every sender; on GPU also return the last bucket's memory. Each rank freed its buffers at every
-        bucket's end, but CUDA IPC keeps a freed buffer until its receiver has let go of it, and an engine worker
-        holds its last one until `finish_weight_update`, which the pool calls before this: collecting now gives the
-        actor that memory back before it trains, instead of at the next update's first bucket."""
+        """As for every sender; on GPU also return the buffers' memory. Each rank freed its buffers at the end of its
+        send, but CUDA IPC keeps a freed buffer until its receiver has let go of it, and an engine worker holds them
+        until `finish_weight_update`, which the pool calls before this: collecting now gives the actor that memory
+        back before it trains, instead of at the next update."""
         super().conclude(committed)
         if self.device.type == "cuda":
             torch.cuda.ipc_collect()
