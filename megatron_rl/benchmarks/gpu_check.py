@@ -8,12 +8,13 @@ Checks, in order (each one's result, numbers and any error go into the report; a
 2. `bf16_logits`: a tiny Qwen3 built by the Megatron actor's model builder in bf16 on one GPU (one nccl rank), its
    logits against transformers' fp32 forward of the same bf16-rounded weights (`models/verify.py`). bf16 keeps ~3
    significant digits, so the bar is a max |logit diff| of 5e-2 on logits of magnitude ~1-10 (fp32 on CPU: 1e-4).
-3. `cuda_ipc`: the ipc weight transport's data plane for one 256 MiB bucket between two processes on one GPU
-   (`ipc_roundtrip`), with the transport's own code: the parent packs a mixed-dtype bucket into a shared buffer
+3. `cuda_ipc`: the ipc weight transport's data plane between two processes on one GPU (`ipc_roundtrip`), with the
+   transport's own code: the parent packs two mixed-dtype 256 MiB buckets in turn into one reused shared buffer
    (`rollout/packed_buckets.py`, `rollout/shared_buffers.py`: torch's `reduce_tensor`, the mechanism of vLLM's
-   `ipc` backend), a spawned child opens the handle, views and clones the tensors as the transport's worker does;
-   bit-exact per tensor, the same device key (UUID) on both sides, and the buffer freed once the child let go. The
-   report gives the times to pack, open the handle, and view and clone. CI runs the same function on CPU (the
+   `ipc` backend), a spawned child opens the handle once, views and clones each bucket's tensors as the
+   transport's worker does; bit-exact per tensor (the second bucket through the mapping opened for the first), the
+   same device key (UUID) on both sides, and the buffer freed once the child let go. The report gives the times to
+   pack, open the handle, and view and clone. CI runs the same function on CPU (the
    /dev/shm twin, tests/unit/rollout/test_shared_buffers.py).
 4. `train_step_mfu`: bf16 train steps of the Megatron actor on a stack of Qwen2.5-7B-shaped layers (hidden 3584, 28
    heads of 128, 4 KV heads, MLP 18944; `benchmarks/models.py` "qwen7b_slice") and the MFU against the measured
@@ -100,90 +101,115 @@ def _digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.detach().contiguous().view(torch.uint8).cpu().numpy()).hexdigest()
 
 
-def _ipc_bucket(nbytes: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+def _ipc_bucket(nbytes: int, device: torch.device, seed: int) -> list[tuple[str, torch.Tensor]]:
     """A weight bucket of about `nbytes` on `device`, mixed dtypes and odd sizes (so the 64-byte alignment of the
-    packed layout matters), seeded."""
-    generator = torch.Generator().manual_seed(0)
+    packed layout matters), from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
     rows = max(1, nbytes // (2 * 4096 * 2))  # two bf16 [rows, 4096] matrices make up the size
     bucket = [("layers.0.mlp.weight", torch.randn(rows, 4096, generator=generator).to(torch.bfloat16)),
               ("layers.0.norm.weight", torch.randn(4099, generator=generator)),
               ("layers.1.mlp.weight", torch.randn(rows, 4096, generator=generator).to(torch.bfloat16)),
               ("layers.1.norm.weight", torch.randn(3, 5, generator=generator).to(torch.float16)),
-              ("positions", torch.arange(7))]
+              ("positions", torch.arange(7) + seed)]
     return [(name, tensor.to(device)) for name, tensor in bucket]
 
 
-def _ipc_child(queue, handle, metadata: dict, device: str, key: str) -> None:
-    """The receiving side, as the ipc transport's worker takes a bucket (`IpcWeightTransferEngine.receive_weights`):
-    open the handle (`shared_buffers.open_shared`), view the tensors in place (`packed_buckets.views_of_buffer`),
-    clone them (the GPU worker does, before the sender frees the buffer); then let go of the mapping before exiting,
-    as the worker does at the end of an update, so that the sender can free it."""
-    from megatron_rl.rollout.packed_buckets import dtypes_of, views_of_buffer
+def _ipc_child(inbox, outbox, device: str, key: str) -> None:
+    """The receiving side, as the ipc transport's worker takes buckets (`IpcWeightTransferEngine.receive_weights`),
+    until it is sent None: open a handle (`shared_buffers.open_shared`) and keep it open while the next bucket comes
+    in the same buffer (the worker's importer does), view the tensors in place (`packed_buckets.views_of_buffer`) and
+    clone them; at the end let go of the buffer, as the worker does at the end of an update, so the sender can free
+    it."""
+    from megatron_rl.rollout.packed_buckets import bucket_layout, dtypes_of, views_of_buffer
     from megatron_rl.rollout.shared_buffers import device_key, open_shared
 
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    start = time.perf_counter()
-    buffer = open_shared(handle, device)  # CUDA: opens the IPC handle, the sender's memory, no copy
+    held, buffer, opens = None, None, 0
+    while (item := inbox.get(timeout=300)) is not None:
+        handle, metadata = item
+        start = time.perf_counter()
+        if handle != held:
+            buffer = None  # let go of the previous buffer first
+            buffer, held = open_shared(handle, device), handle  # CUDA: opens the IPC handle, the sender's memory
+            opens += 1
+        sync()
+        opened = time.perf_counter() - start
+        start = time.perf_counter()
+        dtypes = dtypes_of(metadata["dtype_names"])
+        size = bucket_layout(metadata["shapes"], dtypes)[1]
+        tensors = [view.clone() for view in views_of_buffer(buffer[:size], metadata["shapes"], dtypes)]
+        sync()
+        copied = time.perf_counter() - start
+        outbox.put(([_digest(tensor) for tensor in tensors], opened, copied, device_key(device) == key, opens))
+        del tensors
+    del buffer
     sync()
-    opened = time.perf_counter() - start
-    start = time.perf_counter()
-    tensors = [view.clone() for view in views_of_buffer(buffer, metadata["shapes"], dtypes_of(metadata["dtype_names"]))]
-    sync()
-    copied = time.perf_counter() - start
-    digests = [_digest(tensor) for tensor in tensors]
-    del tensors, buffer
-    sync()
-    queue.put((digests, opened, copied, device_key(device) == key))
+    outbox.put("let go")
 
 
 def ipc_roundtrip(device: torch.device | str, nbytes: int) -> dict[str, Any]:
-    """The ipc transport's data plane for one bucket between two processes on one device: this process packs a
-    bucket (`_ipc_bucket`) into a shared buffer as `IpcSender` does, a spawned child takes it as the worker does
-    (`_ipc_child`); the child's tensors must equal the bucket's bit for bit, its device key must be the sender's,
-    and once the child has let go, `SharedBuffer.release` must free the buffer (CUDA: the allocated memory is back
-    where it was; CPU: the /dev/shm file is gone). On CPU the same code runs the /dev/shm twin (CI tests it there)."""
+    """The ipc transport's data plane between two processes on one device, for two buckets through one reused buffer:
+    this process packs each bucket (`_ipc_bucket`) into its shared buffer as `IpcSender` does (`SharedRing`, here of
+    one buffer), a spawned child takes them as the worker does (`_ipc_child`, which opens the buffer once). Each
+    bucket's tensors must reach the child bit for bit (the second one through the mapping the child opened for the
+    first), the child's device key must be the sender's, and once the child has let go, releasing the ring must free
+    the buffer (CUDA: the allocated memory is back where it was; CPU: the /dev/shm file is gone). On CPU the same
+    code runs the /dev/shm twin (CI tests it there)."""
     import torch.multiprocessing as mp
 
     from megatron_rl.rollout.packed_buckets import bucket_layout, bucket_metadata, pack_into_buffer
-    from megatron_rl.rollout.shared_buffers import device_key, share
+    from megatron_rl.rollout.shared_buffers import SharedRing, device_key
 
     device = torch.device(device)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    bucket = _ipc_bucket(nbytes, device)
-    tensors = [tensor for _, tensor in bucket]
-    size = bucket_layout([t.shape for t in tensors], [t.dtype for t in tensors])[1]
     baseline = torch.cuda.memory_allocated(device) if cuda else None
-    shared = share(size, device)
-    handle = shared.handle
+    spawn = mp.get_context("spawn")
+    inbox, outbox = spawn.Queue(), spawn.Queue()
+    child = spawn.Process(target=_ipc_child, args=(inbox, outbox, str(device), device_key(device)))
+    ring = SharedRing(device, size=1)
+    handles, rows = [], []
     try:
-        start = time.perf_counter()
-        pack_into_buffer(tensors, device, out=shared.tensor)
-        sync()  # written before the child reads it
-        packed = time.perf_counter() - start
-        spawn = mp.get_context("spawn")
-        queue = spawn.Queue()
-        child = spawn.Process(target=_ipc_child,
-                              args=(queue, handle, bucket_metadata(bucket), str(device), device_key(device)))
         child.start()
-        digests, opened, copied, same_key = queue.get(timeout=300)
+        for seed in (0, 1):
+            bucket = _ipc_bucket(nbytes, device, seed)
+            tensors = [tensor for _, tensor in bucket]
+            size = bucket_layout([t.shape for t in tensors], [t.dtype for t in tensors])[1]
+            start = time.perf_counter()
+            _, shared = ring.take(size)
+            pack_into_buffer(tensors, device, out=shared.tensor[:size])
+            sync()  # written before the child reads it
+            packed = time.perf_counter() - start
+            inbox.put((shared.handle, bucket_metadata(bucket)))
+            digests, opened, copied, same_key, opens = outbox.get(timeout=300)
+            wrong = [name for (name, tensor), got in zip(bucket, digests) if _digest(tensor) != got]
+            if wrong:
+                raise AssertionError(f"bucket {seed + 1}: the child read other bytes than were packed for {wrong}")
+            handles.append(shared.handle)
+            rows.append((packed, opened, copied))
+            del bucket, tensors
+        inbox.put(None)
+        if outbox.get(timeout=300) != "let go":
+            raise AssertionError("the receiving process did not let go of the buffer")
         child.join(timeout=60)
     finally:
-        shared.release()
-    wrong = [name for (name, tensor), got in zip(bucket, digests) if _digest(tensor) != got]
-    if wrong:
-        raise AssertionError(f"the child read other bytes than were packed for {wrong}")
+        ring.release()
+        if child.is_alive():
+            child.kill()
     if not same_key:
         raise AssertionError("the child files the device under another key (CUDA: the GPU's UUID) than the sender")
+    if handles[0] != handles[1] or opens != 1:
+        raise AssertionError(f"the two buckets did not share one buffer opened once ({opens} opens)")
     if child.exitcode != 0:
         raise AssertionError(f"the receiving process exited with {child.exitcode}")
-    freed = torch.cuda.memory_allocated(device) == baseline if cuda else not os.path.exists(handle[1])
+    freed = torch.cuda.memory_allocated(device) == baseline if cuda else not os.path.exists(handles[0][1])
     if not freed:
-        raise AssertionError("the shared buffer was not freed by SharedBuffer.release after the receiver let go of it")
-    return {"MiB": round(size / 2**20, 1), "tensors": len(bucket), "pack_s": round(packed, 4),
-            "open_handle_s": round(opened, 4), "view_and_clone_s": round(copied, 4),
-            "view_and_clone_GiB_s": round(size / 2**30 / copied, 1)}
+        raise AssertionError("the shared buffer was not freed by releasing the ring after the receiver let go of it")
+    (_, first_open, _), (packed, opened, copied) = rows
+    return {"MiB": round(size / 2**20, 1), "tensors": len(digests), "buckets": len(rows), "pack_s": round(packed, 4),
+            "open_handle_s": round(first_open, 4), "reopen_s": round(opened, 4),
+            "view_and_clone_s": round(copied, 4), "view_and_clone_GiB_s": round(size / 2**30 / copied, 1)}
 
 
 def _cuda_ipc(workdir: str) -> dict[str, Any]:
@@ -221,8 +247,8 @@ CHECKS: list[tuple[str, str, Callable[[str], dict[str, Any]]]] = [
     ("cuda", "CUDA device and build", _cuda),
     ("bf16_logits", "Megatron bf16 logits on one GPU vs transformers (fp32 on bf16-rounded weights), tiny Qwen3",
      _bf16_logits),
-    ("cuda_ipc", f"a {IPC_BYTES >> 20} MiB bucket of the ipc transport packed, shared through CUDA IPC and taken by "
-     "a second process (bit-exact, freed after)", _cuda_ipc),
+    ("cuda_ipc", f"two {IPC_BYTES >> 20} MiB buckets of the ipc transport packed in turn into one CUDA IPC buffer and "
+     "taken by a second process that opened it once (bit-exact, freed after)", _cuda_ipc),
     ("train_step_mfu", "bf16 Megatron train steps on Qwen2.5-7B-shaped layers, MFU vs the measured matmul peak",
      _train_step_mfu),
     ("nccl_transport", "the nccl weight transport between two processes on two GPUs (bucket bit-exact, dead and "

@@ -1,8 +1,8 @@
 """shared_buffers (the ipc transport's data plane) on CPU: a /dev/shm buffer written by one process is read in place by
 another, outlives the sender's release for a receiver that mapped it, and nothing is left in /dev/shm; a handle
-outside our files is refused; too little shared memory is refused before anything is written. One bucket through the
-whole data plane (packed as the ipc sender packs it, taken as its worker takes it) on CPU, and on a CUDA GPU (marked
-`gpu`; the GPU check's `cuda_ipc` runs the same function with 256 MiB)."""
+outside our files is refused; too little shared memory is refused before anything is written. Two buckets through the
+whole data plane and one reused buffer (packed as the ipc sender packs them, taken as its worker takes them) on CPU,
+and on a CUDA GPU (marked `gpu`; the GPU check's `cuda_ipc` runs the same function with 256 MiB)."""
 import multiprocessing as mp
 import time
 import os
@@ -94,15 +94,16 @@ def test_handles_are_filed_under_the_device():
     pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                                  reason="needs a CUDA GPU")]),
 ])
-def test_a_bucket_goes_through_the_ipc_data_plane_bit_exact_and_is_freed(device):
-    """The GPU check's `ipc_roundtrip`: a mixed-dtype bucket packed here into a shared buffer, taken by a spawned
-    process (open, view, clone), bit-exact per tensor, the same device key on both sides, and the buffer freed once
-    the receiver let go (CUDA: allocated memory back where it was; CPU: the /dev/shm file gone)."""
+def test_buckets_go_through_the_ipc_data_plane_bit_exact_and_the_buffer_is_freed(device):
+    """The GPU check's `ipc_roundtrip`: two mixed-dtype buckets packed here in turn into one reused shared buffer,
+    taken by a spawned process that opens it once (view, clone), bit-exact per tensor, the same device key on both
+    sides, and the buffer freed once the receiver let go (CUDA: allocated memory back where it was; CPU: the /dev/shm
+    file gone)."""
     from megatron_rl.benchmarks.gpu_check import ipc_roundtrip
 
     before = _ours()
     numbers = ipc_roundtrip(device, 4 << 20)
-    assert numbers["tensors"] == 5 and 4 <= numbers["MiB"] < 5
+    assert numbers["tensors"] == 5 and numbers["buckets"] == 2 and 4 <= numbers["MiB"] < 5
     assert numbers["open_handle_s"] >= 0 and numbers["view_and_clone_s"] > 0
     assert _ours() == before
 
