@@ -8,6 +8,9 @@ Checks, in order (each one's result, numbers and any error go into the report; a
 2. `bf16_logits`: a tiny Qwen3 built by the Megatron actor's model builder in bf16 on one GPU (one nccl rank), its
    logits against transformers' fp32 forward of the same bf16-rounded weights (`models/verify.py`). bf16 keeps ~3
    significant digits, so the bar is a max |logit diff| of 5e-2 on logits of magnitude ~1-10 (fp32 on CPU: 1e-4).
+   `fp32_logits`: the same in fp32 (what the quickstart's actor computes in), which under Transformer Engine runs our
+   SDPA core attention inside TE's spec (`models/builder.uses_torch_core_attention`); bar 1e-2, since a GPU may run
+   fp32 GEMMs in TF32.
 3. `cuda_ipc`: the ipc weight transport's data plane between two processes on one GPU (`ipc_roundtrip`), with the
    transport's own code: the parent packs two mixed-dtype 256 MiB buckets in turn into one reused shared buffer
    (`rollout/packed_buckets.py`, `rollout/shared_buffers.py`: torch's `reduce_tensor`, the mechanism of vLLM's
@@ -46,6 +49,7 @@ from typing import Any, Callable
 import torch
 
 BF16_LOGIT_TOLERANCE = 5e-2
+FP32_LOGIT_TOLERANCE = 1e-2  # CPU holds 1e-4; a GPU may run fp32 GEMMs in TF32 (10 mantissa bits)
 IPC_BYTES = 256 << 20
 
 
@@ -68,7 +72,9 @@ def _cuda(workdir: str) -> dict[str, Any]:
             "cuda": torch.version.cuda, "devices": torch.cuda.device_count()}
 
 
-def _bf16_logits(workdir: str) -> dict[str, Any]:
+def _logits(workdir: str, dtype: str, tolerance: float) -> dict[str, Any]:
+    """A tiny Qwen3 built by the actor's model builder in `dtype` on one GPU, its logits against transformers' fp32
+    forward of the same weights rounded to `dtype` (the bar: max |logit diff| <= tolerance)."""
     import torch.distributed as dist
 
     from megatron_rl.models.tiny import TinySize, make_tiny_model
@@ -77,23 +83,33 @@ def _bf16_logits(workdir: str) -> dict[str, Any]:
     from megatron_rl.parallel.spawn import free_port
     from megatron_rl.parallel.state import destroy_parallel, init_distributed_from_env
 
-    hf_dir = make_tiny_model("qwen3", os.path.join(workdir, "tiny_qwen3"), size=TinySize(head_dim=64))
+    hf_dir = os.path.join(workdir, "tiny_qwen3")
+    if not os.path.isdir(hf_dir):
+        make_tiny_model("qwen3", hf_dir, size=TinySize(head_dim=64))
     os.environ["MASTER_PORT"] = str(free_port())
     init_distributed_from_env("nccl")
     try:
-        arch, chunks = build_loaded_model(hf_dir, ParallelLayout(), dtype="bfloat16")
+        arch, chunks = build_loaded_model(hf_dir, ParallelLayout(), dtype=dtype)
         ids, _ = verification_ids(hf_dir, arch.vocab_size)
         got = megatron_logits(chunks, ids)
         destroy_parallel()
     finally:
         dist.destroy_process_group()
-    want = hf_logits(hf_dir, ids, weights_dtype=torch.bfloat16)
+    want = hf_logits(hf_dir, ids, weights_dtype=getattr(torch, dtype))
     diff = float((got.float() - want).abs().max())
-    numbers = {"max_abs_logit_diff": round(diff, 5), "max_abs_logit": round(float(want.abs().max()), 3),
-               "tolerance": BF16_LOGIT_TOLERANCE, "tokens": int(ids.numel())}
-    if not diff <= BF16_LOGIT_TOLERANCE:
-        raise AssertionError(f"bf16 Megatron logits differ from transformers by {diff} > {BF16_LOGIT_TOLERANCE}")
+    numbers = {"max_abs_logit_diff": round(diff, 6), "max_abs_logit": round(float(want.abs().max()), 3),
+               "tolerance": tolerance, "tokens": int(ids.numel())}
+    if not diff <= tolerance:
+        raise AssertionError(f"{dtype} Megatron logits differ from transformers by {diff} > {tolerance}")
     return numbers
+
+
+def _bf16_logits(workdir: str) -> dict[str, Any]:
+    return _logits(workdir, "bfloat16", BF16_LOGIT_TOLERANCE)
+
+
+def _fp32_logits(workdir: str) -> dict[str, Any]:
+    return _logits(workdir, "float32", FP32_LOGIT_TOLERANCE)
 
 
 def _digest(tensor: torch.Tensor) -> str:
@@ -247,6 +263,8 @@ CHECKS: list[tuple[str, str, Callable[[str], dict[str, Any]]]] = [
     ("cuda", "CUDA device and build", _cuda),
     ("bf16_logits", "Megatron bf16 logits on one GPU vs transformers (fp32 on bf16-rounded weights), tiny Qwen3",
      _bf16_logits),
+    ("fp32_logits", "Megatron fp32 logits on one GPU vs transformers: the TE spec with our SDPA core attention (TE "
+     "has no fp32 attention for packed sequences)", _fp32_logits),
     ("cuda_ipc", f"two {IPC_BYTES >> 20} MiB buckets of the ipc transport packed in turn into one CUDA IPC buffer and "
      "taken by a second process that opened it once (bit-exact, freed after)", _cuda_ipc),
     ("train_step_mfu", "bf16 Megatron train steps on Qwen2.5-7B-shaped layers, MFU vs the measured matmul peak",

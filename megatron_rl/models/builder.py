@@ -12,8 +12,10 @@ The mapping from HF Qwen to Megatron-Core (what makes logits equal, see tests/di
 - Tied embeddings: `share_embeddings_and_output_weights`.
 
 The layer spec is Megatron's local spec on CPU (or whenever Transformer Engine is not importable) and the
-Transformer-Engine spec otherwise. Without TE, core attention is `megatron_rl.parallel.torch_attention.
-TorchCoreAttention` (SDPA), because the local spec's attention refuses packed sequences and context parallelism.
+Transformer-Engine spec otherwise. Core attention is `megatron_rl.parallel.torch_attention.TorchCoreAttention`
+(SDPA) wherever the spec's own cannot run our batches (`uses_torch_core_attention`): the local spec's refuses packed
+sequences and context parallelism, and TE's has no fp32 kernel for packed (THD) sequences (its flash and fused
+backends take fp16/bf16 only, and it turns its unfused backend off for THD).
 """
 from __future__ import annotations
 
@@ -123,13 +125,20 @@ def transformer_config(
     return TransformerConfig(**fields)
 
 
+def uses_torch_core_attention(use_transformer_engine: bool, params_dtype: torch.dtype) -> bool:
+    """Whether core attention is our SDPA module rather than the spec's: always without TE (module docstring), and
+    with TE unless the model computes in fp16/bf16 (TE's attention has no fp32 path for packed sequences, and one
+    attention for packed and padded batches keeps their results equal)."""
+    return not use_transformer_engine or params_dtype not in (torch.bfloat16, torch.float16)
+
+
 def block_spec(config, *, use_transformer_engine: bool | None = None, vp_stage: int | None = None):
     """The decoder block spec for this pipeline stage (handles dense/MoE layer patterns)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     use_te = transformer_engine_available() if use_transformer_engine is None else use_transformer_engine
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage)
-    if not use_te:
+    if uses_torch_core_attention(use_te, config.params_dtype):
         from megatron_rl.parallel.torch_attention import TorchCoreAttention
 
         spec = copy.deepcopy(spec)
