@@ -44,7 +44,7 @@ from megatron_rl.actor.batch import ActorBatch
 from megatron_rl.actor.config import ActorConfig
 from megatron_rl.faults import inject, propagated_env
 from megatron_rl.rollout.config import OWNER_TRANSPORTS
-from megatron_rl.rollout.weight_transport import WeightOwners, make_sender
+from megatron_rl.rollout.weight_transport import TRANSPORTS, WeightOwners, make_sender
 
 
 class RankFailure(RuntimeError):
@@ -223,21 +223,39 @@ class _MegatronWorker:
             return self._replay_exported(sender, engine, update_id)
         return sender.replay(engine, update_id)
 
+    @ray.method(concurrency_group="weights")
+    def replay_refusal(self, transport: str) -> str | None:
+        """Why this rank would refuse to replay the committed update over `transport` by exporting it again (ipc),
+        or None. Asked of every rank before any enters the collective export (`ActorWeightOwners.replay`), so that
+        one rank's refusal cannot leave the others waiting in it."""
+        sender = self.owner_senders.get(transport)
+        if sender is None or not sender.whole_buckets_on_every_rank:
+            return None
+        return self._exported_replay_refusal(sender.name)
+
+    def _exported_replay_refusal(self, transport: str) -> str | None:
+        if transport not in self._committed:
+            return f"rank {self.rank}: no committed weight update to replay to a restarted engine"
+        _, revision = self._committed[transport]
+        if self.actor.weights_revision != revision:
+            return (f"rank {self.rank}: cannot bring a restarted engine to the committed weights over ipc: the "
+                    f"actor's weights changed since they were sent (revision {revision} -> "
+                    f"{self.actor.weights_revision}) and ipc keeps no copy; send a new update (pool.update_weights) "
+                    "instead")
+        if self._running is not None:
+            return (f"rank {self.rank}: cannot replay over ipc while {self._running[0]} runs: the export is "
+                    "collective over the ranks")
+        return None
+
     def _replay_exported(self, sender, engine, update_id: int) -> int:
         """The committed update exported again and sent to a restarted engine (ipc: collective over the ranks, on
         this thread). Refused unless the live weights are still the committed ones and the rank runs nothing else
-        (in the colocated synchronous loop, the only mode ipc serves, an engine is restarted while the ranks wait)."""
-        if sender.name not in self._committed:
-            raise RuntimeError(f"rank {self.rank}: no committed weight update to replay to a restarted engine")
-        bucket_bytes, revision = self._committed[sender.name]
-        if self.actor.weights_revision != revision:
-            raise RuntimeError(
-                f"rank {self.rank}: cannot bring a restarted engine to the committed weights over ipc: the actor's "
-                f"weights changed since they were sent (revision {revision} -> {self.actor.weights_revision}) and ipc "
-                "keeps no copy; send a new update (pool.update_weights) instead")
-        if self._running is not None:
-            raise RuntimeError(f"rank {self.rank}: cannot replay over ipc while {self._running[0]} runs: the export "
-                               "is collective over the ranks")
+        (in the colocated synchronous loop, the only mode ipc serves, an engine is restarted while the ranks wait);
+        the group asks every rank first (`replay_refusal`), and this checks again."""
+        refusal = self._exported_replay_refusal(sender.name)
+        if refusal is not None:
+            raise RuntimeError(refusal)
+        bucket_bytes, _ = self._committed[sender.name]
         with self._doing("replay_weights"):
             return sender.replay(engine, update_id, self._whole_buckets(bucket_bytes))
 
@@ -516,5 +534,14 @@ class ActorWeightOwners(WeightOwners):
                           "conclude_weights")
 
     def replay(self, engine, update_id: int) -> None:
+        """Every owner's share of the committed update to one restarted engine. A transport that replays by exporting
+        again (ipc: a collective over the ranks) first asks every rank whether it can, and raises the first refusal
+        before any rank enters the export."""
+        if TRANSPORTS[self.transport].whole_buckets_on_every_rank:
+            refusals = self.group._watch([w.replay_refusal.remote(self.transport) for w in self.group.workers],
+                                         "replay_refusal")
+            refusal = next((r for r in refusals if r is not None), None)
+            if refusal is not None:
+                raise RuntimeError(refusal)
         self.group._watch([w.replay_weights.remote(engine, update_id, self.transport) for w in self.group.workers],
                           "replay_weights")
