@@ -10,12 +10,15 @@ it, which loads the bucket from there.
   the other engine's update completes without waiting for a timeout;
 - once the actor's weights have changed (a checkpoint loaded), a replay would send weights that are not the committed
   ones: it is refused, naming why, and the pool refuses to sample until the next complete update, which works;
+- a rank busy in another call refuses a replay; the group asks every rank before any enters the collective export,
+  so the refusal comes at once instead of the idle rank waiting in the export until the collective timeout;
 - no /dev/shm buffer is left behind by any of this.
 The actor is loaded from a perturbed copy of the checkpoint the engines start from, so an update that sent nothing
 fails the log-prob check (checked by the gap to the old weights).
 """
 import json
 import os
+import time
 
 import pytest
 
@@ -79,8 +82,26 @@ def test_ipc_updates_colocated_engines_and_replays_by_exporting_again(ray_cluste
         stats = pool.sync_weights(owners)
         assert stats.restarted_engines == [] and stats.num_tensors == len(new)
         assert reference.max_abs_diff(pool.generate(PROMPTS, _sampling()), TEMPERATURE) <= TOL
+
+        ray.get(group.workers[1].__ray_call__.remote(_mark_running, "train_step"))  # as while a call runs there
+        start = time.perf_counter()
+        with pytest.raises(RuntimeError, match="rank 1: cannot replay over ipc while train_step runs"):
+            owners.replay(pool.engine_handles()[0], 0)
+        assert time.perf_counter() - start < 30
+        time.sleep(1)
+        assert ray.get(group.workers[0].__ray_call__.remote(_running)) is None  # rank 0 never entered the export
+        ray.get(group.workers[1].__ray_call__.remote(_mark_running, None))
         assert _shm_buffers() == before
     finally:
         pool.shutdown()
         group.shutdown()
     assert _shm_buffers() == before
+
+
+def _running(worker) -> str | None:
+    return None if worker._running is None else worker._running[0]
+
+
+def _mark_running(worker, method: str | None) -> None:
+    """Mark a rank as running `method` (what `_MegatronWorker._doing` records for a call in progress), or idle."""
+    worker._running = None if method is None else (method, time.monotonic(), 0)
