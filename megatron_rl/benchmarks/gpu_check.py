@@ -136,7 +136,7 @@ def _ipc_child(inbox, outbox, device: str, key: str) -> None:
     in the same buffer (the worker's importer does), view the tensors in place (`packed_buckets.views_of_buffer`) and
     clone them; at the end let go of the buffer, as the worker does at the end of an update, so the sender can free
     it."""
-    from megatron_rl.rollout.packed_buckets import bucket_layout, dtypes_of, views_of_buffer
+    from megatron_rl.rollout.packed_buckets import copies_from_buffer, dtypes_of
     from megatron_rl.rollout.shared_buffers import device_key, open_shared
 
     device = torch.device(device)
@@ -152,9 +152,7 @@ def _ipc_child(inbox, outbox, device: str, key: str) -> None:
         sync()
         opened = time.perf_counter() - start
         start = time.perf_counter()
-        dtypes = dtypes_of(metadata["dtype_names"])
-        size = bucket_layout(metadata["shapes"], dtypes)[1]
-        tensors = [view.clone() for view in views_of_buffer(buffer[:size], metadata["shapes"], dtypes)]
+        tensors = copies_from_buffer(buffer, metadata["shapes"], dtypes_of(metadata["dtype_names"]))
         sync()
         copied = time.perf_counter() - start
         outbox.put(([_digest(tensor) for tensor in tensors], opened, copied, device_key(device) == key, opens))
@@ -174,12 +172,11 @@ def ipc_roundtrip(device: torch.device | str, nbytes: int) -> dict[str, Any]:
     code runs the /dev/shm twin (CI tests it there)."""
     import torch.multiprocessing as mp
 
-    from megatron_rl.rollout.packed_buckets import bucket_layout, bucket_metadata, pack_into_buffer
+    from megatron_rl.rollout.packed_buckets import bucket_layout, bucket_metadata
     from megatron_rl.rollout.shared_buffers import SharedRing, device_key
 
     device = torch.device(device)
     cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     baseline = torch.cuda.memory_allocated(device) if cuda else None
     spawn = mp.get_context("spawn")
     inbox, outbox = spawn.Queue(), spawn.Queue()
@@ -193,9 +190,7 @@ def ipc_roundtrip(device: torch.device | str, nbytes: int) -> dict[str, Any]:
             tensors = [tensor for _, tensor in bucket]
             size = bucket_layout([t.shape for t in tensors], [t.dtype for t in tensors])[1]
             start = time.perf_counter()
-            _, shared = ring.take(size)
-            pack_into_buffer(tensors, device, out=shared.tensor[:size])
-            sync()  # written before the child reads it
+            _, shared = ring.pack(tensors)  # what IpcSender._prepare does
             packed = time.perf_counter() - start
             inbox.put((shared.handle, bucket_metadata(bucket)))
             digests, opened, copied, same_key, opens = outbox.get(timeout=300)

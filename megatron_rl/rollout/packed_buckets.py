@@ -50,6 +50,14 @@ def views_of_buffer(buffer: torch.Tensor, shapes: Sequence[Sequence[int]],
             for shape, dtype, offset in zip(shapes, dtypes, offsets)]
 
 
+def copies_from_buffer(buffer: torch.Tensor, shapes: Sequence[Sequence[int]],
+                       dtypes: Sequence[torch.dtype]) -> list[torch.Tensor]:
+    """The tensors of a packed bucket at the start of `buffer` (a reused buffer may be larger than the bucket),
+    copied out of it: the receiver of a reused buffer must copy, since a later bucket is packed into it."""
+    size = bucket_layout(shapes, dtypes)[1]
+    return [view.clone() for view in views_of_buffer(buffer[:size], shapes, dtypes)]
+
+
 def bucket_metadata(bucket: Iterable[tuple[str, torch.Tensor]]) -> dict[str, list]:
     """The names, torch dtype names and shapes of a bucket's tensors, in order: what a worker needs to view each tensor
     in the packed buffer (`views_of_buffer`, with `dtypes_of`)."""

@@ -125,6 +125,18 @@ class SharedRing:
             buffer = self._buffers[slot] = share(nbytes, self.device)
         return slot, buffer
 
+    def pack(self, tensors: list[torch.Tensor]) -> tuple[int, SharedBuffer]:
+        """`tensors` packed (`packed_buckets.pack_into_buffer`) into the next buffer (`take`), written before this
+        returns (CUDA: the stream is synchronized, so a receiver may read it at once): (slot, buffer)."""
+        from megatron_rl.rollout.packed_buckets import bucket_layout, pack_into_buffer
+
+        size = bucket_layout([t.shape for t in tensors], [t.dtype for t in tensors])[1]
+        slot, buffer = self.take(size)
+        pack_into_buffer(tensors, self.device, out=buffer.tensor[:size])
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return slot, buffer
+
     def release(self) -> None:
         for buffer in self._buffers:
             if buffer is not None:

@@ -24,9 +24,9 @@ every worker build a `WeightTransferEngine` from `WeightTransferEngineFactory`, 
   actor rank that hosts one of the engine's workers (same GPU, or same machine on CPU) packs the bucket into one of
   its two reused shared buffers (`shared_buffers.py`: CUDA IPC on GPU as in vLLM's `ipc` backend, a /dev/shm mapping
   on CPU) and the update info carries each worker's handle, filed under its device (`device_key`); the worker opens
-  its buffer (once per update and buffer) and loads copies of the tensors from it. Ours rather than vLLM's `IPCWeightTransferEngine` for the same lifecycle as our other
-  backends (layerwise reload bookkeeping, abort, CPU MoE re-prepack) and the CPU twin; the GPU handles are opened
-  with vLLM's `PackedBufferImporter`.
+  its buffer (once per update and buffer) and loads copies of the tensors from it. Ours rather than vLLM's
+  `IPCWeightTransferEngine` for the same lifecycle as our other backends (layerwise reload bookkeeping, abort, CPU
+  MoE re-prepack) and the CPU twin; the GPU handles are opened with vLLM's `PackedBufferImporter`.
 - "megatron_rl_object_store" (`rollout.transport: object_store`): the bucket itself travels in the update info
   (numpy arrays through Ray's object store, read zero-copy by the workers of one node).
 
@@ -61,6 +61,7 @@ from vllm.distributed.weight_transfer.base import (
 from megatron_rl.rollout.packed_buckets import (
     bucket_layout,
     bucket_metadata,
+    copies_from_buffer,
     dtypes_of,
     pack_into_buffer,
     views_of_buffer,
@@ -224,13 +225,8 @@ class IpcWeightTransferEngine(_LayerwiseReloadEngine):
         importer = self._importers.get(update_info.slot)
         if importer is None:
             importer = self._importers[update_info.slot] = importer_for(self.device)
-        dtypes = dtypes_of(update_info.dtype_names)
-        size = bucket_layout(update_info.shapes, dtypes)[1]
         buffer = open_shared(handle, self.device, importer)
-        if buffer.numel() < size:
-            raise ValueError(f"ipc weight transfer: the shared buffer holds {buffer.numel()} bytes, the bucket needs "
-                             f"{size}")
-        tensors = [view.clone() for view in views_of_buffer(buffer[:size], update_info.shapes, dtypes)]
+        tensors = copies_from_buffer(buffer, update_info.shapes, dtypes_of(update_info.dtype_names))
         self.load(list(zip(update_info.names, tensors)))
 
     def finish_weight_update(self) -> None:

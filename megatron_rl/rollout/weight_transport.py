@@ -437,14 +437,7 @@ class IpcSender(BucketSender):
     def _prepare(self, bucket: Bucket) -> Any:
         """The bucket packed into the next of this rank's shared buffers (on the ranks that host an engine's worker):
         (slot, handle)."""
-        from megatron_rl.rollout.packed_buckets import bucket_layout, pack_into_buffer
-
-        tensors = [t for _, t in bucket]
-        size = bucket_layout([t.shape for t in tensors], [t.dtype for t in tensors])[1]
-        slot, shared = self._ring.take(size)
-        pack_into_buffer(tensors, self.device, out=shared.tensor[:size])
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # written before the worker reads it
+        slot, shared = self._ring.pack([t for _, t in bucket])
         return slot, shared.handle
 
     def load_backend(self) -> None:

@@ -122,6 +122,8 @@ def test_a_ring_reuses_its_two_buffers_and_replaces_one_only_by_a_larger_one():
     finally:
         ring.release()
     assert _ours() == before and ring.take(10)[0] == 0
+    slot, packed = ring.pack([torch.arange(5, dtype=torch.int64), torch.ones(3)])  # what the ipc sender writes
+    assert slot == 1 and torch.equal(packed.tensor[:40].view(torch.int64), torch.arange(5))
     ring.release()
 
 

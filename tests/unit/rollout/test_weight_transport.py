@@ -16,6 +16,7 @@ from megatron_rl.rollout.packed_buckets import (
     ALIGN_BYTES,
     bucket_layout,
     bucket_metadata,
+    copies_from_buffer,
     dtypes_of,
     pack_into_buffer,
     views_of_buffer,
@@ -136,6 +137,13 @@ def test_packed_buffer_roundtrip_is_bit_exact_and_aligned(dtype):
         assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8))
     with pytest.raises(ValueError, match=f"out must be {size} uint8 bytes"):
         pack_into_buffer(tensors, out=torch.empty(size + 1, dtype=torch.uint8))
+    larger = torch.cat([out, torch.full((100,), 7, dtype=torch.uint8)])  # a reused buffer, larger than the bucket
+    copies = copies_from_buffer(larger, [list(t.shape) for t in tensors], [t.dtype for t in tensors])
+    for want, got in zip(tensors, copies):
+        assert torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8))
+        assert got.untyped_storage().data_ptr() != larger.untyped_storage().data_ptr()  # copies, not views
+    with pytest.raises(ValueError, match="layout needs"):
+        copies_from_buffer(out[:-1], [list(t.shape) for t in tensors], [t.dtype for t in tensors])
     metadata = bucket_metadata([(str(i), t) for i, t in enumerate(tensors)])  # what travels in the update info
     assert dtypes_of(metadata["dtype_names"]) == [t.dtype for t in tensors]
     with pytest.raises(ValueError, match="'Tensor' is not a torch dtype name"):
