@@ -27,6 +27,9 @@ Checks, in order (each one's result, numbers and any error go into the report; a
    tests/unit/rollout/test_broadcast_transfer.py. Needs two GPUs (NCCL refuses two ranks on one) and vLLM (its
    `PyNcclCommunicator`); skipped, with the reason, without them.
 
+The report is written again after every check, with the checks not yet run marked "not reached": a run stopped by a
+time limit (the lent GPU machines allow 10 minutes a command) or a crash still leaves what it measured.
+
 Dry run (`--dry-run`, or no CUDA): every check is listed with what it would run and marked skipped, with the
 reason; exit 0. CI runs the dry run (tests/unit/test_gpu_check.py), so the script at least imports and plans.
 Exit status: 0 when nothing failed (skips included), 1 when a check failed.
@@ -61,7 +64,7 @@ class CheckSkipped(Exception):
 class CheckResult:
     name: str
     what: str
-    status: str = "skipped"  # "ok" | "FAILED" | "skipped"
+    status: str = "skipped"  # "ok" | "FAILED" | "skipped" | "not reached"
     detail: str = ""
     numbers: dict[str, Any] = field(default_factory=dict)
 
@@ -269,7 +272,12 @@ CHECKS: list[tuple[str, str, Callable[[str], dict[str, Any]]]] = [
 ]
 
 
-def run_checks(workdir: str, dry_run: bool) -> list[CheckResult]:
+NOT_REACHED = "the run stopped before this check (a time limit or a crash: see the log)"
+
+
+def run_checks(workdir: str, dry_run: bool,
+               after_each: Callable[[list[CheckResult]], None] | None = None) -> list[CheckResult]:
+    """Every check in CHECKS order; `after_each(results so far)` after each one (main writes the report there)."""
     results = []
     reason = "dry run" if dry_run else (None if torch.cuda.is_available() else
                                         f"no CUDA device (torch {torch.__version__})")
@@ -291,10 +299,16 @@ def run_checks(workdir: str, dry_run: bool) -> list[CheckResult]:
                 traceback.print_exc()
             result.numbers["seconds"] = round(time.perf_counter() - start, 1)
         results.append(result)
+        if after_each is not None:
+            after_each(results)
     return results
 
 
 def report(results: list[CheckResult], dry_run: bool) -> str:
+    """The Markdown report of `results`; the checks of CHECKS not among them are listed as "not reached"."""
+    done = {r.name for r in results}
+    results = [*results, *(CheckResult(name, what, "not reached", NOT_REACHED)
+                           for name, what, _ in CHECKS if name not in done)]
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"# GPU check{' (dry run: nothing ran)' if dry_run else ''}", "",
              f"Date: {now}. Host: {platform.node()}, {platform.processor() or platform.machine()}, "
@@ -314,12 +328,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a new temporary one)")
     args = parser.parse_args(argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix="gpu_check_")
-    results = run_checks(workdir, args.dry_run)
-    text = report(results, args.dry_run)
     os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
-    with open(args.report, "w", encoding="utf-8") as f:
-        f.write(text)
-    print(text)
+
+    def write(results: list[CheckResult]) -> str:
+        text = report(results, args.dry_run)
+        partial = f"{args.report}.partial"  # replaced in one rename: a reader never sees half a report
+        with open(partial, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(partial, args.report)
+        return text
+
+    write([])
+    results = run_checks(workdir, args.dry_run, after_each=write)
+    print(write(results))
     return 1 if any(r.status == "FAILED" for r in results) else 0
 
 

@@ -38,6 +38,28 @@ def test_a_failing_check_is_reported_and_the_rest_still_run(tmp_path, monkeypatc
     assert gpu_check.main(["--report", str(tmp_path / "r.md"), "--dry-run"]) == 0
 
 
+def test_the_report_is_on_disk_after_every_check(tmp_path, monkeypatch):
+    """A run stopped mid-way (the device's 10-minute command limit, a crash) leaves the report of the checks that
+    ran: the second check finds the first one's result on disk and itself and the third as "not reached"."""
+    path = tmp_path / "report.md"
+    seen = {}
+
+    def second(workdir):
+        seen["text"] = path.read_text()
+        return {"y": 2}
+
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_check, "CHECKS", [("a", "first", lambda workdir: {"x": 1}), ("b", "second", second),
+                                              ("c", "third", lambda workdir: {})])
+    assert gpu_check.main(["--report", str(path), "--workdir", str(tmp_path)]) == 0
+    assert "| a | first | ok | x=1, seconds=" in seen["text"]
+    assert f"| b | second | not reached | {gpu_check.NOT_REACHED} |" in seen["text"]
+    assert f"| c | third | not reached | {gpu_check.NOT_REACHED} |" in seen["text"]
+    final = path.read_text()
+    assert "not reached" not in final and "| b | second | ok | y=2" in final
+    assert not (tmp_path / "report.md.partial").exists()
+
+
 def test_a_check_this_machine_cannot_run_is_skipped_with_its_reason(tmp_path, monkeypatch):
     """The nccl transport check needs two GPUs: on fewer it is skipped (not failed) and says why."""
     monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)
