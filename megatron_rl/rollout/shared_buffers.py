@@ -18,10 +18,16 @@ Reuse, as vLLM's `packed_ipc_producer` reuses one IPC buffer for a whole transfe
 the last buffer it opened (`importer_for`: vLLM's `PackedBufferImporter` on GPU, `MappedFileImporter` on CPU), so a
 transfer of many buckets shares and opens each buffer once, not once per bucket. A receiver must copy what it keeps:
 the sender writes a later bucket into the same buffer.
+
+Crash leftovers (CPU): a sender killed while it shares buffers leaves their files (at most two per rank). Each file is
+named after its owner, `megatron_rl_ipc_<pid>_<pid namespace>_<n>`, and a process's first CPU buffer first deletes
+the files of owners that are gone (`sweep_stale`): ours (same user), from this PID namespace (a pid from another
+container's namespace says nothing about liveness here), whose process no longer exists.
 """
 from __future__ import annotations
 
 import itertools
+import logging
 import mmap
 import os
 from dataclasses import dataclass
@@ -32,6 +38,56 @@ import torch
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "megatron_rl_ipc_"
 _names = itertools.count()
+_swept = False
+logger = logging.getLogger(__name__)
+
+
+def _pid_namespace() -> int | None:
+    """This process's PID namespace (the inode of /proc/self/ns/pid), or None where /proc does not say."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def _buffer_path(number: int) -> str:
+    return os.path.join(SHM_DIR, f"{SHM_PREFIX}{os.getpid()}_{_pid_namespace() or 0}_{number}")
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_stale(directory: str = SHM_DIR) -> list[str]:
+    """Delete the buffer files in `directory` left by senders that are gone (killed while sharing): files of this
+    user, named by a process of this PID namespace that no longer exists. A reused pid keeps its files (they leak
+    rather than vanish under a live receiver). Returns the deleted names."""
+    namespace = _pid_namespace()
+    if namespace is None:
+        return []
+    deleted = []
+    for name in os.listdir(directory):
+        fields = name[len(SHM_PREFIX):].split("_") if name.startswith(SHM_PREFIX) else []
+        if len(fields) != 3 or not all(f.isdigit() for f in fields) or int(fields[1]) != namespace:
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if os.lstat(path).st_uid != os.getuid() or _pid_exists(int(fields[0])):
+                continue
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        deleted.append(name)
+    if deleted:
+        logger.warning("deleted %d shared weight buffer file(s) in %s left by processes that are gone: %s",
+                       len(deleted), directory, ", ".join(sorted(deleted)))
+    return deleted
 
 
 def device_key(device: torch.device | str) -> str:
@@ -82,6 +138,10 @@ def share(nbytes: int, device: torch.device | str) -> SharedBuffer:
         return SharedBuffer(tensor, ("cuda", *args))
     if device.type != "cpu":
         raise ValueError(f"no shared buffers on device {device}")
+    global _swept
+    if not _swept:
+        _swept = True
+        sweep_stale()  # before the free-space check: what a killed sender left counts against it
     stats = os.statvfs(SHM_DIR)
     free = stats.f_bavail * stats.f_frsize
     if nbytes > free:
@@ -89,7 +149,7 @@ def share(nbytes: int, device: torch.device | str) -> SharedBuffer:
             f"rollout.transport 'ipc' on CPU shares each weight bucket through {SHM_DIR}, which has "
             f"{free / 2**20:.0f} MiB free; this bucket needs {nbytes / 2**20:.0f} MiB. Lower "
             "rollout.weight_bucket_mb, or give the machine/container more shared memory (docker run --shm-size)")
-    path = os.path.join(SHM_DIR, f"{SHM_PREFIX}{os.getpid()}_{next(_names)}")
+    path = _buffer_path(next(_names))
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
         os.ftruncate(fd, nbytes)

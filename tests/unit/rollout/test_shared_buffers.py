@@ -83,6 +83,46 @@ def test_too_little_shared_memory_is_refused_naming_the_fix(monkeypatch):
     assert _ours() == before
 
 
+def _share_and_die(connection) -> None:
+    """In another process: share a buffer, report its file, exit without releasing it (as a killed rank would)."""
+    connection.send(os.path.basename(share(4096, "cpu").handle[1]))
+    os._exit(0)
+
+
+def test_files_left_by_a_dead_sender_are_deleted_by_the_next_process_that_shares(monkeypatch, tmp_path):
+    """A sender that dies while sharing leaves its file; the next process's first buffer deletes it (sweep_stale).
+    A live process's file, another PID namespace's and a file not named like ours stay."""
+    from megatron_rl.rollout import shared_buffers
+
+    ctx = mp.get_context("spawn")
+    receiver, sender = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_share_and_die, args=(sender,))
+    child.start()
+    assert receiver.poll(120), "the child shared nothing within 120 s"
+    dead = receiver.recv()
+    child.join(timeout=60)
+    assert child.exitcode == 0 and os.path.exists(os.path.join(SHM_DIR, dead))
+    namespace = shared_buffers._pid_namespace()
+    other_namespace = f"{SHM_PREFIX}{child.pid}_{namespace + 1}_0"
+    not_ours = f"{SHM_PREFIX}{child.pid}_x"
+    for name in (other_namespace, not_ours):
+        open(os.path.join(SHM_DIR, name), "wb").close()
+    try:
+        monkeypatch.setattr(shared_buffers, "_swept", False)  # this process's first buffer again
+        live = share(4096, "cpu")
+        try:
+            left = set(os.listdir(SHM_DIR))
+            assert dead not in left  # its owner is gone
+            assert {os.path.basename(live.handle[1]), other_namespace, not_ours} <= left
+            assert shared_buffers.sweep_stale() == []  # nothing else of a gone owner
+        finally:
+            live.release()
+    finally:
+        for name in (dead, other_namespace, not_ours):
+            if os.path.exists(os.path.join(SHM_DIR, name)):
+                os.unlink(os.path.join(SHM_DIR, name))
+
+
 def test_handles_are_filed_under_the_device():
     assert device_key("cpu") == device_key(torch.device("cpu")) == "cpu"
     with pytest.raises(ValueError, match="no shared buffers on device meta"):
