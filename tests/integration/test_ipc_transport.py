@@ -91,11 +91,11 @@ def test_ipc_updates_colocated_engines_and_replays_by_exporting_again(ray_cluste
         time.sleep(1)
         assert ray.get(group.workers[0].__ray_call__.remote(_running)) is None  # rank 0 never entered the export
         ray.get(group.workers[1].__ray_call__.remote(_mark_running, None))
-        assert _shm_buffers() == before
+        assert _shm_buffers() <= before  # nothing left (files a dead process left before may be swept)
     finally:
         pool.shutdown()
         group.shutdown()
-    assert _shm_buffers() == before
+    assert _shm_buffers() <= before
 
 
 def _running(worker) -> str | None:
