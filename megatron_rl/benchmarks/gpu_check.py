@@ -28,7 +28,8 @@ Checks, in order (each one's result, numbers and any error go into the report; a
    `PyNcclCommunicator`); skipped, with the reason, without them.
 
 The report is written again after every check, with the checks not yet run marked "not reached": a run stopped by a
-time limit (the lent GPU machines allow 10 minutes a command) or a crash still leaves what it measured.
+time limit (the lent GPU machines allow 10 minutes a command) or a crash still leaves what it measured. For the same
+reason `cuda_ipc` fails at once when its receiving process dies, and after 2 minutes when it stays silent.
 
 Dry run (`--dry-run`, or no CUDA): every check is listed with what it would run and marked skipped, with the
 reason; exit 0. CI runs the dry run (tests/unit/test_gpu_check.py), so the script at least imports and plans.
@@ -54,6 +55,7 @@ import torch
 BF16_LOGIT_TOLERANCE = 5e-2
 FP32_LOGIT_TOLERANCE = 1e-2  # CPU holds 1e-4; a GPU may run fp32 GEMMs in TF32 (10 mantissa bits)
 IPC_BYTES = 256 << 20
+IPC_REPLY_TIMEOUT_S = 120  # a 256 MiB bucket takes well under a second; the child's start (imports) is most of it
 
 
 class CheckSkipped(Exception):
@@ -145,7 +147,7 @@ def _ipc_child(inbox, outbox, device: str, key: str) -> None:
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     held, buffer, opens = None, None, 0
-    while (item := inbox.get(timeout=300)) is not None:
+    while (item := inbox.get(timeout=IPC_REPLY_TIMEOUT_S)) is not None:
         handle, metadata = item
         start = time.perf_counter()
         if handle != held:
@@ -163,6 +165,22 @@ def _ipc_child(inbox, outbox, device: str, key: str) -> None:
     del buffer
     sync()
     outbox.put("let go")
+
+
+def _reply(outbox, child, timeout_s: float = IPC_REPLY_TIMEOUT_S):
+    """The child's next message; raises at once when the child has died (a crash in the CUDA IPC open would otherwise
+    cost the whole timeout of a run with a 10-minute limit), or after `timeout_s` without one."""
+    import queue
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return outbox.get(timeout=1)
+        except queue.Empty:
+            if not child.is_alive():
+                raise AssertionError(f"the receiving process died (exit code {child.exitcode}) before it answered")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the receiving process did not answer within {timeout_s} s") from None
 
 
 def ipc_roundtrip(device: torch.device | str, nbytes: int) -> dict[str, Any]:
@@ -196,7 +214,7 @@ def ipc_roundtrip(device: torch.device | str, nbytes: int) -> dict[str, Any]:
             _, shared = ring.pack(tensors)  # what IpcSender._prepare does
             packed = time.perf_counter() - start
             inbox.put((shared.handle, bucket_metadata(bucket)))
-            digests, opened, copied, same_key, opens = outbox.get(timeout=300)
+            digests, opened, copied, same_key, opens = _reply(outbox, child)
             wrong = [name for (name, tensor), got in zip(bucket, digests) if _digest(tensor) != got]
             if wrong:
                 raise AssertionError(f"bucket {seed + 1}: the child read other bytes than were packed for {wrong}")
@@ -204,7 +222,7 @@ def ipc_roundtrip(device: torch.device | str, nbytes: int) -> dict[str, Any]:
             rows.append((packed, opened, copied))
             del bucket, tensors
         inbox.put(None)
-        if outbox.get(timeout=300) != "let go":
+        if _reply(outbox, child) != "let go":
             raise AssertionError("the receiving process did not let go of the buffer")
         child.join(timeout=60)
     finally:

@@ -69,6 +69,39 @@ def test_a_check_this_machine_cannot_run_is_skipped_with_its_reason(tmp_path, mo
     assert result.status == "skipped" and result.detail.startswith("needs two GPUs, this machine has 1")
 
 
+def _exit_at_once() -> None:
+    os._exit(3)
+
+
+def _stay_silent() -> None:
+    import time
+
+    time.sleep(60)
+
+
+def test_the_ipc_round_trip_stops_waiting_when_the_receiver_dies_or_stays_silent():
+    """On a device run limited to 10 minutes, a receiver that crashed (e.g. in the CUDA IPC open) fails the check
+    at once rather than after the whole timeout; a silent one fails after its timeout."""
+    import multiprocessing as mp
+    import time
+
+    import pytest
+
+    spawn = mp.get_context("spawn")
+    for target, timeout_s, message in ((_exit_at_once, 60, r"died \(exit code 3\)"),
+                                       (_stay_silent, 3, "did not answer within 3 s")):
+        child, outbox = spawn.Process(target=target), spawn.Queue()
+        child.start()
+        start = time.monotonic()
+        try:
+            with pytest.raises(AssertionError, match=message):
+                gpu_check._reply(outbox, child, timeout_s=timeout_s)
+            assert time.monotonic() - start < 30
+        finally:
+            child.kill()
+            child.join(timeout=30)
+
+
 def _wheel(folder, name: str, tag: str) -> None:
     """A minimal wheel of one module `name` (what pip needs: the module, METADATA, WHEEL, RECORD)."""
     import zipfile
