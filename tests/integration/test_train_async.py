@@ -12,6 +12,7 @@
 """
 import json
 import os
+import shutil
 
 import pytest
 
@@ -36,11 +37,17 @@ def _slowed(point, seconds=1.0):
 
 
 @pytest.fixture(scope="module")
-def slow_actor_run(tmp_path_factory):
+def slow_actor_output(tmp_path_factory):
+    """The async run with the actor slowed down: its output directory (run "t", checkpointed every step)."""
     tmp = tmp_path_factory.mktemp("slow_actor")
     result = _train(_write_config(tmp, **ASYNC), f"run.output_dir={tmp / 'runs'}", env=_slowed("actor.train_step"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    records = _records(tmp / "runs" / "t")
+    return tmp / "runs"
+
+
+@pytest.fixture(scope="module")
+def slow_actor_run(slow_actor_output):
+    records = _records(slow_actor_output / "t")
     assert all(r["time/train"] >= 1.0 for r in records)  # the delay was injected into every train step
     return records
 
@@ -86,11 +93,10 @@ def test_kill_mid_step_then_resume_replays_the_async_run(tmp_path, slow_actor_ru
     assert_same_math(slow_actor_run, got)
 
 
-def test_resume_with_another_max_staleness_is_refused(tmp_path, slow_actor_run):
+def test_resume_with_another_max_staleness_is_refused(tmp_path, slow_actor_output):
     out = tmp_path / "runs"
-    first = _train(_write_config(tmp_path, **{**ASYNC, "run.steps": 1}), f"run.output_dir={out}")
-    assert first.returncode == 0, first.stderr[-3000:]
-    again = _train(_write_config(tmp_path, **{**ASYNC, "run.steps": 2, "algorithm.max_staleness": 0}),
+    shutil.copytree(slow_actor_output, out)  # a copy of the async run above (max_staleness 1), checkpoints included
+    again = _train(_write_config(tmp_path, **{**ASYNC, "run.steps": STEPS + 1, "algorithm.max_staleness": 0}),
                    f"run.output_dir={out}", "--resume")
     assert again.returncode == 2
     assert "config error: --resume: settings that change what the run computes differ" in again.stderr
