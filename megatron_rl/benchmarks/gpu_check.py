@@ -42,6 +42,7 @@ import datetime
 import hashlib
 import os
 import platform
+import queue
 import subprocess
 import sys
 import tempfile
@@ -170,8 +171,6 @@ def _ipc_child(inbox, outbox, device: str, key: str) -> None:
 def _reply(outbox, child, timeout_s: float = IPC_REPLY_TIMEOUT_S):
     """The child's next message; raises at once when the child has died (a crash in the CUDA IPC open would otherwise
     cost the whole timeout of a run with a 10-minute limit), or after `timeout_s` without one."""
-    import queue
-
     deadline = time.monotonic() + timeout_s
     while True:
         try:

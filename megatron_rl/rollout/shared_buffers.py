@@ -54,20 +54,12 @@ def _buffer_path(number: int) -> str:
     return os.path.join(SHM_DIR, f"{SHM_PREFIX}{os.getpid()}_{_pid_namespace() or 0}_{number}")
 
 
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def sweep_stale(directory: str = SHM_DIR) -> list[str]:
     """Delete the buffer files in `directory` left by senders that are gone (killed while sharing): files of this
     user, named by a process of this PID namespace that no longer exists. A reused pid keeps its files (they leak
     rather than vanish under a live receiver). Returns the deleted names."""
+    import psutil
+
     namespace = _pid_namespace()
     if namespace is None:
         return []
@@ -78,7 +70,7 @@ def sweep_stale(directory: str = SHM_DIR) -> list[str]:
             continue
         path = os.path.join(directory, name)
         try:
-            if os.lstat(path).st_uid != os.getuid() or _pid_exists(int(fields[0])):
+            if os.lstat(path).st_uid != os.getuid() or psutil.pid_exists(int(fields[0])):
                 continue
             os.unlink(path)
         except FileNotFoundError:

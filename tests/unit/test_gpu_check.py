@@ -1,7 +1,11 @@
 """The GPU check script's dry run (what CI can run): it imports every check, plans them all, skips them with the
 reason, writes the report and exits 0. The checks themselves need a CUDA GPU (run tools/gpu_check.sh there)."""
+import multiprocessing as mp
 import os
 import subprocess
+import time
+
+import pytest
 
 from megatron_rl.benchmarks import gpu_check
 
@@ -74,19 +78,12 @@ def _exit_at_once() -> None:
 
 
 def _stay_silent() -> None:
-    import time
-
     time.sleep(60)
 
 
 def test_the_ipc_round_trip_stops_waiting_when_the_receiver_dies_or_stays_silent():
     """On a device run limited to 10 minutes, a receiver that crashed (e.g. in the CUDA IPC open) fails the check
     at once rather than after the whole timeout; a silent one fails after its timeout."""
-    import multiprocessing as mp
-    import time
-
-    import pytest
-
     spawn = mp.get_context("spawn")
     for target, timeout_s, message in ((_exit_at_once, 60, r"died \(exit code 3\)"),
                                        (_stay_silent, 3, "did not answer within 3 s")):

@@ -89,7 +89,7 @@ def _share_and_die(connection) -> None:
     os._exit(0)
 
 
-def test_files_left_by_a_dead_sender_are_deleted_by_the_next_process_that_shares(monkeypatch, tmp_path):
+def test_files_left_by_a_dead_sender_are_deleted_by_the_next_process_that_shares(monkeypatch):
     """A sender that dies while sharing leaves its file; the next process's first buffer deletes it (sweep_stale).
     A live process's file, another PID namespace's and a file not named like ours stay."""
     from megatron_rl.rollout import shared_buffers
