@@ -23,7 +23,7 @@ import uuid
 import psutil
 import pytest
 
-from tests.integration.test_train_e2e import _records, _train, _write_config, assert_same_math
+from tests.integration.train_runs import assert_same_math, read_metrics, run_train, write_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
@@ -77,8 +77,8 @@ def _live_processes_of(env: dict, grace_s: float = 20.0) -> list[str]:
 def reference(tmp_path_factory):
     """The uninterrupted 2-rank run (saves its rollouts and a checkpoint every step)."""
     tmp = tmp_path_factory.mktemp("reference")
-    config = _write_config(tmp, **TWO_RANKS)
-    result = _train(config, f"run.output_dir={tmp / 'runs'}")
+    config = write_config(tmp, **TWO_RANKS)
+    result = run_train(config, f"run.output_dir={tmp / 'runs'}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return config, tmp / "runs" / "t"
 
@@ -87,7 +87,7 @@ def test_a_killed_rank_stops_the_run_fast_and_the_run_resumes(tmp_path, referenc
     config, ref_dir = reference
     out = tmp_path / "runs"
     env = _fault("actor.train_step", "kill", 1, WARMUP + 3)
-    killed = _train(config, f"run.output_dir={out}", env=env)
+    killed = run_train(config, f"run.output_dir={out}", env=env)
     ended = time.time()
     run_dir = out / "t"
     assert killed.returncode == 1, killed.stdout[-2000:] + killed.stderr[-3000:]
@@ -97,17 +97,17 @@ def test_a_killed_rank_stops_the_run_fast_and_the_run_resumes(tmp_path, referenc
     assert "last lines of its log" in err and "every process it started was shut down" in err
     assert not _live_processes_of(env), "processes left behind"
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_000001", "step_000002"]  # the last one intact
-    resumed = _train(config, f"run.output_dir={out}", "--resume")
+    resumed = run_train(config, f"run.output_dir={out}", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "[resume] continuing from step 2" in resumed.stdout
-    assert_same_math(_records(ref_dir), _records(run_dir), ignore=("time/", "sync/"))
+    assert_same_math(read_metrics(ref_dir), read_metrics(run_dir), ignore=("time/", "sync/"))
 
 
 def test_a_rank_stalled_in_a_collective_is_reported_with_the_stacks(tmp_path, reference):
     config, _ = reference
     out = tmp_path / "runs"
     env = _fault("actor.collective", "stall", 1, WARMUP + 3, seconds=900)
-    stalled = _train(config, f"run.output_dir={out}", "resources.actor_call_timeout_s=20", env=env)
+    stalled = run_train(config, f"run.output_dir={out}", "resources.actor_call_timeout_s=20", env=env)
     ended = time.time()
     assert stalled.returncode == 1, stalled.stdout[-2000:] + stalled.stderr[-3000:]
     assert ended - _fault_time(out / "t", 1) < 20 + 60
@@ -122,13 +122,13 @@ def test_a_rank_stalled_in_a_collective_is_reported_with_the_stacks(tmp_path, re
 
 def test_resume_refuses_a_changed_learning_rate(reference):
     config, ref_dir = reference
-    result = _train(config, f"run.output_dir={ref_dir.parent}", "--resume", "run.steps=5",
-                    "actor.optimizer.lr=0.001", timeout=120)
+    result = run_train(config, f"run.output_dir={ref_dir.parent}", "--resume", "run.steps=5",
+                       "actor.optimizer.lr=0.001", timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "settings that change what the run computes differ from its checkpoint" in result.stderr
     assert "actor.optimizer.lr: 0.0005 -> 0.001" in result.stderr
     assert "run.steps" not in result.stderr  # how long it runs is not the math
-    assert [r["step"] for r in _records(ref_dir)] == list(range(1, STEPS + 1))  # nothing ran
+    assert [r["step"] for r in read_metrics(ref_dir)] == list(range(1, STEPS + 1))  # nothing ran
 
 
 def test_replay_step_reproduces_a_logged_step(reference):
@@ -137,7 +137,7 @@ def test_replay_step_reproduces_a_logged_step(reference):
                              "--step", "3"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "[replay] REPRODUCED: largest relative difference of train/loss, train/grad_norm = 0" in result.stdout
-    logged = _records(ref_dir)[2]
+    logged = read_metrics(ref_dir)[2]
     assert f"{logged['train/loss']:.15g}" in result.stdout  # the logged loss, printed next to the replayed one
     missing = subprocess.run([sys.executable, "-m", "megatron_rl.cli", "replay-step", "--run", str(ref_dir),
                               "--step", "1"], capture_output=True, text=True, timeout=120)

@@ -4,67 +4,34 @@
   CPUs (resources.num_cpus=1, which the split mode refuses) and the run starts and completes;
 - every training step hands the memory over in vLLM's RLHF colocate order (sleep after the rollout, wake the
   weights, sync, wake the KV cache), logged as colocate/handoff; on CPU no call reaches vLLM (no sleep mode);
-- colocation does not change the math: rewards, losses, grad norms, prompts and responses equal those of a split run
-  with the same seed (tolerance 1e-5 relative, as in test_train_e2e.py: same weights, data and per-request seeds,
-  one machine, so the same computation; only the placement differs). The colocated run syncs its weights over
-  rollout.transport 'ipc' (each bucket handed to the engine through /dev/shm), the split run over 'gloo': the
-  engines' sampling then shows that both delivered the same weights.
+- colocation does not change the math: rewards, losses, grad norms, prompts and responses equal those of the
+  session's reference run, a split run of the same config (tolerance 1e-5 relative, as in test_train_e2e.py: same
+  weights, data and per-request seeds, one machine, so the same computation; only the placement differs). The
+  colocated run syncs its weights over rollout.transport 'ipc' (each bucket handed to the engine through /dev/shm),
+  the split run over 'gloo': the engines' sampling then shows that both delivered the same weights.
 """
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
-import yaml
 
-from tests.integration.test_train_e2e import SMALL
+from tests.integration.train_runs import read_metrics, run_train, write_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
-# the e2e config (its warm-up, so rewards and losses are not all zero), 2 RL steps, no evaluation or checkpoints
-CHANGES = {"run.steps": 2, "warmup.steps": 40, "eval.every": 0, "eval.at_start": False, "checkpoint.every": 0,
-           "checkpoint.at_exit": False, "logging.tensorboard": False}
+COLOCATED = {"resources.colocate": True, "resources.num_cpus": 1, "rollout.transport": "ipc"}
 COMPARED = ("rollout/reward_mean", "rollout/response_length_mean", "batch/reward_mean", "train/loss",
             "train/grad_norm", "train/entropy", "train/approx_kl", "train/advantage_abs_mean", "mismatch/mean_abs_diff")
 
 
-def _config(tmp_path, name, **changes):
-    cfg = json.loads(json.dumps(SMALL))
-    for dotted, value in {**CHANGES, **changes, "run.name": name}.items():
-        node = cfg
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
-
-
-def _train(config, out):
-    result = subprocess.run([sys.executable, "-m", "megatron_rl.cli", "train", "--config", config,
-                             f"run.output_dir={out}"], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def _records(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def test_colocated_run_matches_split_run(tmp_path):
+def test_colocated_run_matches_split_run(tmp_path, reference_run):
     out = tmp_path / "runs"
-    colocated = _train(_config(tmp_path, "colocated", **{"resources.colocate": True, "resources.num_cpus": 1,
-                                                         "rollout.transport": "ipc"}), out)
+    colocated = run_train(reference_run.config, f"run.output_dir={out}", *(f"{k}={v}" for k, v in COLOCATED.items()))
+    assert colocated.returncode == 0, colocated.stdout[-3000:] + colocated.stderr[-3000:]
     assert "(weights over ipc, sent by the owners) colocated with the actor ranks" in colocated.stdout
-    split = _train(_config(tmp_path, "split"), out)
-    assert "colocated with the actor ranks" not in split.stdout
+    assert "colocated with the actor ranks" not in reference_run.stdout
 
-    col, ref = _records(out / "colocated"), _records(out / "split")
-    assert [r["step"] for r in col] == [r["step"] for r in ref] == [1, 2]
+    col, ref = read_metrics(out / "t"), reference_run.records
+    assert [r["step"] for r in col] == [r["step"] for r in ref] == [1, 2, 3, 4]
     for c, r in zip(col, ref):
         assert "train/loss" in c, "the step did not train: the hand-off was not exercised"
         # sleep after the rollout, then vLLM's RLHF order: wake the weights, sync (version = step + 1: the warm-up
@@ -85,6 +52,6 @@ def test_split_mode_refuses_the_cpu_budget_colocation_fits_in(tmp_path):
 
     out = f"run.output_dir={tmp_path}"
     with pytest.raises(ConfigError, match="resources.num_cpus=1 is less than"):
-        load_config(_config(tmp_path, "split", **{"resources.num_cpus": 1}), [out])
-    cfg = load_config(_config(tmp_path, "colocated", **{"resources.num_cpus": 1, "resources.colocate": True}), [out])
+        load_config(write_config(tmp_path, **{"resources.num_cpus": 1}), [out])
+    cfg = load_config(write_config(tmp_path, **{"resources.num_cpus": 1, "resources.colocate": True}), [out])
     assert required_cpus(cfg) == 1 and cfg.rollout.colocate

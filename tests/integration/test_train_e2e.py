@@ -10,7 +10,6 @@
 - SIGTERM finishes the step, saves and exits (that run also exercises the KL reference model).
 """
 import json
-import math
 import os
 import signal
 import subprocess
@@ -18,80 +17,27 @@ import sys
 import time
 
 import pytest
-import yaml
+
+from tests.integration.train_runs import (
+    assert_same_math,
+    kill_when,
+    read_metrics,
+    run_train,
+    start_train,
+    wait_for,
+    write_config,
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
-
-SMALL = {
-    "run": {"name": "t", "steps": 3, "seed": 3},
-    "model": {"tiny_arch": "qwen3", "tiny": {"hidden_size": 64, "num_layers": 2, "num_attention_heads": 2,
-                                             "num_kv_heads": 1, "head_dim": 32, "intermediate_size": 128}},
-    "data": {"synthetic": {"task": "arithmetic", "difficulty": 1, "num_train": 200, "num_val": 8}},
-    "warmup": {"steps": 40, "batch_size": 16, "lr": 0.003},
-    # top-up with zero-advantage groups as a last resort: every step trains, syncs and checkpoints something
-    "algorithm": {"prompts_per_step": 4,
-                  "dynamic_sampling": {"max_rounds": 2, "on_cap": "top_up", "top_up_with_zero_advantage": True}},
-    "actor": {"optimizer": {"lr": 5.0e-4}, "max_tokens_per_microbatch": 512},
-    "sampling": {"n": 4, "temperature": 1.0, "max_tokens": 8},
-    "rollout": {"engine": {"dtype": "float32", "max_model_len": 128}},
-    "eval": {"every": 2, "n": 1},
-    "checkpoint": {"every": 1, "keep_last": 5},
-    "logging": {"tensorboard": True, "progress_bars": False},
-}
-
-
-def _write_config(tmp_path, **changes) -> str:
-    cfg = json.loads(json.dumps(SMALL))
-    for dotted, value in changes.items():
-        node = cfg
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
-
-
-def _train(config, *args, timeout=900, **popen):
-    return subprocess.run([sys.executable, "-m", "megatron_rl.cli", "train", "--config", config, *args],
-                          capture_output=True, text=True, timeout=timeout, **popen)
-
-
-def _records(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-# Metrics that measure wall time (they differ between runs by nature): these prefixes, and names with these endings.
-WALL_CLOCK = ("time/", "sync/seconds")
-WALL_CLOCK_ENDINGS = ("_seconds", "_s", "tokens_per_second")
-
-
-def is_wall_clock(key: str, prefixes: tuple[str, ...] = WALL_CLOCK) -> bool:
-    return key.startswith(prefixes) or key.endswith(WALL_CLOCK_ENDINGS)
-
-
-def assert_same_math(ref: list[dict], got: list[dict], ignore: tuple[str, ...] = WALL_CLOCK) -> None:
-    """Two runs' metrics records: the same steps, the same prompts in order, and every non-timing float equal to
-    1e-5 relative (`ignore`: the prefixes of the keys not compared, besides the WALL_CLOCK_ENDINGS)."""
-    assert [r["step"] for r in ref] == [r["step"] for r in got]
-    for a, b in zip(ref, got):
-        assert a["sampling/prompt_rows"] == b["sampling/prompt_rows"], a["step"]  # the same prompts, in order
-        for key, value in a.items():
-            if is_wall_clock(key, ignore):
-                continue
-            if isinstance(value, float) and not math.isnan(value):
-                assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (a["step"], key)
 
 
 def test_three_step_run(tmp_path):
     out = tmp_path / "runs"
-    config_path = _write_config(tmp_path, **{"algorithm.mini_batches": 2})  # 4 groups -> 2 optimizer steps of 2
-    result = _train(config_path, f"run.output_dir={out}")
+    config_path = write_config(tmp_path, **{"algorithm.mini_batches": 2})  # 4 groups -> 2 optimizer steps of 2
+    result = run_train(config_path, f"run.output_dir={out}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = out / "t"
-    records = _records(run_dir)
+    records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [0, 1, 2, 3]  # step 0 = evaluation before training
     for r in records[1:]:
         for key in ("rollout/reward_mean", "rollout/response_length_mean", "sampling/prompts_generated",
@@ -125,58 +71,26 @@ def test_three_step_run(tmp_path):
     assert metrics["eval/mean_response_length"] == pytest.approx(records[3]["eval/mean_response_length"])
 
 
-def _wait_for(predicate, timeout, proc):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.05)
-    return False
-
-
-def _start(config, out, log, *, resume, overrides=()):
-    """The training command in its own session (so kill -9 of the group takes Ray, engine and actors too)."""
-    with log.open("w") as output:
-        return subprocess.Popen([sys.executable, "-m", "megatron_rl.cli", "train", "--config", config,
-                                 f"run.output_dir={out}", *overrides, *(["--resume"] if resume else [])],
-                                stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _kill_when(proc, predicate, what):
-    try:
-        assert _wait_for(predicate, 600, proc), f"the run never reached {what}"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-def test_kill_at_any_time_then_resume_replays_exactly(tmp_path):
-    steps = 4
-    config = _write_config(tmp_path, **{"run.steps": steps, "eval.every": 0, "eval.at_start": False})
-    ref_out, out = tmp_path / "ref", tmp_path / "killed"
-    reference = _train(config, f"run.output_dir={ref_out}")
-    assert reference.returncode == 0, reference.stderr[-3000:]
+def test_kill_at_any_time_then_resume_replays_exactly(tmp_path, reference_run):
+    config, steps = reference_run.config, len(reference_run.records)  # the small config: 4 steps, no evaluation
+    out = tmp_path / "killed"
     ckpt_root = out / "t" / "checkpoints"
     names = lambda: sorted(os.listdir(ckpt_root)) if ckpt_root.is_dir() else []
 
     # kill 1, while step 2's checkpoint is being written: its .tmp- directory exists, step_000002 does not yet
-    _kill_when(_start(config, out, tmp_path / "run1.log", resume=False),
-               lambda: any(n.startswith("step_000002.tmp-") for n in names()), "the checkpoint of step 2")
+    kill_when(start_train(config, out, tmp_path / "run1.log", resume=False),
+              lambda: any(n.startswith("step_000002.tmp-") for n in names()), "the checkpoint of step 2")
     assert "step_000001" in names() and "step_000002" not in names(), names()  # the half-written one never looks done
     assert any(".tmp-" in n for n in names())
 
     # kill 2, in the middle of step 3: step 2 is saved (a step starts right after its predecessor's save)
     log2 = tmp_path / "resume2.log"
-    _kill_when(_start(config, out, log2, resume=True), lambda: "step_000002" in names(), "step 3")
+    kill_when(start_train(config, out, log2, resume=True), lambda: "step_000002" in names(), "step 3")
     assert "[resume] continuing from step 1" in log2.read_text()
-    assert "step_000003" not in names() and [r["step"] for r in _records(out / "t")][-1] == 2  # step 3 unfinished
+    assert "step_000003" not in names() and [r["step"] for r in read_metrics(out / "t")][-1] == 2  # step 3 unfinished
 
     log3 = tmp_path / "resume3.log"
-    resumed = _start(config, out, log3, resume=True)
+    resumed = start_train(config, out, log3, resume=True)
     try:
         assert resumed.wait(timeout=900) == 0, log3.read_text()[-3000:]
     finally:
@@ -185,9 +99,9 @@ def test_kill_at_any_time_then_resume_replays_exactly(tmp_path):
     assert "[resume] continuing from step 2" in log3.read_text()
     assert not any(".tmp-" in n for n in names())
 
-    ref, got = _records(ref_out / "t"), _records(out / "t")
+    got = read_metrics(out / "t")
     assert [r["step"] for r in got] == list(range(1, steps + 1))
-    assert_same_math(ref, got, ignore=("time/", "sync/"))
+    assert_same_math(reference_run.records, got, ignore=("time/", "sync/"))
 
 
 @pytest.mark.parametrize(
@@ -202,7 +116,7 @@ def test_kill_at_any_time_then_resume_replays_exactly(tmp_path):
 )
 def test_bad_config_fails_fast(tmp_path, override, message):
     start = time.monotonic()
-    result = _train(_write_config(tmp_path), f"run.output_dir={tmp_path}", override, timeout=120)
+    result = run_train(write_config(tmp_path), f"run.output_dir={tmp_path}", override, timeout=120)
     assert result.returncode == 2
     assert message in result.stderr, result.stderr
     assert time.monotonic() - start < 30  # seconds, not the minutes a launch would take
@@ -212,15 +126,15 @@ def test_bad_config_fails_fast(tmp_path, override, message):
 def test_sigterm_finishes_the_step_saves_and_exits(tmp_path):
     # also the KL path: without a warm-up the reference model (loaded from model.path) equals the initial policy,
     # so step 1's KL to it must be ~0 (k3 of identical forwards; a wrong reference gives O(0.1) nats)
-    config = _write_config(tmp_path, **{"run.steps": 1000, "checkpoint.every": 0, "eval.every": 0, "eval.at_start": False,
-                                        "warmup.steps": 0, "actor.loss.kl_coef": 0.01})
+    config = write_config(tmp_path, **{"run.steps": 1000, "checkpoint.every": 0, "eval.every": 0,
+                                       "eval.at_start": False, "warmup.steps": 0, "actor.loss.kl_coef": 0.01})
     out = tmp_path / "runs"
     proc = subprocess.Popen([sys.executable, "-m", "megatron_rl.cli", "train", "--config", config,
                              f"run.output_dir={out}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
         metrics = out / "t" / "metrics.jsonl"
-        assert _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, 600, proc)
+        assert wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, 600, proc)
         proc.send_signal(signal.SIGTERM)  # what `scancel` / a time limit sends
         output, _ = proc.communicate(timeout=300)
     finally:
@@ -228,7 +142,7 @@ def test_sigterm_finishes_the_step_saves_and_exits(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, output[-3000:]
     assert "[stop] SIGTERM: finishing the current step, then saving" in output
-    records = _records(out / "t")
+    records = read_metrics(out / "t")
     assert records[0]["step"] == 1 and abs(records[0]["train/kl"]) < 1e-6
     last = records[-1]["step"]
     assert 1 <= last < 1000

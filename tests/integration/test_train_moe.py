@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from tests.integration.test_train_e2e import _kill_when, _records, _start, assert_same_math
+from tests.integration.train_runs import assert_same_math, kill_when, read_metrics, start_train
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
@@ -27,7 +27,7 @@ SHORT = ["run.steps=4", "warmup.steps=20", "data.synthetic.num_train=200", "data
 
 
 def _run(out, log, resume=False):
-    proc = _start(CONFIG, out, log, resume=resume, overrides=SHORT)
+    proc = start_train(CONFIG, out, log, resume=resume, overrides=SHORT)
     try:
         assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
     finally:
@@ -38,7 +38,7 @@ def _run(out, log, resume=False):
 def test_moe_example_trains_with_routing_replay_and_resumes_exactly(tmp_path):
     ref_out = tmp_path / "ref"
     _run(ref_out, tmp_path / "ref.log")
-    ref = _records(ref_out / "qwen3_moe_tiny")
+    ref = read_metrics(ref_out / "qwen3_moe_tiny")
     assert [r["step"] for r in ref] == [1, 2, 3, 4]
     # step 1 trains on samples of its own weights (staleness 0): the actor routes as the fp32 engine did and
     # computes the network that sampled; later steps' samples come from the previous weights, which route some
@@ -55,11 +55,11 @@ def test_moe_example_trains_with_routing_replay_and_resumes_exactly(tmp_path):
     out = tmp_path / "killed"
     ckpt_root = out / "qwen3_moe_tiny" / "checkpoints"
     names = lambda: sorted(os.listdir(ckpt_root)) if ckpt_root.is_dir() else []
-    _kill_when(_start(CONFIG, out, tmp_path / "run1.log", resume=False, overrides=SHORT),
-               lambda: "step_000002" in names(), "step 3")
+    kill_when(start_train(CONFIG, out, tmp_path / "run1.log", resume=False, overrides=SHORT),
+              lambda: "step_000002" in names(), "step 3")
     _run(out, tmp_path / "resume.log", resume=True)
     assert "with 1 generated, not yet trained batch(es)" in (tmp_path / "resume.log").read_text()
-    assert_same_math(ref, _records(out / "qwen3_moe_tiny"))
+    assert_same_math(ref, read_metrics(out / "qwen3_moe_tiny"))
 
 
 @pytest.mark.slow  # R2 is proven layer by layer in tests/distributed/test_routing_replay.py; this is the CLI path
@@ -68,13 +68,13 @@ def test_moe_example_with_old_policy_routing_replay(tmp_path):
     the old-policy pass recorded); the engines report no routing, and every step replays the record."""
     overrides = [o for o in SHORT if not o.startswith(("algorithm.max_staleness", "run.steps"))]
     overrides += ["run.steps=2", "actor.moe.routing_replay=old_policy", "algorithm.mini_batches=2"]
-    proc = _start(CONFIG, tmp_path, tmp_path / "r2.log", resume=False, overrides=overrides)
+    proc = start_train(CONFIG, tmp_path, tmp_path / "r2.log", resume=False, overrides=overrides)
     try:
         assert proc.wait(timeout=900) == 0, (tmp_path / "r2.log").read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
-    records = _records(tmp_path / "qwen3_moe_tiny")
+    records = read_metrics(tmp_path / "qwen3_moe_tiny")
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["train/optimizer_steps"] == 2 and 0.5 < r["moe/routing_agreement"] <= 1.0 for r in records)
     saved = (tmp_path / "qwen3_moe_tiny" / "config.yaml").read_text()
