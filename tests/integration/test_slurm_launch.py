@@ -161,44 +161,34 @@ def _assert_nothing_left(job: Job, timeout: float = 60) -> None:
     assert ray_daemons == "", ray_daemons
 
 
-def test_job_completes_then_resumes(submit):
-    first = submit("run.steps=2")
-    info = first.wait(timeout=600)
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), first.output()
-    records = _records(first.run_dir)
-    assert [r["step"] for r in records] == [1, 2], first.output()
-    assert all("rollout/reward_mean" in r and "train/loss" in r for r in records)
-    assert _checkpoints(first.run_dir) == ["step_000001", "step_000002"]
+def test_clean_stop_checkpoints_and_the_resumed_job_completes(submit):
+    # 1. stopped cleanly: what the time limit's `#SBATCH --signal=B:TERM@...` does is SIGTERM to the batch shell
+    # only; it forwards it to the trainer, which finishes its step, checkpoints and exits; then Ray is stopped
+    first = submit("run.steps=1000")
+    first.wait_for_step(1, timeout=600)
+    subprocess.run(["scancel", "--batch", "--signal=TERM", first.id], check=True, timeout=30)
+    info = first.wait(timeout=300)
     log = first.output()
-    assert "[wait_for_ray] ready: 1 node(s)" in log
-    assert "stopping Ray" in log and "done (exit status 0)" in log
-    assert (first.run_dir / "logs" / f"job_{first.id}" / "ray-head.log").exists()
-    _assert_nothing_left(first)
-
-    # RESUME=1 continues the same run from its latest checkpoint: step 3 only, steps 1-2 not repeated
-    second = submit("run.steps=3", RESUME="1")
-    info = second.wait(timeout=600)
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), second.output()
-    assert "[resume] continuing from step 2" in second.output()
-    assert [r["step"] for r in _records(second.run_dir)] == [1, 2, 3]
-    assert _checkpoints(second.run_dir)[-1] == "step_000003"
-    _assert_nothing_left(second)
-
-
-def test_clean_stop_checkpoints_and_leaves_nothing(submit):
-    job = submit("run.steps=1000")
-    job.wait_for_step(1, timeout=600)
-    # what the time limit's `#SBATCH --signal=B:TERM@...` does: SIGTERM to the batch shell only; it forwards it
-    subprocess.run(["scancel", "--batch", "--signal=TERM", job.id], check=True, timeout=30)
-    info = job.wait(timeout=300)
-    log = job.output()
     assert "forwarding SIGTERM to the trainer (step" in log, log
-    _assert_nothing_left(job)
+    _assert_nothing_left(first)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log
-    assert "[stop] SIGTERM" in log
-    last_step = _records(job.run_dir)[-1]["step"]
-    assert 1 <= last_step < 1000
-    assert _checkpoints(job.run_dir)[-1] == f"step_{last_step:06d}", log  # the step it stopped at is saved
+    assert "[wait_for_ray] ready: 1 node(s)" in log and "[stop] SIGTERM" in log and "stopping Ray" in log
+    assert (first.run_dir / "logs" / f"job_{first.id}" / "ray-head.log").exists()
+    stopped_at = _records(first.run_dir)[-1]["step"]
+    assert 1 <= stopped_at < 1000
+    assert _checkpoints(first.run_dir)[-1] == f"step_{stopped_at:06d}", log  # the step it stopped at is saved
+
+    # 2. RESUME=1 continues the same run from that checkpoint and runs to its end: one more step, none repeated
+    second = submit(f"run.steps={stopped_at + 1}", RESUME="1")
+    info = second.wait(timeout=600)
+    log = second.output()
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log
+    assert f"[resume] continuing from step {stopped_at}" in log and "done (exit status 0)" in log
+    records = _records(second.run_dir)
+    assert [r["step"] for r in records] == list(range(1, stopped_at + 2)), log
+    assert all("rollout/reward_mean" in r and "train/loss" in r for r in records)
+    assert _checkpoints(second.run_dir)[-1] == f"step_{stopped_at + 1:06d}"
+    _assert_nothing_left(second)
 
 
 @pytest.mark.slow  # ~5 min: two Slurm jobs, each starting Ray, the actors and an engine (run with -m slow)
