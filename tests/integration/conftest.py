@@ -1,6 +1,5 @@
 """Runs several integration tests compare against, made once per session."""
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -15,7 +14,6 @@ REFERENCE_CHANGES = {"run.steps": 4, "eval.every": 0, "eval.at_start": False}
 @dataclass(frozen=True)
 class ReferenceRun:
     config: str       # the config file (run.name "t"); pass run.output_dir=... to run it elsewhere
-    run_dir: Path     # <output_dir>/t
     records: list     # its metrics.jsonl, one dict per RL step
     stdout: str
 
@@ -26,5 +24,4 @@ def reference_run(tmp_path_factory) -> ReferenceRun:
     config = write_config(tmp, **REFERENCE_CHANGES)
     result = run_train(config, f"run.output_dir={tmp / 'runs'}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run_dir = tmp / "runs" / "t"
-    return ReferenceRun(config, run_dir, read_metrics(run_dir), result.stdout)
+    return ReferenceRun(config, read_metrics(tmp / "runs" / "t"), result.stdout)

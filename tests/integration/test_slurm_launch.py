@@ -7,7 +7,6 @@ The same script as on GPUs; only settings differ: `sbatch --nodes=1 --gpus-per-n
 config's own CPU resources), RAY_LOOPBACK=1 (Ray on 127.0.0.1), a free RAY_PORT, a small object store.
 Skipped when no Slurm answers here, failed instead when MEGATRON_RL_REQUIRE_SLURM=1 (CI starts Slurm first).
 """
-import json
 import os
 import shutil
 import socket
@@ -16,6 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from megatron_rl.training.metrics_logger import read_jsonl
 
 pytestmark = [pytest.mark.slurm, pytest.mark.ray, pytest.mark.vllm]
 
@@ -123,7 +124,7 @@ def submit(tmp_path):
 
 def _records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return read_jsonl(str(path)) if path.exists() else []
 
 
 def _checkpoints(run_dir: Path) -> list[str]:

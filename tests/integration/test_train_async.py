@@ -35,7 +35,8 @@ ASYNC = {"run.steps": STEPS, "algorithm.max_staleness": 1, "eval.every": 0, "eva
 
 def _slowed(point, seconds=1.0, calls=None):
     """The environment of a run whose `point` sleeps `seconds` at each of `calls` (1-based; None: every call)."""
-    faults = [{"point": point, "action": "delay", "seconds": seconds, "call": call} for call in (calls or [None])]
+    calls = [None] if calls is None else calls
+    faults = [{"point": point, "action": "delay", "seconds": seconds, "call": call} for call in calls]
     return {**os.environ, "MEGATRON_RL_FAULTS": json.dumps(faults)}
 
 

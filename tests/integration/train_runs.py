@@ -14,6 +14,8 @@ import time
 import pytest
 import yaml
 
+from megatron_rl.training.metrics_logger import read_jsonl
+
 SMALL = {
     "run": {"name": "t", "steps": 3, "seed": 3},
     "model": {"tiny_arch": "qwen3", "tiny": {"hidden_size": 64, "num_layers": 2, "num_attention_heads": 2,
@@ -51,8 +53,8 @@ def run_train(config, *args, timeout=900, **popen):
 
 
 def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    """A run's metrics.jsonl, one dict per logged step (read as the trainer's own resume reads it)."""
+    return read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
 
 
 # Metrics that measure wall time (they differ between runs by nature): these prefixes, and names with these endings.
